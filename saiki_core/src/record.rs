@@ -1,0 +1,153 @@
+//! The change record of format-version 1 (DESIGN.md §1), as consumers read it: the relay,
+//! the sink and the tests. The plugin does not build these structs; it writes the same JSON
+//! directly with [`crate::encode`], and the property tests check that the two agree.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::Lsn;
+
+/// What a record says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Action {
+    #[serde(rename = "B")]
+    Begin,
+    #[serde(rename = "I")]
+    Insert,
+    #[serde(rename = "U")]
+    Update,
+    #[serde(rename = "D")]
+    Delete,
+    #[serde(rename = "T")]
+    Truncate,
+    #[serde(rename = "M")]
+    Message,
+    #[serde(rename = "C")]
+    Commit,
+    /// A row read by a snapshot (written by the relay, not the plugin).
+    #[serde(rename = "R")]
+    Read,
+    /// Start of a block of a streamed, not yet committed transaction.
+    #[serde(rename = "S")]
+    StreamStart,
+    /// End of a block of a streamed transaction.
+    #[serde(rename = "E")]
+    StreamStop,
+    /// A streamed transaction (or, with `subxid`, one of its subtransactions) aborted:
+    /// the consumer discards what it received of it.
+    #[serde(rename = "A")]
+    StreamAbort,
+}
+
+impl Action {
+    /// The one-letter code written in the `action` key.
+    pub fn code(self) -> u8 {
+        match self {
+            Action::Begin => b'B',
+            Action::Insert => b'I',
+            Action::Update => b'U',
+            Action::Delete => b'D',
+            Action::Truncate => b'T',
+            Action::Message => b'M',
+            Action::Commit => b'C',
+            Action::Read => b'R',
+            Action::StreamStart => b'S',
+            Action::StreamStop => b'E',
+            Action::StreamAbort => b'A',
+        }
+    }
+}
+
+/// The `truncate` object of a `T` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Truncate {
+    /// `[schema, table]` pairs.
+    pub tables: Vec<(String, String)>,
+    pub cascade: bool,
+    pub restart_identity: bool,
+}
+
+/// One change record. Optional keys are absent from the JSON when `None`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub action: Action,
+    pub xid: u64,
+    pub lsn: Lsn,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_lsn: Option<Lsn>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_ts: Option<String>,
+    /// Present (true) on every record of a transaction streamed before its commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streamed: Option<bool>,
+    /// In a streamed transaction, the subtransaction a change (or an `A`) belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subxid: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unchanged_toast: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub types: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncate: Option<Truncate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transactional: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// Added by the source relay: the configured source name (e.g. the shard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+impl Record {
+    /// The key object `{column: value}` of a change: the key columns taken from `columns`
+    /// (I, U) or from `identity` (D). `None` when the record has no key columns.
+    pub fn key_object(&self) -> Option<Map<String, Value>> {
+        let key = self.key.as_ref()?;
+        if key.is_empty() {
+            return None;
+        }
+        let from = match self.action {
+            Action::Delete => self.identity.as_ref()?,
+            _ => self.columns.as_ref()?,
+        };
+        let mut out = Map::new();
+        for k in key {
+            // On an update that changes no key column, an unchanged TOASTed key is absent
+            // from `columns`; the identity holds it then.
+            let v = from
+                .get(k)
+                .or_else(|| self.identity.as_ref().and_then(|i| i.get(k)))?;
+            out.insert(k.clone(), v.clone());
+        }
+        Some(out)
+    }
+
+    /// The logical message content as bytes: a JSON string is UTF-8, `{"base64": …}` is not.
+    pub fn content_bytes(&self) -> Option<Vec<u8>> {
+        use base64::Engine;
+        match self.content.as_ref()? {
+            Value::String(s) => Some(s.as_bytes().to_vec()),
+            Value::Object(o) => {
+                let b = o.get("base64")?.as_str()?;
+                base64::engine::general_purpose::STANDARD.decode(b).ok()
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Saiki's test rig: throw-away PostgreSQL 15 clusters for integration tests.
+//!
+//! Each [`PgCluster`] has its own data directory and loopback port, runs as the `postgres`
+//! OS user (PostgreSQL refuses root), has `wal_level = logical`, and lets PostgreSQL load the
+//! `saiki`, `wal2json` and `decoderbufs` output plugins. Dropping it stops the server and
+//! removes the directory, also when the test panics.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use postgres;
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Directory prefix of every cluster the rig creates; `scripts/test.sh` removes leftovers.
+pub const DATA_PREFIX: &str = "/tmp/saiki-test-";
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+pub struct PgCluster {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// A command run as the `postgres` OS user when we are root, as ourselves otherwise.
+pub fn as_postgres(program: &str) -> Command {
+    // SAFETY-free check of the effective uid through `id -u`, to avoid a libc dependency.
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl PgCluster {
+    /// Starts a new cluster with the rig's settings plus `extra_conf` lines.
+    pub fn start(extra_conf: &[&str]) -> PgCluster {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("{DATA_PREFIX}{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        run(Command::new("chown").args(["postgres:postgres", dir.to_str().unwrap()]));
+        let data = dir.join("data");
+        run(as_postgres(&format!("{PG_BIN}/initdb")).args([
+            "-D",
+            data.to_str().unwrap(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]));
+        let mut conf = vec![
+            "listen_addresses = '127.0.0.1'".to_string(),
+            format!("unix_socket_directories = '{}'", dir.display()),
+            "wal_level = logical".into(),
+            "max_replication_slots = 20".into(),
+            "max_wal_senders = 20".into(),
+            "fsync = off".into(),
+            "full_page_writes = off".into(),
+            "shared_buffers = 128MB".into(),
+            "max_wal_size = 4GB".into(),
+            "timezone = 'UTC'".into(),
+        ];
+        if supports_output_plugin_libraries() {
+            conf.push("output_plugin_libraries = 'pgoutput, test_decoding, saiki, wal2json, decoderbufs'".into());
+        }
+        conf.extend(extra_conf.iter().map(|s| s.to_string()));
+        let conf_path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).unwrap();
+        text.push_str("\n# saiki test rig\n");
+        text.push_str(&conf.join("\n"));
+        text.push('\n');
+        // Port last: retried below if another process took it meanwhile.
+        let mut cluster = PgCluster { dir, port: 0 };
+        for attempt in 0..5 {
+            let port = free_port();
+            std::fs::write(&conf_path, format!("{text}port = {port}\n")).unwrap();
+            run(Command::new("chown").args(["postgres:postgres", conf_path.to_str().unwrap()]));
+            let status = as_postgres(&format!("{PG_BIN}/pg_ctl"))
+                .args(["-D", data.to_str().unwrap(), "-l"])
+                .arg(cluster.dir.join("log"))
+                .args(["-w", "-t", "60", "start"])
+                .output()
+                .unwrap();
+            if status.status.success() {
+                cluster.port = port;
+                return cluster;
+            }
+            if attempt == 4 {
+                let log = std::fs::read_to_string(cluster.dir.join("log")).unwrap_or_default();
+                panic!("PostgreSQL did not start: {}\n{log}", String::from_utf8_lossy(&status.stderr));
+            }
+        }
+        unreachable!()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// A connection string for `dbname` as the superuser `postgres`.
+    pub fn dsn(&self, dbname: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={dbname}", self.port)
+    }
+
+    pub fn connect(&self, dbname: &str) -> postgres::Client {
+        postgres::Client::connect(&self.dsn(dbname), postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.dsn(dbname)))
+    }
+
+    /// Creates a database and returns a connection to it.
+    pub fn create_db(&self, name: &str) -> postgres::Client {
+        self.connect("postgres")
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        self.connect(name)
+    }
+
+    /// The server log so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    /// A PostgreSQL client program (`psql`, `pg_recvlogical`, …) aimed at this cluster.
+    pub fn client_cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(Path::new(PG_BIN).join(program));
+        c.env("PGHOST", "127.0.0.1")
+            .env("PGPORT", self.port.to_string())
+            .env("PGUSER", "postgres");
+        c
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = as_postgres(&format!("{PG_BIN}/pg_ctl"))
+            .args(["-D", self.data_dir().to_str().unwrap(), "-m", "immediate", "-w", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether this PostgreSQL has `output_plugin_libraries` (15.20 and later minors).
+pub fn supports_output_plugin_libraries() -> bool {
+    Command::new(format!("{PG_BIN}/postgres"))
+        .arg("--describe-config")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("output_plugin_libraries"))
+        .unwrap_or(false)
+}
+
+/// Reads and consumes a slot's changes through SQL, one string per output row.
+pub fn get_changes(client: &mut postgres::Client, slot: &str, options: &[&str]) -> Vec<String> {
+    let opts: Vec<String> = options.iter().map(|s| s.to_string()).collect();
+    client
+        .query(
+            "SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL, VARIADIC $2::text[])",
+            &[&slot, &opts],
+        )
+        .unwrap_or_else(|e| panic!("get_changes({slot}): {e}"))
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect()
+}
+
+/// Parses records, failing the test with the offending line if one is not valid JSON.
+pub fn parse_records(lines: &[String]) -> Vec<saiki_core::record::Record> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a record ({e}): {l}")))
+        .collect()
+}
