@@ -136,7 +136,10 @@ impl ObjectWriter {
 }
 
 /// `,"unchanged_toast":[…]` from column names already escaped as JSON strings.
-pub fn write_unchanged_toast<'a>(buf: &mut Vec<u8>, names_json: impl IntoIterator<Item = &'a [u8]>) {
+pub fn write_unchanged_toast<'a>(
+    buf: &mut Vec<u8>,
+    names_json: impl IntoIterator<Item = &'a [u8]>,
+) {
     buf.extend_from_slice(b",\"unchanged_toast\":[");
     let mut first = true;
     for n in names_json {

@@ -14,6 +14,8 @@ pub enum Error {
         reason: String,
     },
     /// Text that should have been an LSN (`X/X`).
-    #[error("invalid LSN \"{0}\": expected two hexadecimal numbers separated by '/', like 16/B374D848")]
+    #[error(
+        "invalid LSN \"{0}\": expected two hexadecimal numbers separated by '/', like 16/B374D848"
+    )]
     InvalidLsn(String),
 }

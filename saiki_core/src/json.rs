@@ -224,10 +224,30 @@ mod tests {
 
     #[test]
     fn postgres_number_texts_are_classified() {
-        for ok in ["0", "-0", "1", "-12.50", "1e+20", "1.5e-07", "123456789012345678901234567890.5"] {
+        for ok in [
+            "0",
+            "-0",
+            "1",
+            "-12.50",
+            "1e+20",
+            "1.5e-07",
+            "123456789012345678901234567890.5",
+        ] {
             assert!(is_json_number(ok.as_bytes()), "{ok}");
         }
-        for bad in ["NaN", "Infinity", "-Infinity", "", "-", "01", "1.", ".5", "1e", "+1", "1 "] {
+        for bad in [
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "",
+            "-",
+            "01",
+            "1.",
+            ".5",
+            "1e",
+            "+1",
+            "1 ",
+        ] {
             assert!(!is_json_number(bad.as_bytes()), "{bad}");
         }
         let mut b = Vec::new();

@@ -198,7 +198,12 @@ pub fn parse_bool(v: &str) -> Option<bool> {
     if l.is_empty() {
         return None;
     }
-    for (word, val) in [("true", true), ("yes", true), ("false", false), ("no", false)] {
+    for (word, val) in [
+        ("true", true),
+        ("yes", true),
+        ("false", false),
+        ("no", false),
+    ] {
         if word.starts_with(&l) {
             return Some(val);
         }
@@ -267,7 +272,9 @@ impl Options {
             let boolean = || -> Result<bool, Error> {
                 match value {
                     None => Ok(true),
-                    Some(v) => parse_bool(v).ok_or_else(|| invalid("expected a boolean (true or false)")),
+                    Some(v) => {
+                        parse_bool(v).ok_or_else(|| invalid("expected a boolean (true or false)"))
+                    }
                 }
             };
             let list = || -> Result<Vec<String>, Error> {
@@ -302,8 +309,12 @@ impl Options {
                         o.filter_tables.extend(pats);
                     }
                 }
-                "add-msg-prefixes" => o.add_msg_prefixes.extend(list()?.iter().map(|s| unescape(s))),
-                "filter-msg-prefixes" => o.filter_msg_prefixes.extend(list()?.iter().map(|s| unescape(s))),
+                "add-msg-prefixes" => o
+                    .add_msg_prefixes
+                    .extend(list()?.iter().map(|s| unescape(s))),
+                "filter-msg-prefixes" => o
+                    .filter_msg_prefixes
+                    .extend(list()?.iter().map(|s| unescape(s))),
                 "filter-origins" => o.filter_origins.extend(list()?.iter().map(|s| unescape(s))),
                 "actions" => {
                     let mut a = Actions {
@@ -330,13 +341,14 @@ impl Options {
                     o.actions = a;
                 }
                 "numbers-as-strings" => {
-                    o.numbers_as_strings = match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-                        Some("none") => NumbersAsStrings::None,
-                        Some("int8") => NumbersAsStrings::Int8,
-                        Some("numeric") => NumbersAsStrings::Numeric,
-                        Some("all") | None => NumbersAsStrings::All,
-                        Some(_) => return Err(invalid("expected none, int8, numeric or all")),
-                    }
+                    o.numbers_as_strings =
+                        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+                            Some("none") => NumbersAsStrings::None,
+                            Some("int8") => NumbersAsStrings::Int8,
+                            Some("numeric") => NumbersAsStrings::Numeric,
+                            Some("all") | None => NumbersAsStrings::All,
+                            Some(_) => return Err(invalid("expected none, int8, numeric or all")),
+                        }
                 }
                 _ => {
                     return Err(Error::UnknownOption {
@@ -351,7 +363,8 @@ impl Options {
 
     /// Whether changes of `schema.table` are emitted (`add-tables`, then `filter-tables`).
     pub fn table_included(&self, schema: &str, table: &str) -> bool {
-        if !self.add_tables.is_empty() && !self.add_tables.iter().any(|p| p.matches(schema, table)) {
+        if !self.add_tables.is_empty() && !self.add_tables.iter().any(|p| p.matches(schema, table))
+        {
             return false;
         }
         !self.filter_tables.iter().any(|p| p.matches(schema, table))
@@ -413,8 +426,11 @@ mod tests {
 
     #[test]
     fn table_patterns_filter_with_wildcards_and_escapes() {
-        let o = parse(&[("add-tables", Some("public.*, shop.order*")), ("filter-tables", Some("public.secret"))])
-            .unwrap();
+        let o = parse(&[
+            ("add-tables", Some("public.*, shop.order*")),
+            ("filter-tables", Some("public.secret")),
+        ])
+        .unwrap();
         assert!(o.table_included("public", "orders"));
         assert!(!o.table_included("public", "secret"));
         assert!(o.table_included("shop", "order_items"));
@@ -426,7 +442,11 @@ mod tests {
 
     #[test]
     fn message_prefixes_and_origins_filter() {
-        let o = parse(&[("add-msg-prefixes", Some("a,b")), ("filter-msg-prefixes", Some("b"))]).unwrap();
+        let o = parse(&[
+            ("add-msg-prefixes", Some("a,b")),
+            ("filter-msg-prefixes", Some("b")),
+        ])
+        .unwrap();
         assert!(o.message_included("a") && !o.message_included("b") && !o.message_included("c"));
         let o = parse(&[("filter-origins", Some("*"))]).unwrap();
         assert!(o.origin_filtered("anything"));
@@ -437,7 +457,9 @@ mod tests {
         use NumberClass::*;
         assert!(!NumbersAsStrings::None.quotes(Int8));
         assert!(NumbersAsStrings::Int8.quotes(Int8) && !NumbersAsStrings::Int8.quotes(Numeric));
-        assert!(NumbersAsStrings::Numeric.quotes(Numeric) && NumbersAsStrings::Numeric.quotes(Int8));
+        assert!(
+            NumbersAsStrings::Numeric.quotes(Numeric) && NumbersAsStrings::Numeric.quotes(Int8)
+        );
         assert!(!NumbersAsStrings::Numeric.quotes(Float));
         assert!(NumbersAsStrings::All.quotes(SmallInt));
     }

@@ -98,6 +98,9 @@ mod tests {
         assert_eq!(ts(i64::MIN), "\"-infinity\"");
         // leap day
         let unix = 951_782_400i64; // 2000-02-29
-        assert_eq!(ts((unix - PG_EPOCH_UNIX_SECS) * 1_000_000), "\"2000-02-29T00:00:00.000000Z\"");
+        assert_eq!(
+            ts((unix - PG_EPOCH_UNIX_SECS) * 1_000_000),
+            "\"2000-02-29T00:00:00.000000Z\""
+        );
     }
 }

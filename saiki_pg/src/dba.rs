@@ -18,8 +18,8 @@ fn plugin_allowed() -> bool {
 fn plugin_hint() -> String {
     match setting() {
         Some(s) => format!(
-            "run as a superuser: ALTER SYSTEM SET output_plugin_libraries = '{}'; SELECT pg_reload_conf();",
-            loading::setting_with(&s, "saiki").replace('\'', "''")
+            "run as a superuser: ALTER SYSTEM SET output_plugin_libraries = {}; SELECT pg_reload_conf();",
+            loading::setting_with(&s, "saiki")
         ),
         None => loading::ALLOW_HINT.to_string(),
     }

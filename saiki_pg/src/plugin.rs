@@ -72,7 +72,12 @@ unsafe extern "C-unwind" fn relcache_invalidated(_arg: pg_sys::Datum, relid: pg_
 #[pg_guard]
 unsafe extern "C-unwind" fn free_state(arg: *mut std::ffi::c_void) {
     let st = arg as *mut State;
-    let _ = CURRENT.compare_exchange(st, std::ptr::null_mut(), Ordering::Relaxed, Ordering::Relaxed);
+    let _ = CURRENT.compare_exchange(
+        st,
+        std::ptr::null_mut(),
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
     // SAFETY: `arg` is the Box leaked in startup; this reset callback runs once.
     drop(unsafe { Box::from_raw(st) });
 }
@@ -105,8 +110,12 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
 
 /// Raises ERROR with SQLSTATE 22023 (invalid_parameter_value): the plugin's only ERROR.
 fn raise_invalid_parameter(message: String) -> ! {
-    pg_sys::panic::ErrorReport::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, "saiki")
-        .report(PgLogLevel::ERROR);
+    pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        message,
+        "saiki",
+    )
+    .report(PgLogLevel::ERROR);
     unreachable!("an ERROR report does not return")
 }
 
@@ -117,7 +126,9 @@ unsafe fn read_options(list: *mut pg_sys::List) -> Vec<(String, Option<String>)>
     unsafe {
         let list = pgrx::PgList::<pg_sys::DefElem>::from_pg(list);
         for elem in list.iter_ptr() {
-            let name = CStr::from_ptr((*elem).defname).to_string_lossy().into_owned();
+            let name = CStr::from_ptr((*elem).defname)
+                .to_string_lossy()
+                .into_owned();
             let arg = (*elem).arg;
             let value = if arg.is_null() {
                 None
@@ -134,7 +145,11 @@ unsafe fn read_options(list: *mut pg_sys::List) -> Vec<(String, Option<String>)>
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn startup(ctx: *mut pg_sys::LogicalDecodingContext, opt: *mut pg_sys::OutputPluginOptions, _is_init: bool) {
+unsafe extern "C-unwind" fn startup(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    opt: *mut pg_sys::OutputPluginOptions,
+    _is_init: bool,
+) {
     // SAFETY: PostgreSQL passes a valid context and options struct.
     unsafe {
         let pairs = read_options((*ctx).output_plugin_options);
@@ -171,8 +186,10 @@ unsafe extern "C-unwind" fn startup(ctx: *mut pg_sys::LogicalDecodingContext, op
             nulls: Vec::new(),
             toast: Vec::new(),
         }));
-        let cb = pg_sys::MemoryContextAlloc((*ctx).context, std::mem::size_of::<pg_sys::MemoryContextCallback>())
-            as *mut pg_sys::MemoryContextCallback;
+        let cb = pg_sys::MemoryContextAlloc(
+            (*ctx).context,
+            std::mem::size_of::<pg_sys::MemoryContextCallback>(),
+        ) as *mut pg_sys::MemoryContextCallback;
         (*cb).func = Some(free_state);
         (*cb).arg = st as *mut std::ffi::c_void;
         (*cb).next = std::ptr::null_mut();
@@ -180,7 +197,10 @@ unsafe extern "C-unwind" fn startup(ctx: *mut pg_sys::LogicalDecodingContext, op
         (*ctx).output_plugin_private = st as *mut std::ffi::c_void;
         CURRENT.store(st, Ordering::Relaxed);
         if !RELCACHE_CALLBACK_REGISTERED.swap(true, Ordering::Relaxed) {
-            pg_sys::CacheRegisterRelcacheCallback(Some(relcache_invalidated), pg_sys::Datum::from(0usize));
+            pg_sys::CacheRegisterRelcacheCallback(
+                Some(relcache_invalidated),
+                pg_sys::Datum::from(0usize),
+            );
         }
     }
 }
@@ -201,7 +221,11 @@ unsafe fn emit(ctx: *mut pg_sys::LogicalDecodingContext, st: &mut State, last: b
     // SAFETY: the standard prepare/append/write sequence on the context's output buffer.
     unsafe {
         pg_sys::OutputPluginPrepareWrite(ctx, last);
-        pg_sys::appendBinaryStringInfo((*ctx).out, st.buf.as_ptr() as *const std::ffi::c_char, st.buf.len() as i32);
+        pg_sys::appendBinaryStringInfo(
+            (*ctx).out,
+            st.buf.as_ptr() as *const std::ffi::c_char,
+            st.buf.len() as i32,
+        );
         pg_sys::OutputPluginWrite(ctx, last);
     }
     if st.buf.capacity() > BUF_KEEP_BYTES {
@@ -264,7 +288,12 @@ unsafe fn write_origin(st: &mut State, id: pg_sys::RepOriginId) {
     }
 }
 
-unsafe fn write_begin(ctx: *mut pg_sys::LogicalDecodingContext, st: &mut State, txn: *mut pg_sys::ReorderBufferTXN, last: bool) {
+unsafe fn write_begin(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    st: &mut State,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    last: bool,
+) {
     // SAFETY: txn is valid for the callback.
     unsafe {
         encode::write_head(
@@ -289,7 +318,11 @@ unsafe fn write_begin(ctx: *mut pg_sys::LogicalDecodingContext, st: &mut State, 
 }
 
 /// Writes the `B` owed under skip-empty-xacts before the first record of a transaction.
-unsafe fn ensure_begin(ctx: *mut pg_sys::LogicalDecodingContext, st: &mut State, txn: *mut pg_sys::ReorderBufferTXN) {
+unsafe fn ensure_begin(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    st: &mut State,
+    txn: *mut pg_sys::ReorderBufferTXN,
+) {
     if st.begin_pending {
         // SAFETY: forwarded from the callback.
         unsafe { write_begin(ctx, st, txn, false) };
@@ -297,7 +330,10 @@ unsafe fn ensure_begin(ctx: *mut pg_sys::LogicalDecodingContext, st: &mut State,
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn begin(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN) {
+unsafe extern "C-unwind" fn begin(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+) {
     // SAFETY: valid callback arguments.
     let st = unsafe { state(ctx) };
     st.seq = 0;
@@ -316,7 +352,11 @@ unsafe extern "C-unwind" fn begin(ctx: *mut pg_sys::LogicalDecodingContext, txn:
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn commit(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN, commit_lsn: pg_sys::XLogRecPtr) {
+unsafe extern "C-unwind" fn commit(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    commit_lsn: pg_sys::XLogRecPtr,
+) {
     // SAFETY: valid callback arguments.
     let st = unsafe { state(ctx) };
     st.begin_pending = false;
@@ -379,7 +419,8 @@ unsafe fn change_head(
             xid: xid.into_inner() as u64,
             lsn: Lsn(lsn),
             commit_lsn: (!streamed).then(|| Lsn((*top).end_lsn)),
-            commit_ts: (st.opts.include_timestamp && !streamed).then(|| (*top).xact_time.commit_time),
+            commit_ts: (st.opts.include_timestamp && !streamed)
+                .then(|| (*top).xact_time.commit_time),
             streamed,
             subxid,
             seq: Some(seq),
@@ -401,18 +442,35 @@ unsafe fn rel_info(st: &mut State, rel: pg_sys::Relation) -> Rc<RelInfo> {
 }
 
 /// Deforms `tuple` into `st.values`/`st.nulls`.
-unsafe fn deform(st: &mut State, tuple: *mut pg_sys::ReorderBufferTupleBuf, desc: pg_sys::TupleDesc, natts: usize) {
+unsafe fn deform(
+    st: &mut State,
+    tuple: *mut pg_sys::ReorderBufferTupleBuf,
+    desc: pg_sys::TupleDesc,
+    natts: usize,
+) {
     st.values.clear();
     st.values.resize(natts, pg_sys::Datum::from(0usize));
     st.nulls.clear();
     st.nulls.resize(natts, true);
     // SAFETY: a decoded tuple of this relation; the arrays have natts entries.
-    unsafe { pg_sys::heap_deform_tuple(&mut (*tuple).tuple, desc, st.values.as_mut_ptr(), st.nulls.as_mut_ptr()) };
+    unsafe {
+        pg_sys::heap_deform_tuple(
+            &mut (*tuple).tuple,
+            desc,
+            st.values.as_mut_ptr(),
+            st.nulls.as_mut_ptr(),
+        )
+    };
 }
 
 /// Writes `,"<name>":{…}` for the columns at `positions` of the deformed tuple. On-disk TOAST
 /// pointers are never read: their positions are collected in `st.toast` instead.
-unsafe fn write_columns(st: &mut State, rel: &RelInfo, name: &str, positions: impl Iterator<Item = usize>) {
+unsafe fn write_columns(
+    st: &mut State,
+    rel: &RelInfo,
+    name: &str,
+    positions: impl Iterator<Item = usize>,
+) {
     let mut obj = ObjectWriter::open_member(&mut st.buf, name);
     for p in positions {
         let col = &rel.columns[p];
@@ -445,9 +503,21 @@ unsafe fn write_change(
     unsafe {
         let st = state(ctx);
         let action = match (*change).action {
-            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT if st.opts.actions.insert => Action::Insert,
-            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE if st.opts.actions.update => Action::Update,
-            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE if st.opts.actions.delete => Action::Delete,
+            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT
+                if st.opts.actions.insert =>
+            {
+                Action::Insert
+            }
+            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE
+                if st.opts.actions.update =>
+            {
+                Action::Update
+            }
+            pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE
+                if st.opts.actions.delete =>
+            {
+                Action::Delete
+            }
             _ => return,
         };
         let cxt = st.change_cxt;
@@ -463,7 +533,12 @@ unsafe fn write_change(
             let head = change_head(st, txn, (*change).txn, action, (*change).lsn, streamed);
             encode::write_head(&mut st.buf, &head);
             encode::write_table_quoted(&mut st.buf, &info.schema_json, &info.table_json);
-            encode::write_key(&mut st.buf, info.key.iter().map(|&i| info.columns[i].name_json.as_slice()));
+            encode::write_key(
+                &mut st.buf,
+                info.key
+                    .iter()
+                    .map(|&i| info.columns[i].name_json.as_slice()),
+            );
             let desc = (*rel).rd_att;
             st.toast.clear();
             if action != Action::Delete && !tp.newtuple.is_null() {
@@ -477,7 +552,10 @@ unsafe fn write_change(
                 write_columns(st, &info, "identity", info.identity.iter().copied());
             }
             if !toast.is_empty() {
-                encode::write_unchanged_toast(&mut st.buf, toast.iter().map(|&i| info.columns[i].name_json.as_slice()));
+                encode::write_unchanged_toast(
+                    &mut st.buf,
+                    toast.iter().map(|&i| info.columns[i].name_json.as_slice()),
+                );
             }
             if st.opts.include_types {
                 st.buf.extend_from_slice(&info.types_json);
@@ -542,12 +620,20 @@ unsafe fn write_truncate(
             // consumers routing by table see every truncated table.
             let n = rels.len();
             for (i, r) in rels.iter().enumerate() {
-                let head = change_head(st, txn, (*change).txn, Action::Truncate, (*change).lsn, streamed);
+                let head = change_head(
+                    st,
+                    txn,
+                    (*change).txn,
+                    Action::Truncate,
+                    (*change).lsn,
+                    streamed,
+                );
                 encode::write_head(&mut st.buf, &head);
                 encode::write_table_quoted(&mut st.buf, &r.schema_json, &r.table_json);
                 encode::write_truncate(
                     &mut st.buf,
-                    rels.iter().map(|r| (r.schema_json.as_slice(), r.table_json.as_slice())),
+                    rels.iter()
+                        .map(|r| (r.schema_json.as_slice(), r.table_json.as_slice())),
                     t.cascade,
                     t.restart_seqs,
                 );
@@ -618,7 +704,11 @@ unsafe fn write_message(
                 // Not part of a transaction's output: its own LSN is the position to confirm.
                 Head {
                     action: Action::Message,
-                    xid: if txn.is_null() { 0 } else { (*top_txn(txn)).xid.into_inner() as u64 },
+                    xid: if txn.is_null() {
+                        0
+                    } else {
+                        (*top_txn(txn)).xid.into_inner() as u64
+                    },
                     lsn: Lsn(lsn),
                     commit_lsn: Some(Lsn(lsn)),
                     commit_ts: None,
@@ -667,7 +757,10 @@ unsafe extern "C-unwind" fn stream_message(
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn filter_by_origin(ctx: *mut pg_sys::LogicalDecodingContext, origin_id: pg_sys::RepOriginId) -> bool {
+unsafe extern "C-unwind" fn filter_by_origin(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    origin_id: pg_sys::RepOriginId,
+) -> bool {
     // SAFETY: valid callback arguments.
     let st = unsafe { state(ctx) };
     if st.opts.filter_origins.is_empty() || origin_id == 0 {
@@ -681,7 +774,12 @@ unsafe extern "C-unwind" fn filter_by_origin(ctx: *mut pg_sys::LogicalDecodingCo
 }
 
 /// Writes a stream marker (`S`, `E`, `A`) or the commit of a streamed transaction.
-unsafe fn stream_marker(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN, action: Action, lsn: pg_sys::XLogRecPtr) {
+unsafe fn stream_marker(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    action: Action,
+    lsn: pg_sys::XLogRecPtr,
+) {
     // SAFETY: valid callback arguments throughout.
     unsafe {
         let st = state(ctx);
@@ -714,13 +812,19 @@ unsafe fn stream_marker(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_s
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn stream_start(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN) {
+unsafe extern "C-unwind" fn stream_start(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+) {
     // SAFETY: forwarded callback arguments.
     unsafe { stream_marker(ctx, txn, Action::StreamStart, (*txn).first_lsn) }
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn stream_stop(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN) {
+unsafe extern "C-unwind" fn stream_stop(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+) {
     // SAFETY: forwarded callback arguments; the block ends at its last change.
     unsafe {
         let lsn = state(ctx).last_stream_lsn;
@@ -729,13 +833,21 @@ unsafe extern "C-unwind" fn stream_stop(ctx: *mut pg_sys::LogicalDecodingContext
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn stream_abort(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN, abort_lsn: pg_sys::XLogRecPtr) {
+unsafe extern "C-unwind" fn stream_abort(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    abort_lsn: pg_sys::XLogRecPtr,
+) {
     // SAFETY: forwarded callback arguments.
     unsafe { stream_marker(ctx, txn, Action::StreamAbort, abort_lsn) }
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn stream_commit(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN, commit_lsn: pg_sys::XLogRecPtr) {
+unsafe extern "C-unwind" fn stream_commit(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    commit_lsn: pg_sys::XLogRecPtr,
+) {
     // SAFETY: forwarded callback arguments.
     unsafe { stream_marker(ctx, txn, Action::Commit, commit_lsn) }
 }

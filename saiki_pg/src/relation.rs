@@ -52,7 +52,9 @@ pub unsafe fn build(rel: pg_sys::Relation, opts: &Options, types: &mut TypeCache
         } else {
             CStr::from_ptr(nsp).to_string_lossy().into_owned()
         };
-        let table = CStr::from_ptr((*form).relname.data.as_ptr()).to_string_lossy().into_owned();
+        let table = CStr::from_ptr((*form).relname.data.as_ptr())
+            .to_string_lossy()
+            .into_owned();
         let included = opts.table_included(&schema, &table);
         let mut schema_json = Vec::new();
         write_str(&mut schema_json, schema.as_bytes());

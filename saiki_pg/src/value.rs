@@ -93,6 +93,8 @@ impl TypeCache {
             pg_sys::JSONOID | pg_sys::JSONBOID => Kind::Json,
             pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => Kind::Text,
             pg_sys::BYTEAOID => Kind::Bytea,
+            // Array-shaped system types whose canonical form is their text ("1 2 3").
+            pg_sys::INT2VECTOROID | pg_sys::OIDVECTOROID => Kind::Text2String,
             _ => {
                 // SAFETY: as above.
                 let elem_type = unsafe { pg_sys::get_element_type(base) };
@@ -101,7 +103,14 @@ impl TypeCache {
                     let mut elmbyval = false;
                     let mut elmalign: std::ffi::c_char = 0;
                     // SAFETY: out-pointers to locals.
-                    unsafe { pg_sys::get_typlenbyvalalign(elem_type, &mut elmlen, &mut elmbyval, &mut elmalign) };
+                    unsafe {
+                        pg_sys::get_typlenbyvalalign(
+                            elem_type,
+                            &mut elmlen,
+                            &mut elmbyval,
+                            &mut elmalign,
+                        )
+                    };
                     // SAFETY: recursion over a finite type graph (arrays of arrays do not exist).
                     let elem = unsafe { self.get(elem_type) };
                     Kind::Array {
@@ -144,11 +153,27 @@ impl TypeCache {
     pub unsafe fn write(&mut self, buf: &mut Vec<u8>, enc: &TypeEnc, datum: pg_sys::Datum) {
         let q = self.numbers;
         match &enc.kind {
-            Kind::Bool => buf.extend_from_slice(if datum.value() != 0 { b"true" } else { b"false" }),
-            Kind::Int2 => write_i64(buf, datum.value() as i16 as i64, q.quotes(NumberClass::SmallInt)),
-            Kind::Int4 => write_i64(buf, datum.value() as i32 as i64, q.quotes(NumberClass::SmallInt)),
+            Kind::Bool => buf.extend_from_slice(if datum.value() != 0 {
+                b"true"
+            } else {
+                b"false"
+            }),
+            Kind::Int2 => write_i64(
+                buf,
+                datum.value() as i16 as i64,
+                q.quotes(NumberClass::SmallInt),
+            ),
+            Kind::Int4 => write_i64(
+                buf,
+                datum.value() as i32 as i64,
+                q.quotes(NumberClass::SmallInt),
+            ),
             Kind::Int8 => write_i64(buf, datum.value() as i64, q.quotes(NumberClass::Int8)),
-            Kind::Oid => write_i64(buf, datum.value() as u32 as i64, q.quotes(NumberClass::SmallInt)),
+            Kind::Oid => write_i64(
+                buf,
+                datum.value() as u32 as i64,
+                q.quotes(NumberClass::SmallInt),
+            ),
             Kind::Number(class) => {
                 // SAFETY: output function of this type, called on a value of it.
                 let text = unsafe { output(enc, datum) };
@@ -177,7 +202,17 @@ impl TypeCache {
                 elmalign,
             } => {
                 // SAFETY: an array datum of this element type.
-                unsafe { self.write_array(buf, datum, *elem_type, elem.clone(), *elmlen, *elmbyval, *elmalign) }
+                unsafe {
+                    self.write_array(
+                        buf,
+                        datum,
+                        *elem_type,
+                        elem.clone(),
+                        *elmlen,
+                        *elmbyval,
+                        *elmalign,
+                    )
+                }
             }
             Kind::Composite => {
                 // SAFETY: a composite datum.
@@ -203,7 +238,8 @@ impl TypeCache {
         elmalign: std::ffi::c_char,
     ) {
         // SAFETY: detoasted copy (or the original) of an array value, aligned as ArrayType.
-        let arr = unsafe { pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) } as *mut pg_sys::ArrayType;
+        let arr =
+            unsafe { pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) } as *mut pg_sys::ArrayType;
         let ndim = unsafe { (*arr).ndim }.max(0) as usize;
         if ndim == 0 {
             buf.extend_from_slice(b"[]");
@@ -219,7 +255,16 @@ impl TypeCache {
         let mut n = 0;
         // SAFETY: out-pointers; the arrays are palloc'd in the current (per-change) context.
         unsafe {
-            pg_sys::deconstruct_array(arr, elem_type, elmlen as i32, elmbyval, elmalign, &mut elems, &mut nulls, &mut n)
+            pg_sys::deconstruct_array(
+                arr,
+                elem_type,
+                elmlen as i32,
+                elmbyval,
+                elmalign,
+                &mut elems,
+                &mut nulls,
+                &mut n,
+            )
         };
         let n = n.max(0) as usize;
         // SAFETY: deconstruct_array returned n elements and n null flags.
@@ -227,7 +272,10 @@ impl TypeCache {
             if n == 0 {
                 (&[][..], &[][..])
             } else {
-                (std::slice::from_raw_parts(elems, n), std::slice::from_raw_parts(nulls, n))
+                (
+                    std::slice::from_raw_parts(elems, n),
+                    std::slice::from_raw_parts(nulls, n),
+                )
             }
         };
         let mut idx = 0;
@@ -279,14 +327,21 @@ impl TypeCache {
             };
             let mut values = vec![pg_sys::Datum::from(0usize); natts];
             let mut isnull = vec![true; natts];
-            pg_sys::heap_deform_tuple(&mut tuple, tupdesc, values.as_mut_ptr(), isnull.as_mut_ptr());
+            pg_sys::heap_deform_tuple(
+                &mut tuple,
+                tupdesc,
+                values.as_mut_ptr(),
+                isnull.as_mut_ptr(),
+            );
             let mut fields: Vec<(Vec<u8>, pg_sys::Oid, usize)> = Vec::with_capacity(natts);
             for i in 0..natts {
                 let att = tuple_desc_attr(tupdesc, i);
                 if (*att).attisdropped {
                     continue;
                 }
-                let name: Vec<u8> = std::ffi::CStr::from_ptr((*att).attname.data.as_ptr()).to_bytes().to_vec();
+                let name: Vec<u8> = std::ffi::CStr::from_ptr((*att).attname.data.as_ptr())
+                    .to_bytes()
+                    .to_vec();
                 fields.push((name, (*att).atttypid, i));
             }
             if (*tupdesc).tdrefcount >= 0 {
@@ -313,7 +368,10 @@ impl TypeCache {
 /// `enc` has an output function and `datum` is a value of its type. The result is palloc'd
 /// in the current memory context and valid until that context is reset.
 unsafe fn output<'a>(enc: &TypeEnc, datum: pg_sys::Datum) -> &'a [u8] {
-    let f = enc.finfo.as_ref().expect("kinds that call the output function have one");
+    let f = enc
+        .finfo
+        .as_ref()
+        .expect("kinds that call the output function have one");
     // SAFETY: per the contract above; FmgrInfo is valid for the session.
     unsafe {
         let p = pg_sys::OutputFunctionCall(&**f as *const _ as *mut _, datum);
@@ -364,7 +422,10 @@ pub unsafe fn is_external_ondisk(datum: pg_sys::Datum) -> bool {
 ///
 /// # Safety
 /// `i` < `desc->natts`.
-pub unsafe fn tuple_desc_attr(desc: pg_sys::TupleDesc, i: usize) -> *const pg_sys::FormData_pg_attribute {
+pub unsafe fn tuple_desc_attr(
+    desc: pg_sys::TupleDesc,
+    i: usize,
+) -> *const pg_sys::FormData_pg_attribute {
     // SAFETY: attrs is the descriptor's trailing array of natts entries.
     unsafe { (*desc).attrs.as_ptr().add(i) }
 }

@@ -25,7 +25,9 @@ pub struct PgCluster {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     if !out.status.success() {
         panic!(
             "{cmd:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
@@ -95,7 +97,10 @@ impl PgCluster {
             "timezone = 'UTC'".into(),
         ];
         if supports_output_plugin_libraries() {
-            conf.push("output_plugin_libraries = 'pgoutput, test_decoding, saiki, wal2json, decoderbufs'".into());
+            conf.push(
+                "output_plugin_libraries = 'pgoutput, test_decoding, saiki, wal2json, decoderbufs'"
+                    .into(),
+            );
         }
         conf.extend(extra_conf.iter().map(|s| s.to_string()));
         let conf_path = data.join("postgresql.conf");
@@ -121,7 +126,10 @@ impl PgCluster {
             }
             if attempt == 4 {
                 let log = std::fs::read_to_string(cluster.dir.join("log")).unwrap_or_default();
-                panic!("PostgreSQL did not start: {}\n{log}", String::from_utf8_lossy(&status.stderr));
+                panic!(
+                    "PostgreSQL did not start: {}\n{log}",
+                    String::from_utf8_lossy(&status.stderr)
+                );
             }
         }
         unreachable!()
@@ -133,7 +141,10 @@ impl PgCluster {
 
     /// A connection string for `dbname` as the superuser `postgres`.
     pub fn dsn(&self, dbname: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={dbname}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={dbname}",
+            self.port
+        )
     }
 
     pub fn connect(&self, dbname: &str) -> postgres::Client {
@@ -167,7 +178,14 @@ impl PgCluster {
 impl Drop for PgCluster {
     fn drop(&mut self) {
         let _ = as_postgres(&format!("{PG_BIN}/pg_ctl"))
-            .args(["-D", self.data_dir().to_str().unwrap(), "-m", "immediate", "-w", "stop"])
+            .args([
+                "-D",
+                self.data_dir().to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

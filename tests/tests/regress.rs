@@ -14,7 +14,9 @@ fn regression_suite_matches_expected_output() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let out = pg.dir.join("regress");
     std::fs::create_dir_all(out.join("results")).unwrap();
-    pg.connect("postgres").batch_execute("CREATE DATABASE regression").unwrap();
+    pg.connect("postgres")
+        .batch_execute("CREATE DATABASE regression")
+        .unwrap();
     let status = Command::new(PG_REGRESS)
         .arg("--use-existing")
         .arg(format!("--bindir={PG_BIN}"))
@@ -24,7 +26,10 @@ fn regression_suite_matches_expected_output() {
         .arg("--dbname=regression")
         .arg(format!("--inputdir={}", root.display()))
         .arg(format!("--outputdir={}", out.display()))
-        .arg(format!("--schedule={}", root.join("sql/schedule").display()))
+        .arg(format!(
+            "--schedule={}",
+            root.join("sql/schedule").display()
+        ))
         .env("PGTZ", "UTC")
         .env("PGDATESTYLE", "ISO, MDY")
         .status()
@@ -34,7 +39,14 @@ fn regression_suite_matches_expected_output() {
         // Keep the actual outputs for inspection next to the workspace's target dir.
         let keep = root.join("target/regress-results");
         let _ = std::fs::remove_dir_all(&keep);
-        let _ = Command::new("cp").arg("-r").arg(out.join("results")).arg(&keep).status();
-        panic!("pg_regress failed (results copied to {}):\n{diffs}", keep.display());
+        let _ = Command::new("cp")
+            .arg("-r")
+            .arg(out.join("results"))
+            .arg(&keep)
+            .status();
+        panic!(
+            "pg_regress failed (results copied to {}):\n{diffs}",
+            keep.display()
+        );
     }
 }

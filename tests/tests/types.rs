@@ -106,12 +106,21 @@ const SAMPLES: &[(&str, &[&str])] = &[
 
 /// Built-in types that cannot be stored from SQL input, with the reason.
 const NOT_STORABLE: &[(&str, &str)] = &[
-    ("pg_node_tree", "input is refused: only the server writes it"),
+    (
+        "pg_node_tree",
+        "input is refused: only the server writes it",
+    ),
     ("pg_ndistinct", "input is refused: only ANALYZE writes it"),
-    ("pg_dependencies", "input is refused: only ANALYZE writes it"),
+    (
+        "pg_dependencies",
+        "input is refused: only ANALYZE writes it",
+    ),
     ("pg_mcv_list", "input is refused: only ANALYZE writes it"),
     ("pg_brin_bloom_summary", "input is refused: BRIN internal"),
-    ("pg_brin_minmax_multi_summary", "input is refused: BRIN internal"),
+    (
+        "pg_brin_minmax_multi_summary",
+        "input is refused: BRIN internal",
+    ),
     ("gtsvector", "input is refused: GiST internal"),
 ];
 
@@ -139,33 +148,53 @@ fn base_type_name(ty: &str) -> &str {
 fn matches_text(ty: &str, raw: &str, pg_text: Option<&str>) -> Result<(), String> {
     let v: Value = serde_json::from_str(raw).map_err(|e| format!("not JSON ({e}): {raw}"))?;
     let Some(text) = pg_text else {
-        return if v.is_null() { Ok(()) } else { Err(format!("expected null, got {raw}")) };
+        return if v.is_null() {
+            Ok(())
+        } else {
+            Err(format!("expected null, got {raw}"))
+        };
     };
     let base = base_type_name(ty);
     match &v {
+        // Embedded JSON: a JSON null document looks like SQL NULL (documented in docs/types.md).
+        Value::Null if matches!(base, "json" | "jsonb") && text == "null" => Ok(()),
         Value::Null => Err(format!("null for non-NULL {text:?}")),
-        Value::Bool(b) => (text == if *b { "t" } else { "f" }).then_some(()).ok_or_else(|| format!("{raw} vs {text}")),
-        Value::Number(_) => (raw == text).then_some(()).ok_or_else(|| format!("number {raw} vs PostgreSQL's {text}")),
+        Value::Bool(b) => (text == if *b { "t" } else { "f" })
+            .then_some(())
+            .ok_or_else(|| format!("{raw} vs {text}")),
+        Value::Number(_) => (raw == text)
+            .then_some(())
+            .ok_or_else(|| format!("number {raw} vs PostgreSQL's {text}")),
         Value::String(s) => {
             if matches!(base, "json" | "jsonb") {
                 // A JSON string document, e.g. json '"s"'.
                 let pg: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-                return (pg == v).then_some(()).ok_or_else(|| format!("{raw} vs {text}"));
+                return (pg == v)
+                    .then_some(())
+                    .ok_or_else(|| format!("{raw} vs {text}"));
             }
-            (s == text).then_some(()).ok_or_else(|| format!("string {s:?} vs PostgreSQL's {text:?}"))
+            (s == text)
+                .then_some(())
+                .ok_or_else(|| format!("string {s:?} vs PostgreSQL's {text:?}"))
         }
         Value::Array(_) | Value::Object(_) if matches!(base, "json" | "jsonb") => {
             let pg: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-            (pg == v).then_some(()).ok_or_else(|| format!("{raw} vs {text}"))
+            (pg == v)
+                .then_some(())
+                .ok_or_else(|| format!("{raw} vs {text}"))
         }
         _ => Err(format!("structured value {raw} for scalar type {ty}")),
     }
 }
 
-fn flatten(v: &Value, depth: usize, out: &mut Vec<(Value, usize)>) {
-    match v {
-        Value::Array(items) => items.iter().for_each(|i| flatten(i, depth + 1, out)),
-        other => out.push((other.clone(), depth)),
+/// The leaves of a (nested) JSON array as raw JSON text, with their depth, so that numbers
+/// keep their digits exactly.
+fn flatten(raw: &str, depth: usize, out: &mut Vec<(String, usize)>) {
+    if raw.trim_start().starts_with('[') {
+        let items: Vec<Box<RawValue>> = serde_json::from_str(raw).unwrap();
+        items.iter().for_each(|i| flatten(i.get(), depth + 1, out));
+    } else {
+        out.push((raw.to_string(), depth));
     }
 }
 
@@ -196,18 +225,37 @@ fn every_builtin_type_decodes_to_json_that_matches_postgres_output() {
     let covered: Vec<String> = SAMPLES
         .iter()
         .map(|(t, _)| base_type_name(t).to_string())
-        .chain(["bpchar".into(), "varchar".into(), "bit".into(), "char".into()])
+        .chain([
+            "bpchar".into(),
+            "varchar".into(),
+            "bit".into(),
+            "char".into(),
+        ])
         .collect();
     let missing: Vec<&String> = builtin
         .iter()
         .filter(|t| !covered.contains(t) && !NOT_STORABLE.iter().any(|(n, _)| n == t))
-        .filter(|t| !matches!(t.as_str(), "unknown" | "pg_ddl_command" | "cstring" | "void"))
+        .filter(|t| {
+            !matches!(
+                t.as_str(),
+                "unknown" | "pg_ddl_command" | "cstring" | "void"
+            )
+        })
         .collect();
-    assert!(missing.is_empty(), "built-in types without samples: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "built-in types without samples: {missing:?}"
+    );
 
-    let cols: Vec<String> = SAMPLES.iter().map(|(t, _)| format!("{} {t}", column_name(t))).collect();
-    db.batch_execute(&format!("CREATE TABLE every_type (id int PRIMARY KEY, {})", cols.join(", ")))
-        .unwrap();
+    let cols: Vec<String> = SAMPLES
+        .iter()
+        .map(|(t, _)| format!("{} {t}", column_name(t)))
+        .collect();
+    db.batch_execute(&format!(
+        "CREATE TABLE every_type (id int PRIMARY KEY, {})",
+        cols.join(", ")
+    ))
+    .unwrap();
     db.batch_execute(
         "SELECT pg_create_logical_replication_slot('s_saiki', 'saiki');
          SELECT pg_create_logical_replication_slot('s_wal2json', 'wal2json');",
@@ -222,13 +270,19 @@ fn every_builtin_type_decodes_to_json_that_matches_postgres_output() {
                 None => "NULL".to_string(),
             })
             .collect();
-        db.batch_execute(&format!("INSERT INTO every_type VALUES ({r}, {})", values.join(", ")))
-            .unwrap();
+        db.batch_execute(&format!(
+            "INSERT INTO every_type VALUES ({r}, {})",
+            values.join(", ")
+        ))
+        .unwrap();
     }
 
     // PostgreSQL's own text output of every value (simple protocol = output functions).
     let mut pg_text: BTreeMap<(i32, String), Option<String>> = BTreeMap::new();
-    for msg in db.simple_query("SELECT * FROM every_type ORDER BY id").unwrap() {
+    for msg in db
+        .simple_query("SELECT * FROM every_type ORDER BY id")
+        .unwrap()
+    {
         if let postgres::SimpleQueryMessage::Row(row) = msg {
             let id: i32 = row.get(0).unwrap().parse().unwrap();
             for (i, c) in row.columns().iter().enumerate().skip(1) {
@@ -242,30 +296,25 @@ fn every_builtin_type_decodes_to_json_that_matches_postgres_output() {
     let mut failures = Vec::new();
     let mut ours: BTreeMap<(i32, String), Value> = BTreeMap::new();
     for line in &lines {
-        #[derive(serde::Deserialize)]
-        struct Raw<'a> {
-            #[serde(borrow)]
-            columns: serde_json::Map<String, Value>,
-            #[serde(borrow, rename = "columns")]
-            _phantom: Option<&'a RawValue>,
-        }
-        let _ = std::marker::PhantomData::<Raw>;
-        let rec: serde_json::Map<String, Value> = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let rec: serde_json::Map<String, Value> =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
         let raw_cols: BTreeMap<String, Box<RawValue>> = {
-            let v: serde_json::Map<String, Box<RawValue>> = serde_json::from_str(line).unwrap();
+            let v: BTreeMap<String, Box<RawValue>> = serde_json::from_str(line).unwrap();
             serde_json::from_str(v["columns"].get()).unwrap()
         };
         let id = rec["columns"]["id"].as_i64().unwrap() as i32;
         for (ty, _) in SAMPLES {
             let col = column_name(ty);
-            let raw = raw_cols.get(&col).unwrap_or_else(|| panic!("column {col} missing in {line}"));
+            let raw = raw_cols
+                .get(&col)
+                .unwrap_or_else(|| panic!("column {col} missing in {line}"));
             let text = pg_text[&(id, col.clone())].as_deref();
             let value: Value = serde_json::from_str(raw.get()).unwrap();
             ours.insert((id, col.clone()), value.clone());
-            let result = if ty.ends_with("[]") || *ty == "tags" {
-                check_array(&mut db, &col, id, &value)
-            } else if matches!(*ty, "pair") {
+            let result = if *ty == "pair[]" || *ty == "pair" {
                 check_composite(&mut db, &col, id, &value)
+            } else if ty.ends_with("[]") || *ty == "tags" {
+                check_array(&mut db, &col, id, raw.get())
             } else {
                 matches_text(ty, raw.get(), text)
             };
@@ -274,17 +323,28 @@ fn every_builtin_type_decodes_to_json_that_matches_postgres_output() {
             }
         }
     }
-    assert!(failures.is_empty(), "values that differ from PostgreSQL's output:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "values that differ from PostgreSQL's output:\n{}",
+        failures.join("\n")
+    );
 
     // wal2json on the same rows: report where it differs from saiki and why.
-    let w2j = get_changes(&mut db, "s_wal2json", &["format-version", "2", "include-transaction", "0"]);
+    let w2j = get_changes(
+        &mut db,
+        "s_wal2json",
+        &["format-version", "2", "include-transaction", "0"],
+    );
     assert_eq!(w2j.len(), rows, "wal2json decoded every row");
     let mut report = String::from("| type | sample | saiki | wal2json |\n|---|---|---|---|\n");
     let mut differing = 0;
     for line in &w2j {
-        let rec: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("wal2json output not JSON ({e}): {line}"));
+        let rec: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("wal2json output not JSON ({e}): {line}"));
         let cols = rec["columns"].as_array().unwrap();
-        let id = cols.iter().find(|c| c["name"] == "id").unwrap()["value"].as_i64().unwrap() as i32;
+        let id = cols.iter().find(|c| c["name"] == "id").unwrap()["value"]
+            .as_i64()
+            .unwrap() as i32;
         for c in cols {
             let name = c["name"].as_str().unwrap();
             if name == "id" {
@@ -300,19 +360,31 @@ fn every_builtin_type_decodes_to_json_that_matches_postgres_output() {
         }
     }
     println!("saiki vs wal2json format-version 2: {differing} differing values\n{report}");
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/types-vs-wal2json.md");
+    let out =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/types-vs-wal2json.md");
     let _ = std::fs::write(out, &report);
 }
 
-fn check_array(db: &mut postgres::Client, col: &str, id: i32, value: &Value) -> Result<(), String> {
+fn check_array(
+    db: &mut postgres::Client,
+    col: &str,
+    id: i32,
+    raw_value: &str,
+) -> Result<(), String> {
+    let value: Value = serde_json::from_str(raw_value).map_err(|e| e.to_string())?;
     let q = format!(
         "SELECT array_ndims({col}), (SELECT json_agg(e::text) FROM unnest({col}) e)::text, {col} IS NULL
          FROM every_type WHERE id = $1"
     );
-    let row = db.query_one(q.as_str(), &[&id]).map_err(|e| e.to_string())?;
+    let row = db
+        .query_one(q.as_str(), &[&id])
+        .map_err(|e| e.to_string())?;
     let is_null: bool = row.get(2);
     if is_null {
-        return value.is_null().then_some(()).ok_or_else(|| format!("expected null, got {value}"));
+        return value
+            .is_null()
+            .then_some(())
+            .ok_or_else(|| format!("expected null, got {raw_value}"));
     }
     let ndims: Option<i32> = row.get(0);
     let texts: Vec<Option<String>> = row
@@ -320,26 +392,38 @@ fn check_array(db: &mut postgres::Client, col: &str, id: i32, value: &Value) -> 
         .map(|s| serde_json::from_str(&s).unwrap())
         .unwrap_or_default();
     let mut leaves = Vec::new();
-    flatten(value, 0, &mut leaves);
+    flatten(raw_value, 0, &mut leaves);
     if texts.is_empty() {
-        return (value == &Value::Array(vec![])).then_some(()).ok_or_else(|| format!("empty array as {value}"));
+        return (value == Value::Array(vec![]))
+            .then_some(())
+            .ok_or_else(|| format!("empty array as {raw_value}"));
     }
     if leaves.len() != texts.len() {
-        return Err(format!("{} elements, PostgreSQL has {}", leaves.len(), texts.len()));
+        return Err(format!(
+            "{} elements, PostgreSQL has {}",
+            leaves.len(),
+            texts.len()
+        ));
     }
-    for ((leaf, depth), text) in leaves.iter().zip(&texts) {
+    for ((raw, depth), text) in leaves.iter().zip(&texts) {
         if Some(*depth as i32) != ndims {
-            return Err(format!("element at depth {depth}, array has {ndims:?} dimensions"));
+            return Err(format!(
+                "element at depth {depth}, array has {ndims:?} dimensions"
+            ));
         }
-        let raw = leaf.to_string();
-        let ok = match (leaf, text) {
+        let leaf: Value = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+        let ok = match (&leaf, text) {
             (Value::Null, None) => true,
             (Value::Object(_), Some(t)) | (Value::Array(_), Some(t)) => {
-                serde_json::from_str::<Value>(t).map(|p| &p == leaf).unwrap_or(false) || t.starts_with('(')
+                serde_json::from_str::<Value>(t)
+                    .map(|p| p == leaf)
+                    .unwrap_or(false)
             }
-            (Value::Number(_), Some(t)) => &raw == t,
+            (Value::Number(_), Some(t)) => raw == t,
             (Value::String(s), Some(t)) => s == t,
-            (Value::Bool(b), Some(t)) => t == if *b { "true" } else { "false" } || t == if *b { "t" } else { "f" },
+            (Value::Bool(b), Some(t)) => {
+                t == if *b { "true" } else { "false" } || t == if *b { "t" } else { "f" }
+            }
             _ => false,
         };
         if !ok {
@@ -349,12 +433,21 @@ fn check_array(db: &mut postgres::Client, col: &str, id: i32, value: &Value) -> 
     Ok(())
 }
 
-fn check_composite(db: &mut postgres::Client, col: &str, id: i32, value: &Value) -> Result<(), String> {
+fn check_composite(
+    db: &mut postgres::Client,
+    col: &str,
+    id: i32,
+    value: &Value,
+) -> Result<(), String> {
     let q = format!("SELECT to_jsonb({col})::text FROM every_type WHERE id = $1");
-    let row = db.query_one(q.as_str(), &[&id]).map_err(|e| e.to_string())?;
+    let row = db
+        .query_one(q.as_str(), &[&id])
+        .map_err(|e| e.to_string())?;
     let pg: Value = row
         .get::<_, Option<String>>(0)
         .map(|s| serde_json::from_str(&s).unwrap())
         .unwrap_or(Value::Null);
-    (pg == *value).then_some(()).ok_or_else(|| format!("{value} vs PostgreSQL's {pg}"))
+    (pg == *value)
+        .then_some(())
+        .ok_or_else(|| format!("{value} vs PostgreSQL's {pg}"))
 }
