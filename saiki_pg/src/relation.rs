@@ -78,7 +78,7 @@ pub unsafe fn build(rel: pg_sys::Relation, opts: &Options, types: &mut TypeCache
         let mut columns = Vec::with_capacity(natts);
         let mut types_json = b",\"types\":{".to_vec();
         let mut attnum_to_col = vec![usize::MAX; natts];
-        for i in 0..natts {
+        for (i, slot) in attnum_to_col.iter_mut().enumerate() {
             let att = crate::value::tuple_desc_attr(desc, i);
             if (*att).attisdropped {
                 continue;
@@ -93,7 +93,7 @@ pub unsafe fn build(rel: pg_sys::Relation, opts: &Options, types: &mut TypeCache
             types_json.push(b':');
             let tname = pg_sys::format_type_with_typemod((*att).atttypid, (*att).atttypmod);
             write_str(&mut types_json, CStr::from_ptr(tname).to_bytes());
-            attnum_to_col[i] = columns.len();
+            *slot = columns.len();
             columns.push(Column {
                 index: i,
                 name_json,

@@ -103,7 +103,7 @@ fn a_million_row_transaction_streams_with_flat_walsender_memory() {
                 .unwrap()
                 .and_then(|r| r.get::<_, Option<i32>>(0));
         }
-        if n % 50_000 == 0 {
+        if n.is_multiple_of(50_000) {
             if let Some(rss) = pid.and_then(rss_kib) {
                 samples.push((n, rss));
             }
