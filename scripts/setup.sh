@@ -31,7 +31,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   if ! grep -qs '^create_main_cluster *= *false' /etc/postgresql-common/createcluster.conf; then
     echo 'create_main_cluster = false' >> /etc/postgresql-common/createcluster.conf
   fi
-  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confdef \
+    -o Dpkg::Options::=--force-confold "${missing[@]}"
 fi
 
 if ! cargo pgrx --version 2>/dev/null | grep -q '0\.18\.0'; then

@@ -26,4 +26,9 @@ echo "== build and install the extension (release) into PostgreSQL 15"
 echo "== tests"
 # The pgrx cdylib cannot link into a test binary outside a server; it is tested through
 # real servers by the saiki_tests crate.
-cargo test --workspace --exclude saiki --locked
+log=$(mktemp)
+cargo test --workspace --exclude saiki --locked 2>&1 | tee "$log"
+passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+rm -f "$log"
+echo "tests: $passed passed, $failed failed"

@@ -223,3 +223,72 @@ fn bad_options_over_the_walsender_fail_with_the_option_named() {
     let recs = saiki_tests::get_changes(&mut db, "s", &[]);
     assert_eq!(recs.len(), 3, "{recs:?}");
 }
+
+#[test]
+fn pg_recvlogical_creates_a_saiki_slot_and_streams_large_transactions_over_the_walsender() {
+    let pg = PgCluster::start(&["logical_decoding_work_mem = '64kB'"]);
+    let mut db = pg.create_db("rl");
+    let create = pg
+        .client_cmd("pg_recvlogical")
+        .args(["-d", "rl", "-S", "rl_slot", "-P", "saiki", "--create-slot"])
+        .output()
+        .unwrap();
+    assert!(
+        create.status.success(),
+        "{}",
+        String::from_utf8_lossy(&create.stderr)
+    );
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+        .unwrap();
+    db.batch_execute("INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g")
+        .unwrap();
+    let end: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    let out = pg
+        .client_cmd("pg_recvlogical")
+        .args([
+            "-d",
+            "rl",
+            "-S",
+            "rl_slot",
+            "--start",
+            "--no-loop",
+            "-f",
+            "-",
+            "--endpos",
+            &end,
+        ])
+        .args(["-o", "stream-changes=1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    let recs = saiki_tests::parse_records(&lines);
+    let count = |a: Action| recs.iter().filter(|r| r.action == a).count();
+    assert_eq!(count(Action::Insert), 5000);
+    assert!(
+        count(Action::StreamStart) > 1,
+        "the transaction was streamed in blocks"
+    );
+    assert_eq!(count(Action::StreamStart), count(Action::StreamStop));
+    assert_eq!(count(Action::Commit), 1);
+    let commit = recs.iter().find(|r| r.action == Action::Commit).unwrap();
+    assert!(commit.commit_lsn.is_some() && commit.streamed == Some(true));
+    assert!(recs
+        .iter()
+        .filter(|r| r.action == Action::Insert)
+        .all(|r| r.streamed == Some(true) && r.commit_lsn.is_none()));
+    // The stream's last record is the commit: everything before it belongs to it.
+    assert_eq!(recs.last().unwrap().action, Action::Commit);
+}
