@@ -78,12 +78,18 @@ output_plugin_libraries = 'pgoutput, test_decoding, saiki, wal2json, decoderbufs
 DECODERS = {
     # name: (plugin, pg_recvlogical -o options)
     "saiki": ("saiki", []),
+    # The same records, several per replication message (the relay's mode): far fewer sends.
+    "saiki-batch": ("saiki", ["batch-bytes=65536"]),
     "wal2json": ("wal2json", ["format-version=2", "include-types=false", "include-xids=true",
                               "include-lsn=true"]),
     "test_decoding": ("test_decoding", []),
     "decoderbufs": ("decoderbufs", []),
     "pgoutput": ("pgoutput", ["proto_version=1", "publication_names=bench_pub"]),
 }
+
+
+def slot_name(decoder, run):
+    return f"b_{decoder.replace('-', '_')}_{run}"
 
 
 def cpu_seconds(pid):
@@ -146,7 +152,7 @@ def main():
     ap.add_argument("--txns", type=int, default=3000)
     ap.add_argument("--wide", type=int, default=200000)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--decoders", default="saiki,wal2json,test_decoding,decoderbufs,pgoutput")
+    ap.add_argument("--decoders", default="saiki,saiki-batch,wal2json,test_decoding,decoderbufs,pgoutput")
     args = ap.parse_args()
     names = args.decoders.split(",")
     if "saiki" not in names:
@@ -160,7 +166,7 @@ def main():
         c.psql("CREATE PUBLICATION bench_pub FOR ALL TABLES")
         for n in names:
             for r in range(args.runs):
-                c.psql(f"SELECT pg_create_logical_replication_slot('b_{n}_{r}', '{DECODERS[n][0]}')")
+                c.psql(f"SELECT pg_create_logical_replication_slot('{slot_name(n, r)}', '{DECODERS[n][0]}')")
         sh([f"{PG_BIN}/pgbench", "-i", "-q", "-s", str(args.scale), "-n", "bench"], env=c.env,
            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         sh([f"{PG_BIN}/pgbench", "-n", "-c", "2", "-t", str(args.txns // 2), "bench"], env=c.env,
@@ -174,14 +180,14 @@ def main():
         endpos = c.psql("SELECT pg_current_wal_lsn()")
         # Count the changes once, through saiki's first slot without consuming it: every
         # decoder drains the same backlog. (I, U, D records; B/C left out.)
-        changes = int(c.psql(f"""SELECT count(*) FROM pg_logical_slot_peek_changes('b_saiki_0', '{endpos}', NULL,
+        changes = int(c.psql(f"""SELECT count(*) FROM pg_logical_slot_peek_changes('{slot_name("saiki", 0)}', '{endpos}', NULL,
                                  'include-transaction', '0')"""))
         print(f"backlog: {changes} changes (pgbench -s {args.scale}, {args.txns} transactions, "
               f"{args.wide} wide rows with updates and deletes), end LSN {endpos}")
         results = {}
         for r in range(args.runs):
             for n in names:  # interleaved, so drift on the machine hits every decoder alike
-                wall, cpu, nbytes = drain(c, n, f"b_{n}_{r}", endpos)
+                wall, cpu, nbytes = drain(c, n, slot_name(n, r), endpos)
                 results.setdefault(n, []).append((wall, cpu, nbytes))
         print(f"\n{'decoder':<14} {'changes/s':>12} {'wall s':>8} {'CPU us/change':>14} {'output MB':>10}")
         summary = {}
@@ -192,11 +198,12 @@ def main():
             summary[n] = (changes / wall, cpu / changes * 1e6, nbytes)
             print(f"{n:<14} {changes / wall:>12,.0f} {wall:>8.2f} {cpu / changes * 1e6:>14.2f} {nbytes / 1e6:>10.1f}")
         print(f"(median of {args.runs} runs each; CPU = the walsender's user+system time)")
-        for peer in ("wal2json", "pgoutput", "test_decoding", "decoderbufs"):
-            if "saiki" in summary and peer in summary:
-                s, p = summary["saiki"], summary[peer]
-                print(f"saiki/{peer}: {s[0] / p[0]:.2f}x changes/s, {s[1] / p[1]:.2f}x CPU per change, "
-                      f"{s[2] / p[2]:.2f}x bytes")
+        for mine in ("saiki", "saiki-batch"):
+            for peer in ("wal2json", "pgoutput", "test_decoding", "decoderbufs"):
+                if mine in summary and peer in summary:
+                    s, p = summary[mine], summary[peer]
+                    print(f"{mine}/{peer}: {s[0] / p[0]:.2f}x changes/s, {s[1] / p[1]:.2f}x CPU per change, "
+                          f"{s[2] / p[2]:.2f}x bytes")
     finally:
         c.stop()
 

@@ -8,7 +8,11 @@ use crate::Error;
 /// Every option name the plugin accepts, for error messages.
 pub const KNOWN_OPTIONS: &str = "format-version, include-xids, include-lsn, include-timestamp, \
 include-types, include-origin, include-transaction, skip-empty-xacts, add-tables, filter-tables, \
-add-msg-prefixes, filter-msg-prefixes, filter-origins, actions, numbers-as-strings, stream-changes";
+add-msg-prefixes, filter-msg-prefixes, filter-origins, actions, numbers-as-strings, stream-changes, \
+batch-bytes";
+
+/// Largest `batch-bytes`: the plugin's output buffer never holds more than this plus one record.
+pub const MAX_BATCH_BYTES: usize = 16 << 20;
 
 /// Which numeric classes are written as JSON strings instead of numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -164,6 +168,10 @@ pub struct Options {
     pub actions: Actions,
     pub numbers_as_strings: NumbersAsStrings,
     pub stream_changes: bool,
+    /// 0: one record per output message. Otherwise records are joined with `\n` into one
+    /// message of about this many bytes, flushed at every commit, stream stop and
+    /// non-transactional message: far fewer messages (and walsender sends) per change.
+    pub batch_bytes: usize,
 }
 
 impl Default for Options {
@@ -182,6 +190,7 @@ impl Default for Options {
             actions: Actions::default(),
             numbers_as_strings: NumbersAsStrings::None,
             stream_changes: false,
+            batch_bytes: 0,
         }
     }
 }
@@ -340,6 +349,16 @@ impl Options {
                     }
                     o.actions = a;
                 }
+                "batch-bytes" => {
+                    o.batch_bytes = match value.map(|v| v.trim().parse::<usize>()) {
+                        Some(Ok(n)) if n <= MAX_BATCH_BYTES => n,
+                        _ => {
+                            return Err(invalid(&format!(
+                                "expected a number of bytes from 0 (one record per message) to {MAX_BATCH_BYTES}"
+                            )))
+                        }
+                    }
+                }
                 "numbers-as-strings" => {
                     o.numbers_as_strings =
                         match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
@@ -422,6 +441,15 @@ mod tests {
         assert!(parse(&[("numbers-as-strings", Some("some"))]).is_err());
         assert!(parse(&[("add-tables", Some("orders"))]).is_err());
         assert!(parse(&[("add-tables", Some("a.b,,c.d"))]).is_err());
+        assert!(parse(&[("batch-bytes", Some("-1"))]).is_err());
+        assert!(parse(&[("batch-bytes", Some("99999999999"))]).is_err());
+        assert!(parse(&[("batch-bytes", None)]).is_err());
+        assert_eq!(
+            parse(&[("batch-bytes", Some("65536"))])
+                .unwrap()
+                .batch_bytes,
+            65536
+        );
     }
 
     #[test]

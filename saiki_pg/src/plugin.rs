@@ -8,11 +8,13 @@
 //!   raised only for a bad option, naming it, with SQLSTATE 22023.
 //! - The state lives exactly as long as the decoding context: it is freed by a reset callback
 //!   on `ctx->context`, so an ERROR that skips the shutdown callback does not leak it.
+//! - Nothing outside a callback's own arguments touches the state: the relcache callback
+//!   only queues invalidated relids, which the next lookup applies (`rel_info`).
 
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -31,7 +33,10 @@ const BUF_KEEP_BYTES: usize = 1 << 20;
 struct State {
     opts: Options,
     change_cxt: pg_sys::MemoryContext,
+    /// The record being written.
     buf: Vec<u8>,
+    /// Records written but not yet sent, joined by `\n` (only with `batch-bytes`).
+    batch: Vec<u8>,
     types: TypeCache,
     rels: HashMap<pg_sys::Oid, Rc<RelInfo>>,
     origins: HashMap<pg_sys::RepOriginId, Option<Vec<u8>>>,
@@ -49,37 +54,60 @@ struct State {
     toast: Vec<usize>,
 }
 
-/// The state of the decoding session running in this backend, for the relcache callback.
-/// Null between sessions. PostgreSQL backends are single-threaded.
-static CURRENT: AtomicPtr<State> = AtomicPtr::new(std::ptr::null_mut());
+/// Relations whose cached facts PostgreSQL has invalidated since the plugin last looked.
+/// The relcache callback only records here; it never touches the plugin state, so it cannot
+/// alias a `&mut State` when it fires in the middle of a callback's own catalog access.
+/// PostgreSQL backends are single-threaded.
+#[derive(Default)]
+struct Invalidations {
+    all: bool,
+    relids: Vec<pg_sys::Oid>,
+}
+
+/// More pending relids than this collapse into "all" (bounded memory between sessions).
+const MAX_PENDING_INVALIDATIONS: usize = 1024;
+
+thread_local! {
+    static INVALIDATIONS: std::cell::RefCell<Invalidations> = std::cell::RefCell::new(Invalidations::default());
+}
 static RELCACHE_CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
 
 #[pg_guard]
 unsafe extern "C-unwind" fn relcache_invalidated(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    let st = CURRENT.load(Ordering::Relaxed);
-    if st.is_null() {
-        return;
-    }
-    // SAFETY: CURRENT is non-null only while its State is alive (see free_state).
-    let st = unsafe { &mut *st };
-    if relid == pg_sys::InvalidOid {
-        st.rels.clear();
-    } else {
-        st.rels.remove(&relid);
-    }
+    INVALIDATIONS.with(|inv| {
+        let mut inv = inv.borrow_mut();
+        if relid == pg_sys::InvalidOid || inv.relids.len() >= MAX_PENDING_INVALIDATIONS {
+            inv.all = true;
+            inv.relids.clear();
+        } else if !inv.all {
+            inv.relids.push(relid);
+        }
+    });
+}
+
+/// Drops the cached facts of invalidated relations; returns whether `watch` was among them.
+fn apply_invalidations(rels: &mut HashMap<pg_sys::Oid, Rc<RelInfo>>, watch: pg_sys::Oid) -> bool {
+    INVALIDATIONS.with(|inv| {
+        let mut inv = inv.borrow_mut();
+        if inv.all {
+            inv.all = false;
+            inv.relids.clear();
+            rels.clear();
+            return true;
+        }
+        let mut hit = false;
+        for relid in inv.relids.drain(..) {
+            hit |= relid == watch;
+            rels.remove(&relid);
+        }
+        hit
+    })
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn free_state(arg: *mut std::ffi::c_void) {
-    let st = arg as *mut State;
-    let _ = CURRENT.compare_exchange(
-        st,
-        std::ptr::null_mut(),
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
     // SAFETY: `arg` is the Box leaked in startup; this reset callback runs once.
-    drop(unsafe { Box::from_raw(st) });
+    drop(unsafe { Box::from_raw(arg as *mut State) });
 }
 
 /// Entry point PostgreSQL looks up when a slot's plugin is `saiki`.
@@ -174,6 +202,7 @@ unsafe extern "C-unwind" fn startup(
             opts,
             change_cxt,
             buf: Vec::with_capacity(8192),
+            batch: Vec::new(),
             types: TypeCache::new((*ctx).context, numbers),
             rels: HashMap::new(),
             origins: HashMap::new(),
@@ -195,7 +224,8 @@ unsafe extern "C-unwind" fn startup(
         (*cb).next = std::ptr::null_mut();
         pg_sys::MemoryContextRegisterResetCallback((*ctx).context, cb);
         (*ctx).output_plugin_private = st as *mut std::ffi::c_void;
-        CURRENT.store(st, Ordering::Relaxed);
+        // Whatever was invalidated before this session is irrelevant: its cache starts empty.
+        INVALIDATIONS.with(|inv| *inv.borrow_mut() = Invalidations::default());
         if !RELCACHE_CALLBACK_REGISTERED.swap(true, Ordering::Relaxed) {
             pg_sys::CacheRegisterRelcacheCallback(
                 Some(relcache_invalidated),
@@ -216,22 +246,54 @@ unsafe fn state<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> &'a mut State {
     unsafe { &mut *((*ctx).output_plugin_private as *mut State) }
 }
 
-/// Sends `st.buf` as one output message.
-unsafe fn emit(ctx: *mut pg_sys::LogicalDecodingContext, st: &mut State, last: bool) {
+/// Writes `bytes` as one output message.
+unsafe fn write_message_bytes(ctx: *mut pg_sys::LogicalDecodingContext, bytes: &[u8], last: bool) {
     // SAFETY: the standard prepare/append/write sequence on the context's output buffer.
     unsafe {
         pg_sys::OutputPluginPrepareWrite(ctx, last);
         pg_sys::appendBinaryStringInfo(
             (*ctx).out,
-            st.buf.as_ptr() as *const std::ffi::c_char,
-            st.buf.len() as i32,
+            bytes.as_ptr() as *const std::ffi::c_char,
+            bytes.len() as i32,
         );
         pg_sys::OutputPluginWrite(ctx, last);
+    }
+}
+
+/// Hands the finished record in `st.buf` on: sent as its own message, or (with
+/// `batch-bytes`) appended to the batch, which is sent once it is large enough.
+unsafe fn emit(ctx: *mut pg_sys::LogicalDecodingContext, st: &mut State, last: bool) {
+    if st.opts.batch_bytes == 0 {
+        // SAFETY: forwarded from the callback.
+        unsafe { write_message_bytes(ctx, &st.buf, last) };
+    } else {
+        if !st.batch.is_empty() {
+            st.batch.push(b'\n');
+        }
+        st.batch.extend_from_slice(&st.buf);
+        if st.batch.len() >= st.opts.batch_bytes {
+            // SAFETY: forwarded from the callback.
+            unsafe { flush_batch(ctx, st) };
+        }
     }
     if st.buf.capacity() > BUF_KEEP_BYTES {
         st.buf = Vec::with_capacity(8192);
     }
     st.buf.clear();
+}
+
+/// Sends the pending batch, if any. Called at every point where a consumer must have
+/// everything so far: commit, stream stop/abort/commit, non-transactional messages.
+unsafe fn flush_batch(ctx: *mut pg_sys::LogicalDecodingContext, st: &mut State) {
+    if st.batch.is_empty() {
+        return;
+    }
+    // SAFETY: forwarded from the callback.
+    unsafe { write_message_bytes(ctx, &st.batch, true) };
+    if st.batch.capacity() > st.opts.batch_bytes.max(BUF_KEEP_BYTES) * 2 {
+        st.batch = Vec::new();
+    }
+    st.batch.clear();
 }
 
 /// Runs `f` with the per-change memory context current, then resets it.
@@ -361,6 +423,8 @@ unsafe extern "C-unwind" fn commit(
     let st = unsafe { state(ctx) };
     st.begin_pending = false;
     if !std::mem::take(&mut st.begin_written) {
+        // SAFETY: valid callback arguments.
+        unsafe { flush_batch(ctx, st) };
         return;
     }
     let cxt = st.change_cxt;
@@ -383,6 +447,7 @@ unsafe extern "C-unwind" fn commit(
             write_origin(st, (*txn).origin_id);
             encode::end(&mut st.buf);
             emit(ctx, st, true);
+            flush_batch(ctx, st);
         })
     };
 }
@@ -428,16 +493,21 @@ unsafe fn change_head(
     }
 }
 
-/// The relation's cached facts.
+/// The relation's cached facts, rebuilt after PostgreSQL invalidated them.
 unsafe fn rel_info(st: &mut State, rel: pg_sys::Relation) -> Rc<RelInfo> {
     // SAFETY: an open relation passed to a callback.
     let relid = unsafe { (*rel).rd_id };
+    apply_invalidations(&mut st.rels, relid);
     if let Some(r) = st.rels.get(&relid) {
         return r.clone();
     }
     // SAFETY: as above; catalog access is allowed in decoding callbacks.
     let info = Rc::new(unsafe { relation::build(rel, &st.opts, &mut st.types) });
-    st.rels.insert(relid, info.clone());
+    // Invalidated while it was being built (the build's own catalog access can accept
+    // invalidation messages): use it for this change, but do not keep it.
+    if !apply_invalidations(&mut st.rels, relid) {
+        st.rels.insert(relid, info.clone());
+    }
     info
 }
 
@@ -724,6 +794,10 @@ unsafe fn write_message(
             }
             encode::end(&mut st.buf);
             emit(ctx, st, true);
+            if !transactional {
+                // Not tied to a commit: the consumer gets it now (a heartbeat must not wait).
+                flush_batch(ctx, st);
+            }
         });
     }
 }
@@ -807,6 +881,10 @@ unsafe fn stream_marker(
             );
             encode::end(&mut st.buf);
             emit(ctx, st, true);
+            if action != Action::StreamStart {
+                // A block ends (E), or the transaction does (A of the top level, C).
+                flush_batch(ctx, st);
+            }
         });
     }
 }

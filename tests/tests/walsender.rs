@@ -292,3 +292,62 @@ fn pg_recvlogical_creates_a_saiki_slot_and_streams_large_transactions_over_the_w
     // The stream's last record is the commit: everything before it belongs to it.
     assert_eq!(recs.last().unwrap().action, Action::Commit);
 }
+
+#[test]
+fn batched_output_over_the_walsender_carries_exactly_the_same_records() {
+    let pg = PgCluster::start(&[]);
+    let mut db = pg.create_db("batch");
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .unwrap();
+    db.batch_execute("SELECT pg_create_logical_replication_slot('one', 'saiki')")
+        .unwrap();
+    db.batch_execute("SELECT pg_create_logical_replication_slot('many', 'saiki')")
+        .unwrap();
+    db.batch_execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 3000) g")
+        .unwrap();
+    db.batch_execute("UPDATE t SET v = v || '!' WHERE id % 3 = 0")
+        .unwrap();
+    db.batch_execute("DELETE FROM t WHERE id % 5 = 0").unwrap();
+    let end: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    let read = |slot: &str, opts: &[&str]| -> Vec<String> {
+        let mut cmd = pg.client_cmd("pg_recvlogical");
+        cmd.args([
+            "-d",
+            "batch",
+            "-S",
+            slot,
+            "--start",
+            "--no-loop",
+            "-f",
+            "-",
+            "--endpos",
+            &end,
+        ]);
+        for o in opts {
+            cmd.args(["-o", o]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let one = read("one", &[]);
+    let many = read("many", &["batch-bytes=8192"]);
+    assert_eq!(
+        one.len(),
+        3000 + 1000 + 600 + 6,
+        "3 transactions: B and C each"
+    );
+    assert_eq!(one, many, "batching changes the framing, never the records");
+}
