@@ -25,8 +25,9 @@ pub enum Kind {
     Int8,
     Oid,
     /// Output function, then a bare number unless NaN/Infinity or quoted by option.
-    Number(NumberClass),
-    Json,
+    Number(NumberClass, OutputFn),
+    /// Output function, embedded as JSON.
+    Json(OutputFn),
     /// text, varchar, bpchar: the bytes of the varlena, as a string.
     Text,
     /// `"\\x…"` hex, as PostgreSQL's default `bytea_output` prints it.
@@ -40,13 +41,14 @@ pub enum Kind {
     },
     Composite,
     /// Output function's text as a JSON string.
-    Text2String,
+    Text2String(OutputFn),
 }
+
+/// A type's output function, looked up once. Boxed so its address is stable.
+pub struct OutputFn(Box<pg_sys::FmgrInfo>);
 
 pub struct TypeEnc {
     pub kind: Kind,
-    /// The output function, for kinds that call it. Boxed so its address is stable.
-    finfo: Option<Box<pg_sys::FmgrInfo>>,
 }
 
 /// Per-session cache of type encoders. Lives in the plugin state; the `FmgrInfo`s point
@@ -82,19 +84,22 @@ impl TypeCache {
     unsafe fn build(&mut self, typid: pg_sys::Oid) -> TypeEnc {
         // SAFETY: catalog lookups of a type that exists in the historic snapshot.
         let base = unsafe { pg_sys::getBaseType(typid) };
+        let mcxt = self.mcxt;
+        // SAFETY: a type that exists; the FmgrInfo lives as long as the decoding context.
+        let out = || unsafe { OutputFn::lookup(base, mcxt) };
         let kind = match base {
             pg_sys::BOOLOID => Kind::Bool,
             pg_sys::INT2OID => Kind::Int2,
             pg_sys::INT4OID => Kind::Int4,
             pg_sys::INT8OID => Kind::Int8,
             pg_sys::OIDOID => Kind::Oid,
-            pg_sys::FLOAT4OID | pg_sys::FLOAT8OID => Kind::Number(NumberClass::Float),
-            pg_sys::NUMERICOID => Kind::Number(NumberClass::Numeric),
-            pg_sys::JSONOID | pg_sys::JSONBOID => Kind::Json,
+            pg_sys::FLOAT4OID | pg_sys::FLOAT8OID => Kind::Number(NumberClass::Float, out()),
+            pg_sys::NUMERICOID => Kind::Number(NumberClass::Numeric, out()),
+            pg_sys::JSONOID | pg_sys::JSONBOID => Kind::Json(out()),
             pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => Kind::Text,
             pg_sys::BYTEAOID => Kind::Bytea,
             // Array-shaped system types whose canonical form is their text ("1 2 3").
-            pg_sys::INT2VECTOROID | pg_sys::OIDVECTOROID => Kind::Text2String,
+            pg_sys::INT2VECTOROID | pg_sys::OIDVECTOROID => Kind::Text2String(out()),
             _ => {
                 // SAFETY: as above.
                 let elem_type = unsafe { pg_sys::get_element_type(base) };
@@ -123,26 +128,11 @@ impl TypeCache {
                 } else if unsafe { pg_sys::type_is_rowtype(base) } && base != pg_sys::RECORDOID {
                     Kind::Composite
                 } else {
-                    Kind::Text2String
+                    Kind::Text2String(out())
                 }
             }
         };
-        let finfo = match kind {
-            Kind::Number(_) | Kind::Json | Kind::Text2String => {
-                let mut foid = pg_sys::InvalidOid;
-                let mut varlena = false;
-                let mut f: Box<pg_sys::FmgrInfo> = Box::default();
-                // SAFETY: `f` is a valid FmgrInfo that outlives every call through it
-                // (both live until the decoding context is deleted).
-                unsafe {
-                    pg_sys::getTypeOutputInfo(base, &mut foid, &mut varlena);
-                    pg_sys::fmgr_info_cxt(foid, &mut *f, self.mcxt);
-                }
-                Some(f)
-            }
-            _ => None,
-        };
-        TypeEnc { kind, finfo }
+        TypeEnc { kind }
     }
 
     /// Appends the JSON value of `datum` (not NULL) of type `enc`.
@@ -174,14 +164,14 @@ impl TypeCache {
                 datum.value() as u32 as i64,
                 q.quotes(NumberClass::SmallInt),
             ),
-            Kind::Number(class) => {
+            Kind::Number(class, f) => {
                 // SAFETY: output function of this type, called on a value of it.
-                let text = unsafe { output(enc, datum) };
+                let text = unsafe { f.call(datum) };
                 write_number_text(buf, text, q.quotes(*class));
             }
-            Kind::Json => {
+            Kind::Json(f) => {
                 // SAFETY: as above.
-                let text = unsafe { output(enc, datum) };
+                let text = unsafe { f.call(datum) };
                 write_json_compact(buf, text);
             }
             Kind::Text => {
@@ -218,9 +208,9 @@ impl TypeCache {
                 // SAFETY: a composite datum.
                 unsafe { self.write_composite(buf, datum) }
             }
-            Kind::Text2String => {
+            Kind::Text2String(f) => {
                 // SAFETY: output function of this type, called on a value of it.
-                let text = unsafe { output(enc, datum) };
+                let text = unsafe { f.call(datum) };
                 write_str(buf, text);
             }
         }
@@ -362,20 +352,34 @@ impl TypeCache {
     }
 }
 
-/// Calls the type's output function and returns the C string's bytes.
-///
-/// # Safety
-/// `enc` has an output function and `datum` is a value of its type. The result is palloc'd
-/// in the current memory context and valid until that context is reset.
-unsafe fn output<'a>(enc: &TypeEnc, datum: pg_sys::Datum) -> &'a [u8] {
-    let f = enc
-        .finfo
-        .as_ref()
-        .expect("kinds that call the output function have one");
-    // SAFETY: per the contract above; FmgrInfo is valid for the session.
-    unsafe {
-        let p = pg_sys::OutputFunctionCall(&**f as *const _ as *mut _, datum);
-        std::ffi::CStr::from_ptr(p).to_bytes()
+impl OutputFn {
+    /// Looks up the output function of `typid`, with `fn_extra` allocations in `mcxt`.
+    ///
+    /// # Safety
+    /// `typid` is an existing type; `mcxt` outlives every call through the result.
+    unsafe fn lookup(typid: pg_sys::Oid, mcxt: pg_sys::MemoryContext) -> OutputFn {
+        let mut foid = pg_sys::InvalidOid;
+        let mut varlena = false;
+        let mut f: Box<pg_sys::FmgrInfo> = Box::default();
+        // SAFETY: per the contract above; `f` is a valid FmgrInfo to fill.
+        unsafe {
+            pg_sys::getTypeOutputInfo(typid, &mut foid, &mut varlena);
+            pg_sys::fmgr_info_cxt(foid, &mut *f, mcxt);
+        }
+        OutputFn(f)
+    }
+
+    /// Calls the output function and returns the C string's bytes.
+    ///
+    /// # Safety
+    /// `datum` is a non-null value of the type. The result is palloc'd in the current memory
+    /// context and valid until that context is reset.
+    unsafe fn call<'a>(&self, datum: pg_sys::Datum) -> &'a [u8] {
+        // SAFETY: per the contract above; the FmgrInfo is valid for the session.
+        unsafe {
+            let p = pg_sys::OutputFunctionCall(&*self.0 as *const _ as *mut _, datum);
+            std::ffi::CStr::from_ptr(p).to_bytes()
+        }
     }
 }
 

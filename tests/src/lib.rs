@@ -221,3 +221,60 @@ pub fn parse_records(lines: &[String]) -> Vec<saiki_core::record::Record> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a record ({e}): {l}")))
         .collect()
 }
+
+/// Runs each statement on its own, as autocommit does (a slot cannot be created in a
+/// transaction that wrote), failing the test with the statement that failed.
+pub fn exec(client: &mut postgres::Client, statements: &[&str]) {
+    for s in statements {
+        client
+            .batch_execute(s)
+            .unwrap_or_else(|e| panic!("{s}: {e}"));
+    }
+}
+
+/// The server's current WAL insert position as text (`X/X`).
+pub fn current_wal_lsn(client: &mut postgres::Client) -> String {
+    client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Reads a slot over the walsender with `pg_recvlogical --start --endpos`, one string per
+/// output line (a record), plugin options as `name=value`.
+pub fn recvlogical(
+    pg: &PgCluster,
+    db: &str,
+    slot: &str,
+    endpos: &str,
+    options: &[&str],
+) -> Vec<String> {
+    let mut cmd = pg.client_cmd("pg_recvlogical");
+    cmd.args([
+        "-d",
+        db,
+        "-S",
+        slot,
+        "--start",
+        "--no-loop",
+        "-f",
+        "-",
+        "--endpos",
+        endpos,
+    ]);
+    for o in options {
+        cmd.args(["-o", o]);
+    }
+    let out = cmd.output().expect("run pg_recvlogical");
+    assert!(
+        out.status.success(),
+        "pg_recvlogical: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("UTF-8 output")
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}

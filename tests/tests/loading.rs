@@ -88,11 +88,14 @@ fn a_server_without_saiki_in_output_plugin_libraries_gets_told_what_to_run() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let mut db = pg.connect("shop");
-    db.batch_execute("SELECT * FROM saiki.create_slot('s')")
-        .unwrap();
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .unwrap();
-    db.batch_execute("INSERT INTO t VALUES (1)").unwrap();
+    saiki_tests::exec(
+        &mut db,
+        &[
+            "SELECT * FROM saiki.create_slot('s')",
+            "CREATE TABLE t (id int PRIMARY KEY)",
+            "INSERT INTO t VALUES (1)",
+        ],
+    );
     let n: i64 = db
         .query_one("SELECT count(*) FROM saiki.peek('s', NULL)", &[])
         .unwrap()

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use saiki_core::record::{Action, Record};
-use saiki_tests::PgCluster;
+use saiki_tests::{current_wal_lsn, exec, recvlogical, PgCluster};
 
 /// Resident set size of a process in KiB, from /proc.
 fn rss_kib(pid: i32) -> Option<u64> {
@@ -142,16 +142,16 @@ fn a_million_row_transaction_streams_with_flat_walsender_memory() {
 fn lsns_and_commit_lsns_are_consistent_across_transactions() {
     let pg = PgCluster::start(&[]);
     let mut db = pg.create_db("lsn");
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .unwrap();
-    db.batch_execute("SELECT pg_create_logical_replication_slot('s', 'saiki')")
-        .unwrap();
-    db.batch_execute("INSERT INTO t VALUES (1, 'a')").unwrap();
-    db.batch_execute(
-        "BEGIN; INSERT INTO t VALUES (2, 'b'); UPDATE t SET v = 'c' WHERE id = 1; COMMIT;",
-    )
-    .unwrap();
-    db.batch_execute("DELETE FROM t").unwrap();
+    exec(
+        &mut db,
+        &[
+            "CREATE TABLE t (id int PRIMARY KEY, v text)",
+            "SELECT pg_create_logical_replication_slot('s', 'saiki')",
+            "INSERT INTO t VALUES (1, 'a')",
+            "BEGIN; INSERT INTO t VALUES (2, 'b'); UPDATE t SET v = 'c' WHERE id = 1; COMMIT;",
+            "DELETE FROM t",
+        ],
+    );
     let lines = saiki_tests::get_changes(&mut db, "s", &[]);
     let recs = saiki_tests::parse_records(&lines);
     // pg_logical_slot_get_changes' own lsn column for C is the commit record's start; the
@@ -238,42 +238,15 @@ fn pg_recvlogical_creates_a_saiki_slot_and_streams_large_transactions_over_the_w
         "{}",
         String::from_utf8_lossy(&create.stderr)
     );
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
-        .unwrap();
-    db.batch_execute("INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g")
-        .unwrap();
-    let end: String = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .unwrap()
-        .get(0);
-    let out = pg
-        .client_cmd("pg_recvlogical")
-        .args([
-            "-d",
-            "rl",
-            "-S",
-            "rl_slot",
-            "--start",
-            "--no-loop",
-            "-f",
-            "-",
-            "--endpos",
-            &end,
-        ])
-        .args(["-o", "stream-changes=1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    exec(
+        &mut db,
+        &[
+            "CREATE TABLE t (id int PRIMARY KEY, pad text)",
+            "INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g",
+        ],
     );
-    let lines: Vec<String> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
+    let end = current_wal_lsn(&mut db);
+    let lines = recvlogical(&pg, "rl", "rl_slot", &end, &["stream-changes=1"]);
     let recs = saiki_tests::parse_records(&lines);
     let count = |a: Action| recs.iter().filter(|r| r.action == a).count();
     assert_eq!(count(Action::Insert), 5000);
@@ -297,51 +270,19 @@ fn pg_recvlogical_creates_a_saiki_slot_and_streams_large_transactions_over_the_w
 fn batched_output_over_the_walsender_carries_exactly_the_same_records() {
     let pg = PgCluster::start(&[]);
     let mut db = pg.create_db("batch");
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .unwrap();
-    db.batch_execute("SELECT pg_create_logical_replication_slot('one', 'saiki')")
-        .unwrap();
-    db.batch_execute("SELECT pg_create_logical_replication_slot('many', 'saiki')")
-        .unwrap();
-    db.batch_execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 3000) g")
-        .unwrap();
-    db.batch_execute("UPDATE t SET v = v || '!' WHERE id % 3 = 0")
-        .unwrap();
-    db.batch_execute("DELETE FROM t WHERE id % 5 = 0").unwrap();
-    let end: String = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .unwrap()
-        .get(0);
-    let read = |slot: &str, opts: &[&str]| -> Vec<String> {
-        let mut cmd = pg.client_cmd("pg_recvlogical");
-        cmd.args([
-            "-d",
-            "batch",
-            "-S",
-            slot,
-            "--start",
-            "--no-loop",
-            "-f",
-            "-",
-            "--endpos",
-            &end,
-        ]);
-        for o in opts {
-            cmd.args(["-o", o]);
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect()
-    };
+    exec(
+        &mut db,
+        &[
+            "CREATE TABLE t (id int PRIMARY KEY, v text)",
+            "SELECT pg_create_logical_replication_slot('one', 'saiki')",
+            "SELECT pg_create_logical_replication_slot('many', 'saiki')",
+            "INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 3000) g",
+            "UPDATE t SET v = v || '!' WHERE id % 3 = 0",
+            "DELETE FROM t WHERE id % 5 = 0",
+        ],
+    );
+    let end = current_wal_lsn(&mut db);
+    let read = |slot: &str, opts: &[&str]| recvlogical(&pg, "batch", slot, &end, opts);
     let one = read("one", &[]);
     let many = read("many", &["batch-bytes=8192"]);
     assert_eq!(
