@@ -1,33 +1,264 @@
-//! `saiki-relay`: the source (slot → Kafka) and sink (Kafka → ODS) daemons.
-//!
-//! This build carries the command surface only: `source` and `sink` are built under issues
-//! #3 and #4 and refuse to run here rather than pretend to.
+//! `saiki-relay`: the source (slot → Kafka) and, later, sink (Kafka → ODS) daemons.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-const USAGE: &str = "usage: saiki-relay <source|sink|status> --config FILE\n\n\
-  source   stream a replication slot into Kafka (not in this build yet)\n\
-  sink     materialize Kafka topics into the ODS (not in this build yet)\n\
-  status   print the slot table of saiki.slot_status() (not in this build yet)\n";
+use clap::{Parser, Subcommand};
+use saiki_relay::config::{Config, REFERENCE};
+use saiki_relay::error::RelayError;
+use saiki_relay::metrics::SourceMetrics;
+use saiki_relay::source::{self, SourceRuntime};
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(
+    name = "saiki-relay",
+    version,
+    about = "Saiki change data capture relay: PostgreSQL slot → Kafka → ODS",
+    after_help = "Configuration: a TOML file (--config), then SAIKI_<SECTION>_<KEY> environment variables \
+(e.g. SAIKI_SOURCE_DSN), then flags. `saiki-relay --help-config` prints every key with its default.\n\
+Exit codes: 0 done (SIGTERM drains and confirms), 2 configuration, 3 source database, 4 Kafka, 5 unreadable change record."
+)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Print every configuration key with its default and meaning, then exit.
+    #[arg(long)]
+    help_config: bool,
+    /// Log format: text or json (overrides log.format).
+    #[arg(long, global = true)]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream a replication slot into Kafka.
+    Source {
+        /// source.name
+        #[arg(long)]
+        name: Option<String>,
+        /// source.dsn
+        #[arg(long)]
+        dsn: Option<String>,
+        /// source.slot
+        #[arg(long)]
+        slot: Option<String>,
+        /// kafka.brokers
+        #[arg(long)]
+        brokers: Option<String>,
+        /// http.listen ("" turns the endpoint off)
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Materialize Kafka topics into the ODS (issue #4: not in this build yet).
+    Sink,
+    /// Print the slot table of saiki.slot_status() for source.dsn.
+    Status {
+        /// source.dsn (or --config)
+        #[arg(long)]
+        dsn: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("--version") | Some("-V") => {
-            println!("saiki-relay {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
+    let cli = Cli::parse();
+    if cli.help_config {
+        print!("{REFERENCE}");
+        return ExitCode::SUCCESS;
+    }
+    let Some(command) = cli.command else {
+        eprintln!("saiki-relay: name a command: source, sink or status (see --help)");
+        return ExitCode::from(2);
+    };
+    let mut cfg = match Config::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("saiki-relay: {e}");
+            return ExitCode::from(e.exit_code());
         }
-        Some("--help") | Some("-h") | None => {
-            print!("{USAGE}");
-            ExitCode::SUCCESS
+    };
+    init_logging(
+        cli.log_format.as_deref().unwrap_or(&cfg.log.format),
+        &cfg.log.level,
+    );
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("saiki-relay: cannot start the runtime: {e}");
+            return ExitCode::from(1);
         }
-        Some(cmd @ ("source" | "sink" | "status")) => {
-            eprintln!("saiki-relay {cmd}: not available in this build of Saiki yet");
-            ExitCode::from(2)
+    };
+    let result = rt.block_on(async move {
+        match command {
+            Command::Source { name, dsn, slot, brokers, listen } => {
+                let mut src = cfg.source.take().ok_or_else(|| {
+                    RelayError::Config("no [source] section: give source.name and source.dsn (file, SAIKI_SOURCE_*, or flags)".into())
+                });
+                if src.is_err() && name.is_some() && dsn.is_some() {
+                    src = toml::from_str(&format!("name = {:?}\ndsn = {:?}", name.clone().unwrap(), dsn.clone().unwrap()))
+                        .map_err(|e| RelayError::Config(e.to_string()));
+                }
+                let mut src = src?;
+                if let Some(v) = name { src.name = v; }
+                if let Some(v) = dsn { src.dsn = v; }
+                if let Some(v) = slot { src.slot = Some(v); }
+                if let Some(v) = brokers { cfg.kafka.brokers = v; }
+                if let Some(v) = listen { cfg.http.listen = v; }
+                run_source(src, cfg).await
+            }
+            Command::Sink => Err(RelayError::Config("`saiki-relay sink` is not in this build yet (issue #4)".into())),
+            Command::Status { dsn, json } => {
+                let dsn = dsn
+                    .or_else(|| cfg.source.as_ref().map(|s| s.dsn.clone()))
+                    .ok_or_else(|| RelayError::Config("status needs --dsn or source.dsn".into()))?;
+                status(&dsn, json).await
+            }
         }
-        Some(other) => {
-            eprintln!("saiki-relay: unknown command '{other}'\n\n{USAGE}");
-            ExitCode::from(2)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, transient = e.is_transient(), "stopping");
+            eprintln!("saiki-relay: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
+}
+
+fn init_logging(format: &str, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn run_source(src: saiki_relay::config::SourceConfig, cfg: Config) -> Result<(), RelayError> {
+    let runtime = Arc::new(SourceRuntime::new(src, cfg.kafka.clone())?);
+    let metrics = Arc::new(SourceMetrics::default());
+    let _http = if cfg.http.listen.is_empty() {
+        None
+    } else {
+        Some(
+            saiki_relay::http::serve(
+                &cfg.http.listen,
+                runtime.source.name.clone(),
+                metrics.clone(),
+            )
+            .await?,
+        )
+    };
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        info!("shutdown requested");
+        let _ = tx.send(true);
+    });
+    source::run(runtime, metrics, rx).await
+}
+
+async fn status(dsn: &str, json: bool) -> Result<(), RelayError> {
+    let d =
+        saiki_relay::dsn::Dsn::parse(dsn).map_err(|e| RelayError::Config(format!("dsn: {e}")))?;
+    let mut conn = saiki_relay::pg::PgConn::connect(&d, false, "").await?;
+    let has_ext = !conn
+        .simple_query("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'saiki'")
+        .await?
+        .is_empty();
+    let sql = if has_ext {
+        "SELECT slot_name, plugin, database, active, active_pid, confirmed_flush_lsn, lag_bytes, retained_bytes, wal_status, lag_pretty FROM saiki.slot_status()"
+    } else {
+        "SELECT slot_name, plugin, database, active, active_pid, confirmed_flush_lsn, pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, wal_status, pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)) FROM pg_replication_slots WHERE slot_type = 'logical' ORDER BY slot_name"
+    };
+    let rows = conn.simple_query(sql).await?;
+    let cols = [
+        "slot",
+        "plugin",
+        "database",
+        "active",
+        "pid",
+        "confirmed_lsn",
+        "lag_bytes",
+        "retained_bytes",
+        "wal_status",
+        "lag",
+    ];
+    if json {
+        let arr: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::Value::Object(
+                    cols.iter()
+                        .zip(r.iter())
+                        .map(|(c, v)| {
+                            (
+                                c.to_string(),
+                                v.clone()
+                                    .map(serde_json::Value::String)
+                                    .unwrap_or(serde_json::Value::Null),
+                            )
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(arr));
+    } else {
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| r.iter().map(|v| v.clone().unwrap_or_default()).collect())
+            .collect();
+        let widths: Vec<usize> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                cells
+                    .iter()
+                    .map(|r| r.get(i).map_or(0, |v| v.len()))
+                    .max()
+                    .unwrap_or(0)
+                    .max(c.len())
+            })
+            .collect();
+        let line = |vals: Vec<&str>| {
+            vals.iter()
+                .zip(&widths)
+                .map(|(v, w)| format!("{v:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+        };
+        println!("{}", line(cols.to_vec()));
+        for r in &cells {
+            println!("{}", line(r.iter().map(String::as_str).collect()));
+        }
+        if cells.is_empty() {
+            println!("(no logical replication slots)");
+        }
+    }
+    Ok(())
 }

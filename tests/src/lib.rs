@@ -278,3 +278,122 @@ pub fn recvlogical(
         .map(str::to_string)
         .collect()
 }
+
+/// A throw-away Kafka-protocol broker: `tansu` with SQLite storage in its own directory, on
+/// a loopback port. Survives `restart()` (the data is on disk); killed on drop.
+pub struct Broker {
+    pub dir: PathBuf,
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("{DATA_PREFIX}broker-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut b = Broker {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let tansu = std::env::var("TANSU").unwrap_or_else(|_| {
+            let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+            format!("{home}/.cargo/bin/tansu")
+        });
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::File::create(self.dir.join("broker.log")).unwrap();
+        let child = Command::new(tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://log.db"])
+            .current_dir(&self.dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu (scripts/setup.sh installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tansu did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        add_tansu_header_index(&self.dir.join("log.db"));
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+/// tansu 0.6.0's SQLite schema has no index on `header (topition, offset_id)`, and its fetch
+/// looks up the headers of every record it returns: with headers on every message (DESIGN.md
+/// §3) each fetched record scans the whole header table, so reading a topic is quadratic and
+/// a 200,000-message partition wedges the broker. The rig adds the index once tansu has
+/// created its schema (it is kept in the database across restarts). See docs/testing.md.
+pub fn add_tansu_header_index(db: &Path) {
+    let script = format!(
+        "import sqlite3, time\n\
+         deadline = time.time() + 30\n\
+         while True:\n\
+         \x20   try:\n\
+         \x20       c = sqlite3.connect({db:?}, timeout=30)\n\
+         \x20       c.execute('create index if not exists saiki_header_topition_offset on header (topition, offset_id)')\n\
+         \x20       c.commit()\n\
+         \x20       break\n\
+         \x20   except sqlite3.OperationalError:\n\
+         \x20       if time.time() > deadline: raise\n\
+         \x20       time.sleep(0.1)\n",
+        db = db.display().to_string()
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .expect("python3 (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "adding the header index to {}: {}",
+        db.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free loopback port (for the relay's HTTP endpoint in tests).
+pub fn loopback_port() -> u16 {
+    free_port()
+}

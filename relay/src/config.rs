@@ -1,0 +1,389 @@
+//! Configuration (DESIGN.md §6): a TOML file, overridden by `SAIKI_<SECTION>_<KEY>`
+//! environment variables, overridden by flags. Unknown keys are errors, so a typo never
+//! silently falls back to a default. `saiki-relay --help-config` prints every key.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::RelayError;
+
+/// Every key with its default and meaning, printed by `--help-config` and checked against the
+/// structs below by a unit test.
+pub const REFERENCE: &str = r#"[source]
+name = "shard1"                  # required: goes into every record ("source") and header
+dsn = "postgres://saiki@127.0.0.1:5432/shop"   # required: URI or key=value; replication is added
+slot = "saiki_shard1"            # created with plugin saiki if missing (never dropped)
+tables = ["public.*"]            # add-tables patterns; empty = all tables
+heartbeat_interval = "10s"       # pg_logical_emit_message on a side connection; "0s" = off
+status_interval = "1s"           # standby status updates (keep well under wal_sender_timeout)
+snapshot = "never"               # "initial" or "never" (initial snapshots arrive with issue #6)
+max_in_flight = 100000           # messages produced but not yet acknowledged by Kafka
+batch_bytes = 65536              # plugin batch-bytes: records per replication message
+tombstones = false               # a null-value message after each delete (log compaction)
+reconnect_backoff_max = "30s"    # cap of the exponential backoff between attempts
+shutdown_grace = "30s"           # SIGTERM: time to drain in-flight messages before exiting
+
+[kafka]
+brokers = "127.0.0.1:9092"       # bootstrap.servers
+topic_prefix = "saiki"
+topic_template = "{prefix}.{schema}.{table}"   # also {source}
+partitions = 1                   # for topics the relay creates
+replication_factor = 1
+[kafka.properties]               # passed to librdkafka as they are, e.g. "compression.type" = "lz4"
+
+[sink]                           # read by `saiki-relay sink` (issue #4)
+dsn = "postgres://saiki@127.0.0.1:5432/ods"
+schema = "ods"
+group = "saiki-ods"
+topics = "^saiki\\..*"
+key_includes_source = true
+batch_max_rows = 10000
+batch_linger = "50ms"
+
+[http]
+listen = "127.0.0.1:9187"        # /metrics /health /ready; "" = off
+
+[log]
+format = "text"                  # or "json"
+level = "info"                   # tracing filter, e.g. "saiki_relay=debug"
+"#;
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub source: Option<SourceConfig>,
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub sink: Option<SinkConfig>,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub name: String,
+    pub dsn: String,
+    #[serde(default)]
+    pub slot: Option<String>,
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default = "d_10s", with = "duration")]
+    pub heartbeat_interval: Duration,
+    #[serde(default = "d_1s", with = "duration")]
+    pub status_interval: Duration,
+    #[serde(default = "d_never")]
+    pub snapshot: String,
+    #[serde(default = "d_in_flight")]
+    pub max_in_flight: usize,
+    #[serde(default = "d_batch")]
+    pub batch_bytes: usize,
+    #[serde(default)]
+    pub tombstones: bool,
+    #[serde(default = "d_30s", with = "duration")]
+    pub reconnect_backoff_max: Duration,
+    #[serde(default = "d_30s", with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    #[serde(default = "d_brokers")]
+    pub brokers: String,
+    #[serde(default = "d_prefix")]
+    pub topic_prefix: String,
+    #[serde(default = "d_template")]
+    pub topic_template: String,
+    #[serde(default = "d_one")]
+    pub partitions: i32,
+    #[serde(default = "d_one")]
+    pub replication_factor: i32,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: d_brokers(),
+            topic_prefix: d_prefix(),
+            topic_template: d_template(),
+            partitions: 1,
+            replication_factor: 1,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    pub dsn: String,
+    #[serde(default)]
+    pub schema: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub topics: Option<String>,
+    #[serde(default)]
+    pub key_includes_source: Option<bool>,
+    #[serde(default)]
+    pub batch_max_rows: Option<usize>,
+    #[serde(default, with = "opt_duration")]
+    pub batch_linger: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(default = "d_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: d_listen() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "d_text")]
+    pub format: String,
+    #[serde(default = "d_info")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: d_text(),
+            level: d_info(),
+        }
+    }
+}
+
+fn d_10s() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_1s() -> Duration {
+    Duration::from_secs(1)
+}
+fn d_30s() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_never() -> String {
+    "never".into()
+}
+fn d_in_flight() -> usize {
+    100_000
+}
+fn d_batch() -> usize {
+    65_536
+}
+fn d_brokers() -> String {
+    "127.0.0.1:9092".into()
+}
+fn d_prefix() -> String {
+    "saiki".into()
+}
+fn d_template() -> String {
+    "{prefix}.{schema}.{table}".into()
+}
+fn d_one() -> i32 {
+    1
+}
+fn d_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+fn d_text() -> String {
+    "text".into()
+}
+fn d_info() -> String {
+    "info".into()
+}
+
+/// Parses "10s", "50ms", "2m", "1h", "0s".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like \"10s\" or \"50ms\""))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("'{s}' has no unit: use ms, s, m or h")),
+    })
+}
+
+mod duration {
+    use super::*;
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_duration {
+    use super::*;
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Applies `SAIKI_<SECTION>_<KEY>=value` variables to a parsed TOML document. The value is
+/// read as TOML if it parses as a TOML value (`true`, `10`, `["a", "b"]`), as a string
+/// otherwise. `SAIKI_KAFKA_PROPERTIES_<NAME>` sets librdkafka property `<name>` with `_`
+/// read as `.` (`SAIKI_KAFKA_PROPERTIES_COMPRESSION_TYPE=lz4`).
+pub fn apply_env(
+    doc: &mut toml::Table,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), RelayError> {
+    const SECTIONS: [&str; 5] = ["source", "kafka", "sink", "http", "log"];
+    for (k, v) in vars {
+        let Some(rest) = k.strip_prefix("SAIKI_") else {
+            continue;
+        };
+        let lower = rest.to_ascii_lowercase();
+        let Some(section) = SECTIONS
+            .iter()
+            .find(|s| lower.starts_with(&format!("{s}_")))
+        else {
+            return Err(RelayError::Config(format!(
+                "environment variable {k}: unknown section (expected SAIKI_SOURCE_…, SAIKI_KAFKA_…, SAIKI_SINK_…, SAIKI_HTTP_… or SAIKI_LOG_…)"
+            )));
+        };
+        let key = &lower[section.len() + 1..];
+        let value: toml::Value = format!("x = {v}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("x"))
+            .unwrap_or_else(|| toml::Value::String(v.clone()));
+        let sec = doc
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let sec = sec
+            .as_table_mut()
+            .ok_or_else(|| RelayError::Config(format!("[{section}] is not a table")))?;
+        if *section == "kafka" {
+            if let Some(prop) = key.strip_prefix("properties_") {
+                let props = sec
+                    .entry("properties")
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                if let Some(t) = props.as_table_mut() {
+                    t.insert(prop.replace('_', "."), toml::Value::String(v.clone()));
+                }
+                continue;
+            }
+        }
+        sec.insert(key.to_string(), value);
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Reads the file (if any), applies the environment, and checks the result.
+    pub fn load(
+        path: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, RelayError> {
+        let mut doc = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    RelayError::Config(format!("cannot read config file {}: {e}", p.display()))
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| RelayError::Config(format!("{}: {e}", p.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut doc, env)?;
+        let cfg: Config = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| RelayError::Config(format!("configuration: {e}")))?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_parses_and_names_every_key() {
+        let cfg: Config = toml::from_str(REFERENCE).expect("the reference is a valid config");
+        let s = cfg.source.unwrap();
+        assert_eq!(s.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(cfg.kafka.topic_template, "{prefix}.{schema}.{table}");
+        assert_eq!(
+            cfg.sink.unwrap().batch_linger,
+            Some(Duration::from_millis(50))
+        );
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut doc: toml::Table =
+            toml::from_str("[source]\nname = \"a\"\ndsn = \"host=x\"\n").unwrap();
+        apply_env(
+            &mut doc,
+            [
+                (
+                    "SAIKI_SOURCE_DSN".to_string(),
+                    "host=y dbname=z".to_string(),
+                ),
+                ("SAIKI_SOURCE_MAX_IN_FLIGHT".to_string(), "5".to_string()),
+                (
+                    "SAIKI_SOURCE_TABLES".to_string(),
+                    "[\"public.*\"]".to_string(),
+                ),
+                (
+                    "SAIKI_KAFKA_PROPERTIES_COMPRESSION_TYPE".to_string(),
+                    "lz4".to_string(),
+                ),
+                ("PATH".to_string(), "/bin".to_string()),
+            ],
+        )
+        .unwrap();
+        let cfg: Config = toml::Value::Table(doc).try_into().unwrap();
+        let s = cfg.source.unwrap();
+        assert_eq!(s.dsn, "host=y dbname=z");
+        assert_eq!(s.max_in_flight, 5);
+        assert_eq!(s.tables, vec!["public.*"]);
+        assert_eq!(cfg.kafka.properties["compression.type"], "lz4");
+    }
+
+    #[test]
+    fn unknown_keys_and_sections_are_errors() {
+        assert!(
+            toml::from_str::<Config>("[source]\nname=\"a\"\ndsn=\"x\"\nslto=\"typo\"\n").is_err()
+        );
+        let mut doc = toml::Table::new();
+        assert!(apply_env(&mut doc, [("SAIKI_SOURC_DSN".to_string(), "x".to_string())]).is_err());
+    }
+
+    #[test]
+    fn durations_need_units() {
+        assert_eq!(parse_duration("50ms").unwrap(), Duration::from_millis(50));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("ten s").is_err());
+    }
+}

@@ -1,0 +1,178 @@
+//! The Kafka side of the source relay: an idempotent producer (`enable.idempotence`, acks=all,
+//! so per-partition order survives retries) and topic creation through the admin API, since
+//! many clusters, the local test broker among them, do not auto-create topics.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use crate::config::KafkaConfig;
+use crate::error::RelayError;
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Kafka {
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// Known topics and their partition counts.
+    topics: HashMap<String, i32>,
+    cfg: KafkaConfig,
+}
+
+/// One message to produce.
+pub struct Outgoing<'a> {
+    pub topic: &'a str,
+    pub partition: Option<i32>,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    pub headers: &'a [(&'static str, String)],
+}
+
+impl Kafka {
+    /// Builds the clients. Properties from `[kafka.properties]` are applied last, so they can
+    /// override the relay's defaults; an unknown property is a definite configuration error.
+    pub fn new(cfg: &KafkaConfig, max_in_flight: usize) -> Result<Kafka, RelayError> {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &cfg.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set(
+                "queue.buffering.max.messages",
+                (max_in_flight + 10_000).to_string(),
+            )
+            .set("queue.buffering.max.kbytes", "1048576")
+            .set("message.timeout.ms", "120000")
+            .set("client.id", "saiki-relay");
+        for (k, v) in &cfg.properties {
+            cc.set(k, v);
+        }
+        let producer: FutureProducer = cc
+            .create()
+            .map_err(|e| RelayError::KafkaConfig(format!("{e}: check [kafka.properties]")))?;
+        let admin: AdminClient<DefaultClientContext> = cc
+            .create()
+            .map_err(|e| RelayError::KafkaConfig(format!("{e}: check [kafka.properties]")))?;
+        Ok(Kafka {
+            producer,
+            admin,
+            topics: HashMap::new(),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Makes sure the topic exists (creating it with the configured partitions and
+    /// replication factor) and returns its partition count.
+    pub async fn ensure_topic(&mut self, topic: &str) -> Result<i32, RelayError> {
+        if let Some(n) = self.topics.get(topic) {
+            return Ok(*n);
+        }
+        if let Some(n) = self.partitions(topic).await? {
+            self.topics.insert(topic.to_string(), n);
+            return Ok(n);
+        }
+        let new = NewTopic::new(
+            topic,
+            self.cfg.partitions,
+            TopicReplication::Fixed(self.cfg.replication_factor),
+        );
+        let opts = AdminOptions::new().operation_timeout(Some(Timeout::After(METADATA_TIMEOUT)));
+        let results = self
+            .admin
+            .create_topics([&new], &opts)
+            .await
+            .map_err(|e| RelayError::Kafka(format!("create topic {topic}: {e}")))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    let msg = format!("create topic {name}: {code}");
+                    return Err(match code {
+                        RDKafkaErrorCode::TopicAuthorizationFailed
+                        | RDKafkaErrorCode::InvalidReplicationFactor
+                        | RDKafkaErrorCode::InvalidPartitions
+                        | RDKafkaErrorCode::InvalidTopic => RelayError::KafkaConfig(format!(
+                            "{msg}: check [kafka] partitions, replication_factor and ACLs"
+                        )),
+                        _ => RelayError::Kafka(msg),
+                    });
+                }
+            }
+        }
+        // Metadata can lag the creation by a moment.
+        for _ in 0..50 {
+            if let Some(n) = self.partitions(topic).await? {
+                self.topics.insert(topic.to_string(), n);
+                return Ok(n);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(RelayError::Kafka(format!(
+            "topic {topic} was created but does not appear in the metadata"
+        )))
+    }
+
+    async fn partitions(&self, topic: &str) -> Result<Option<i32>, RelayError> {
+        let p = self.producer.clone();
+        let t = topic.to_string();
+        let md = tokio::task::spawn_blocking(move || {
+            p.client().fetch_metadata(Some(&t), METADATA_TIMEOUT)
+        })
+        .await
+        .map_err(|e| RelayError::Kafka(format!("metadata task: {e}")))?
+        .map_err(|e| RelayError::Kafka(format!("metadata for {topic}: {e}")))?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len() as i32))
+    }
+
+    /// Hands one message to the producer; the future resolves when Kafka acknowledged it or
+    /// gave up. A full local queue is waited out (backpressure), never dropped.
+    pub async fn send(&self, m: &Outgoing<'_>) -> Result<DeliveryFuture, RelayError> {
+        let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
+        for (k, v) in m.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        loop {
+            let mut rec: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(m.topic).headers(headers.clone());
+            if let Some(p) = m.partition {
+                rec = rec.partition(p);
+            }
+            if let Some(k) = m.key {
+                rec = rec.key(k);
+            }
+            if let Some(p) = m.payload {
+                rec = rec.payload(p);
+            }
+            match self.producer.send_result(rec) {
+                Ok(f) => return Ok(f),
+                Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    return Err(RelayError::Kafka(format!("produce to {}: {e}", m.topic)))
+                }
+            }
+        }
+    }
+
+    /// Waits until everything handed over is delivered or failed (at most `timeout`).
+    pub fn flush(&self, timeout: Duration) -> Result<(), RelayError> {
+        self.producer
+            .flush(Timeout::After(timeout))
+            .map_err(|e| RelayError::Kafka(format!("flush: {e}")))
+    }
+}

@@ -1,0 +1,18 @@
+//! Saiki's relay as a library, so that the binary and the tests share it.
+//!
+//! - [`source`]: slot → Kafka, with the ack discipline of [`ack`].
+//! - [`wire`], [`pg`]: the replication protocol client (pure codec, async connection).
+//! - [`route`]: topics, keys, values, headers.
+//! - [`config`], [`dsn`], [`error`], [`metrics`], [`http`]: operations.
+
+pub mod ack;
+pub mod config;
+pub mod dsn;
+pub mod error;
+pub mod http;
+pub mod kafka;
+pub mod metrics;
+pub mod pg;
+pub mod route;
+pub mod source;
+pub mod wire;

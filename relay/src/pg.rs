@@ -1,0 +1,253 @@
+//! An async PostgreSQL connection on the wire codec of [`crate::wire`]: startup, password /
+//! MD5 / SCRAM-SHA-256 authentication (the SCRAM math from `postgres-protocol`), simple
+//! queries, and the switch into the replication stream. Used twice by the source relay: a
+//! `replication=database` connection for the slot, and a plain one for heartbeats.
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use crate::dsn::Dsn;
+use crate::error::RelayError;
+use crate::wire::{self, Auth, Backend};
+
+pub struct PgConn {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    target: String,
+}
+
+/// Rows of a simple query, as text.
+pub type Rows = Vec<Vec<Option<String>>>;
+
+impl PgConn {
+    /// Connects and authenticates. `replication` adds `replication=database`; `options` is
+    /// the startup `options` parameter (`-c name=value …`).
+    pub async fn connect(
+        dsn: &Dsn,
+        replication: bool,
+        options: &str,
+    ) -> Result<PgConn, RelayError> {
+        let target = dsn.to_string();
+        let stream = TcpStream::connect((dsn.host.as_str(), dsn.port))
+            .await
+            .map_err(|source| RelayError::Connect {
+                target: target.clone(),
+                source,
+            })?;
+        stream.set_nodelay(true).ok();
+        let mut c = PgConn {
+            stream,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            wbuf: BytesMut::with_capacity(1024),
+            target,
+        };
+        let mut params = vec![
+            ("user", dsn.user.as_str()),
+            ("database", dsn.dbname.as_str()),
+            ("application_name", dsn.application_name.as_str()),
+            ("client_encoding", "UTF8"),
+        ];
+        if replication {
+            params.push(("replication", "database"));
+        }
+        if !options.is_empty() {
+            params.push(("options", options));
+        }
+        wire::startup(&mut c.wbuf, &params);
+        c.flush().await?;
+        c.authenticate(dsn).await?;
+        loop {
+            match c.read().await? {
+                Backend::ReadyForQuery => return Ok(c),
+                Backend::Error(e) => return Err(c.server(e)),
+                _ => {}
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, dsn: &Dsn) -> Result<(), RelayError> {
+        let target = self.target.clone();
+        let password = || {
+            dsn.password.clone().ok_or_else(|| {
+                RelayError::Auth(format!(
+                    "{target} asks for a password and none is configured: put it in the DSN or PGPASSWORD"
+                ))
+            })
+        };
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            match self.read().await? {
+                Backend::Authentication(Auth::Ok) => return Ok(()),
+                Backend::Authentication(Auth::Cleartext) => {
+                    let pw = password()?;
+                    wire::password(&mut self.wbuf, pw.as_bytes());
+                    self.flush().await?;
+                }
+                Backend::Authentication(Auth::Md5 { salt }) => {
+                    let pw = password()?;
+                    let hash = md5_hash(dsn.user.as_bytes(), pw.as_bytes(), salt);
+                    wire::password(&mut self.wbuf, hash.as_bytes());
+                    self.flush().await?;
+                }
+                Backend::Authentication(Auth::Sasl { mechanisms }) => {
+                    if !mechanisms.iter().any(|m| m == sasl::SCRAM_SHA_256) {
+                        return Err(RelayError::Auth(format!(
+                            "server offers only {mechanisms:?}; saiki-relay speaks SCRAM-SHA-256"
+                        )));
+                    }
+                    let pw = password()?;
+                    let s =
+                        sasl::ScramSha256::new(pw.as_bytes(), sasl::ChannelBinding::unsupported());
+                    wire::sasl_initial_response(&mut self.wbuf, sasl::SCRAM_SHA_256, s.message());
+                    scram = Some(s);
+                    self.flush().await?;
+                }
+                Backend::Authentication(Auth::SaslContinue(data)) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| RelayError::Auth("SASL continue without a start".into()))?;
+                    s.update(&data)
+                        .map_err(|e| RelayError::Auth(format!("SCRAM: {e}")))?;
+                    wire::sasl_response(&mut self.wbuf, s.message());
+                    self.flush().await?;
+                }
+                Backend::Authentication(Auth::SaslFinal(data)) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| RelayError::Auth("SASL final without a start".into()))?;
+                    s.finish(&data)
+                        .map_err(|e| RelayError::Auth(format!("SCRAM server signature: {e}")))?;
+                }
+                Backend::Authentication(Auth::Unsupported(code)) => {
+                    return Err(RelayError::Auth(format!("authentication method {code} is not supported (use scram-sha-256, md5, password or trust)")));
+                }
+                Backend::Error(e) => return Err(self.server(e)),
+                _ => {}
+            }
+        }
+    }
+
+    fn server(&self, error: wire::ServerError) -> RelayError {
+        RelayError::Server {
+            target: self.target.clone(),
+            error,
+        }
+    }
+
+    fn io(&self, source: std::io::Error) -> RelayError {
+        RelayError::Io {
+            target: self.target.clone(),
+            source,
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), RelayError> {
+        let r = self.stream.write_all(&self.wbuf).await;
+        self.wbuf.clear();
+        r.map_err(|e| self.io(e))
+    }
+
+    async fn read(&mut self) -> Result<Backend, RelayError> {
+        loop {
+            if let Some(m) = wire::parse_backend(&mut self.rbuf)? {
+                return Ok(m);
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|e| self.io(e))?;
+            if n == 0 {
+                return Err(self.io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "server closed the connection",
+                )));
+            }
+        }
+    }
+
+    /// Runs a simple query and returns its rows (of the last statement) as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Rows, RelayError> {
+        wire::query(&mut self.wbuf, sql);
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut err = None;
+        loop {
+            match self.read().await? {
+                Backend::DataRow(r) => rows.push(r),
+                Backend::RowDescription(_) => rows.clear(),
+                Backend::Error(e) => err = Some(e),
+                Backend::ReadyForQuery => break,
+                _ => {}
+            }
+        }
+        match err {
+            Some(e) => Err(self.server(e)),
+            None => Ok(rows),
+        }
+    }
+
+    /// Sends START_REPLICATION and waits for the server to switch to the copy stream.
+    /// Returns the halves to read and write the stream with, and bytes already read.
+    pub async fn start_replication(
+        mut self,
+        command: &str,
+    ) -> Result<ReplicationStream, RelayError> {
+        wire::query(&mut self.wbuf, command);
+        self.flush().await?;
+        loop {
+            match self.read().await? {
+                Backend::CopyBothResponse => break,
+                Backend::Error(e) => {
+                    // Drain to ReadyForQuery is not needed: the connection is dropped.
+                    return Err(self.server(e));
+                }
+                _ => {}
+            }
+        }
+        let (r, w) = self.stream.into_split();
+        Ok(ReplicationStream {
+            read: r,
+            write: w,
+            rbuf: self.rbuf,
+            wbuf: self.wbuf,
+            target: self.target,
+        })
+    }
+
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+}
+
+/// The copy-both stream after START_REPLICATION: read and write sides used concurrently.
+pub struct ReplicationStream {
+    pub read: OwnedReadHalf,
+    pub write: OwnedWriteHalf,
+    pub rbuf: BytesMut,
+    pub wbuf: BytesMut,
+    pub target: String,
+}
+
+impl ReplicationStream {
+    pub fn io(&self, source: std::io::Error) -> RelayError {
+        RelayError::Io {
+            target: self.target.clone(),
+            source,
+        }
+    }
+
+    /// Writes what `wbuf` holds.
+    pub async fn flush(&mut self) -> Result<(), RelayError> {
+        let r = self.write.write_all(&self.wbuf).await;
+        self.wbuf.clear();
+        r.map_err(|e| RelayError::Io {
+            target: self.target.clone(),
+            source: e,
+        })
+    }
+}

@@ -1,0 +1,228 @@
+//! Shared by the relay's integration tests: running the relay binary and reading topics.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use saiki_tests::{Broker, PgCluster};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_saiki-relay");
+
+pub struct Msg {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+impl Msg {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.payload.as_deref().expect("a value")).expect("JSON value")
+    }
+}
+
+/// A relay process with its config file and log.
+pub struct Relay {
+    pub child: Child,
+    pub http_port: u16,
+    pub log: PathBuf,
+    pub config: PathBuf,
+}
+
+pub fn relay_config(
+    pg: &PgCluster,
+    db: &str,
+    broker: &Broker,
+    http_port: u16,
+    extra_source: &str,
+) -> String {
+    format!(
+        r#"[source]
+name = "shard1"
+dsn = "host=127.0.0.1 port={} user=postgres dbname={db}"
+slot = "saiki_test"
+heartbeat_interval = "1s"
+status_interval = "200ms"
+reconnect_backoff_max = "1s"
+shutdown_grace = "20s"
+{extra_source}
+
+[kafka]
+brokers = "{}"
+topic_prefix = "saiki"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+"#,
+        pg.port,
+        broker.addr()
+    )
+}
+
+impl Relay {
+    pub fn start(dir: &std::path::Path, config: &str, http_port: u16) -> Relay {
+        let cfg = dir.join(format!("relay-{http_port}.toml"));
+        std::fs::write(&cfg, config).unwrap();
+        let log = dir.join(format!("relay-{http_port}.log"));
+        let child = Command::new(BIN)
+            .args(["--config", cfg.to_str().unwrap(), "source"])
+            .env("RUST_LOG", "saiki_relay=debug,info")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .expect("start saiki-relay");
+        Relay {
+            child,
+            http_port,
+            log,
+            config: cfg,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn http_get(&self, path: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and the exit status within `within`.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not exit within {within:?} of SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the slot's confirmed_flush_lsn reaches `lsn` (text), or panics with the log.
+pub fn wait_confirmed(
+    db: &mut saiki_tests::postgres::Client,
+    slot: &str,
+    lsn: &str,
+    within: Duration,
+    relay: &Relay,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let done: Option<bool> = db
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot, &lsn],
+            )
+            .ok()
+            .and_then(|r| r.get(0));
+        if done == Some(true) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot {slot} not confirmed to {lsn} within {within:?}; relay log:\n{}",
+            relay.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Reads every message of `topics` from the beginning until `count` messages arrived or
+/// nothing new came for `quiet`.
+pub fn consume(brokers: &str, topics: &[&str], count: usize, quiet: Duration) -> Vec<Msg> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("saiki-test-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        let md = consumer
+            .fetch_metadata(Some(t), Duration::from_secs(10))
+            .expect("metadata");
+        for mt in md.topics() {
+            for p in mt.partitions() {
+                tpl.add_partition_offset(t, p.id(), Offset::Beginning)
+                    .unwrap();
+            }
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while out.len() < count && last.elapsed() < quiet {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| {
+                                (
+                                    x.key.to_string(),
+                                    String::from_utf8_lossy(x.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Msg {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| k.to_vec()),
+                    payload: m.payload().map(|p| p.to_vec()),
+                    headers,
+                });
+                last = Instant::now();
+            }
+            Some(Err(e)) => panic!("consume: {e}"),
+            None => {}
+        }
+    }
+    out
+}

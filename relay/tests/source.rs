@@ -1,0 +1,179 @@
+//! `saiki-relay source` against real PostgreSQL and a real Kafka-protocol broker (tansu).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::*;
+use saiki_core::record::{Action, Record};
+use saiki_tests::{current_wal_lsn, exec, loopback_port, Broker, PgCluster};
+
+#[test]
+fn all_changes_arrive_in_their_topics_keyed_in_order_with_headers() {
+    let pg = PgCluster::start(&[]);
+    let broker = Broker::start();
+    let mut db = pg.create_db("shop");
+    exec(
+        &mut db,
+        &[
+            "CREATE TABLE orders (id int PRIMARY KEY, article text, qty int, price numeric(10,2))",
+            "CREATE TABLE items (order_id int, line int, sku text, PRIMARY KEY (order_id, line))",
+        ],
+    );
+    let port = loopback_port();
+    let mut relay = Relay::start(&pg.dir, &relay_config(&pg, "shop", &broker, port, ""), port);
+    // The relay creates the slot; wait for it before writing, so nothing predates it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while db
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'saiki_test' AND active",
+            &[],
+        )
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot not active:\n{}",
+            relay.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    exec(
+        &mut db,
+        &[
+            "INSERT INTO orders SELECT g, 'article ' || g, g % 5, g * 1.5 FROM generate_series(1, 100) g",
+            "INSERT INTO items SELECT g % 100 + 1, g, 'sku' || g FROM generate_series(1, 300) g",
+            "UPDATE orders SET qty = qty + 1 WHERE id <= 50",
+            "UPDATE orders SET qty = qty + 1 WHERE id <= 10",
+            "DELETE FROM orders WHERE id > 90",
+            "SELECT pg_logical_emit_message(true, 'app.event', 'hello')",
+            "TRUNCATE items",
+            // One big transaction: 200,000 rows.
+            "INSERT INTO orders SELECT g, 'bulk', 1, 1 FROM generate_series(1000, 200999) g",
+        ],
+    );
+    let end = current_wal_lsn(&mut db);
+    wait_confirmed(
+        &mut db,
+        "saiki_test",
+        &end,
+        Duration::from_secs(300),
+        &relay,
+    );
+
+    let metrics = relay.http_get("/metrics").expect("metrics endpoint");
+    assert!(
+        metrics.contains("saiki_source_lag_bytes{source=\"shard1\"}"),
+        "{metrics}"
+    );
+    assert!(relay
+        .http_get("/ready")
+        .unwrap()
+        .starts_with("HTTP/1.0 200"));
+
+    let orders = consume(
+        &broker.addr(),
+        &["saiki.public.orders"],
+        100 + 60 + 10 + 200_000,
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        orders.len(),
+        100 + 60 + 10 + 200_000,
+        "every orders change exactly once"
+    );
+    // Keyed by the primary key; per key, changes in order (seq within lsn order).
+    let mut last: HashMap<Vec<u8>, (saiki_core::Lsn, u64)> = HashMap::new();
+    for m in &orders {
+        let rec: Record =
+            serde_json::from_slice(m.payload.as_deref().unwrap()).expect("a change record");
+        assert_eq!(rec.source.as_deref(), Some("shard1"));
+        let key = m.key.clone().expect("keyed");
+        let k: serde_json::Value = serde_json::from_slice(&key).unwrap();
+        assert!(k.get("id").is_some(), "{k}");
+        let pos = (rec.commit_lsn.unwrap(), rec.seq.unwrap());
+        if let Some(prev) = last.insert(key, pos) {
+            assert!(prev < pos, "per-key order broken: {prev:?} then {pos:?}");
+        }
+        assert_eq!(
+            m.headers.get("saiki.source").map(String::as_str),
+            Some("shard1")
+        );
+        assert_eq!(
+            m.headers.get("saiki.commit_lsn"),
+            Some(&rec.commit_lsn.unwrap().to_string())
+        );
+        assert_eq!(m.headers.get("saiki.lsn"), Some(&rec.lsn.to_string()));
+        assert_eq!(m.headers.get("saiki.xid"), Some(&rec.xid.to_string()));
+    }
+    let deletes = orders.iter().filter(|m| m.json()["action"] == "D").count();
+    assert_eq!(deletes, 10);
+
+    let items = consume(
+        &broker.addr(),
+        &["saiki.public.items"],
+        301,
+        Duration::from_secs(10),
+    );
+    assert_eq!(items.len(), 301, "300 inserts and one truncate");
+    let truncate = items.last().unwrap().json();
+    assert_eq!(truncate["action"], "T");
+    let k: serde_json::Value = serde_json::from_slice(items[0].key.as_deref().unwrap()).unwrap();
+    assert_eq!(k, serde_json::json!({"order_id": 2, "line": 1}));
+
+    let tx = consume(
+        &broker.addr(),
+        &["saiki.transactions"],
+        1000,
+        Duration::from_secs(5),
+    );
+    let commits: Vec<serde_json::Value> = tx
+        .iter()
+        .map(|m| m.json())
+        .filter(|v| v["action"] == "C")
+        .collect();
+    let begins = tx.iter().filter(|m| m.json()["action"] == "B").count();
+    assert_eq!(begins, commits.len());
+    assert!(
+        commits
+            .iter()
+            .any(|c| c["changes"]["public.orders"] == 200_000),
+        "per-table counts on C"
+    );
+    let messages = consume(
+        &broker.addr(),
+        &["saiki.messages"],
+        1,
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        messages.len(),
+        1,
+        "app messages are produced; heartbeats are not"
+    );
+    assert_eq!(messages[0].json()["prefix"], "app.event");
+
+    // Records decode with the shared types; every action is one the plugin documents.
+    let actions: HashSet<Action> = orders
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<Record>(m.payload.as_deref().unwrap())
+                .unwrap()
+                .action
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        HashSet::from([Action::Insert, Action::Update, Action::Delete])
+    );
+
+    let status = relay.terminate(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "SIGTERM exits 0: {status:?}\n{}",
+        relay.log_text()
+    );
+    assert!(relay.log_text().contains("drained and confirmed"));
+}
