@@ -252,11 +252,16 @@ mod opt_duration {
 /// read as TOML if it parses as a TOML value (`true`, `10`, `["a", "b"]`), as a string
 /// otherwise. `SAIKI_KAFKA_PROPERTIES_<NAME>` sets librdkafka property `<name>` with `_`
 /// read as `.` (`SAIKI_KAFKA_PROPERTIES_COMPRESSION_TYPE=lz4`).
+///
+/// Returns warnings for `SAIKI_*` variables of no known section (left alone: other tools may
+/// use the prefix; a mistyped section shows up in the warning). An unknown *key* of a known
+/// section is an error, like an unknown key in the file.
 pub fn apply_env(
     doc: &mut toml::Table,
     vars: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), RelayError> {
+) -> Result<Vec<String>, RelayError> {
     const SECTIONS: [&str; 5] = ["source", "kafka", "sink", "http", "log"];
+    let mut warnings = Vec::new();
     for (k, v) in vars {
         let Some(rest) = k.strip_prefix("SAIKI_") else {
             continue;
@@ -266,9 +271,10 @@ pub fn apply_env(
             .iter()
             .find(|s| lower.starts_with(&format!("{s}_")))
         else {
-            return Err(RelayError::Config(format!(
-                "environment variable {k}: unknown section (expected SAIKI_SOURCE_…, SAIKI_KAFKA_…, SAIKI_SINK_…, SAIKI_HTTP_… or SAIKI_LOG_…)"
-            )));
+            warnings.push(format!(
+                "ignoring environment variable {k}: not SAIKI_SOURCE_…, SAIKI_KAFKA_…, SAIKI_SINK_…, SAIKI_HTTP_… or SAIKI_LOG_…"
+            ));
+            continue;
         };
         let key = &lower[section.len() + 1..];
         let value: toml::Value = format!("x = {v}")
@@ -295,7 +301,7 @@ pub fn apply_env(
         }
         sec.insert(key.to_string(), value);
     }
-    Ok(())
+    Ok(warnings)
 }
 
 impl Config {
@@ -314,7 +320,9 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        apply_env(&mut doc, env)?;
+        for w in apply_env(&mut doc, env)? {
+            eprintln!("saiki-relay: {w}");
+        }
         let cfg: Config = toml::Value::Table(doc)
             .try_into()
             .map_err(|e: toml::de::Error| RelayError::Config(format!("configuration: {e}")))?;
@@ -371,12 +379,24 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_and_sections_are_errors() {
+    fn unknown_keys_are_errors_and_unknown_sections_warnings() {
         assert!(
             toml::from_str::<Config>("[source]\nname=\"a\"\ndsn=\"x\"\nslto=\"typo\"\n").is_err()
         );
         let mut doc = toml::Table::new();
-        assert!(apply_env(&mut doc, [("SAIKI_SOURC_DSN".to_string(), "x".to_string())]).is_err());
+        let w = apply_env(&mut doc, [("SAIKI_SOURC_DSN".to_string(), "x".to_string())]).unwrap();
+        assert!(w[0].contains("SAIKI_SOURC_DSN"), "{w:?}");
+        assert!(doc.is_empty());
+        let mut doc = toml::Table::new();
+        apply_env(
+            &mut doc,
+            [("SAIKI_SOURCE_SLTO".to_string(), "x".to_string())],
+        )
+        .unwrap();
+        assert!(
+            toml::Value::Table(doc).try_into::<Config>().is_err(),
+            "unknown key of a known section"
+        );
     }
 
     #[test]

@@ -23,7 +23,10 @@ pub enum RelayError {
         source: std::io::Error,
     },
     #[error("PostgreSQL {target}: {error}")]
-    Server { target: String, error: ServerError },
+    Server {
+        target: String,
+        error: Box<ServerError>,
+    },
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
     #[error("replication slot \"{slot}\" uses plugin {plugin}, not saiki: give saiki-relay its own slot (source.slot), or drop that slot if it is unused")]
@@ -89,10 +92,10 @@ mod tests {
     fn server(code: &str) -> RelayError {
         RelayError::Server {
             target: "t".into(),
-            error: ServerError {
+            error: Box::new(ServerError {
                 code: code.into(),
                 ..Default::default()
-            },
+            }),
         }
     }
 

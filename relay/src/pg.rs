@@ -134,7 +134,7 @@ impl PgConn {
     fn server(&self, error: wire::ServerError) -> RelayError {
         RelayError::Server {
             target: self.target.clone(),
-            error,
+            error: Box::new(error),
         }
     }
 

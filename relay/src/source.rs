@@ -378,7 +378,7 @@ impl Session<'_> {
                 Backend::Error(e) => {
                     return Err(RelayError::Server {
                         target: stream.target.clone(),
-                        error: e,
+                        error: Box::new(e),
                     })
                 }
                 Backend::CopyDone => {

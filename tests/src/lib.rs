@@ -160,6 +160,18 @@ impl PgCluster {
         self.connect(name)
     }
 
+    /// Restarts the server (fast shutdown), logging to the cluster's log file, and waits
+    /// until it accepts connections again.
+    pub fn restart(&self) {
+        run(as_postgres(&format!("{PG_BIN}/pg_ctl"))
+            .args(["-D", self.data_dir().to_str().unwrap(), "-l"])
+            .arg(self.dir.join("log"))
+            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()));
+    }
+
     /// The server log so far, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
