@@ -77,6 +77,7 @@ def main():
         c.psql("CREATE DATABASE bench", db="postgres")
         c.psql("CREATE TABLE accounts (aid bigint PRIMARY KEY, bid int, abalance int, filler char(84))")
         c.psql("SELECT pg_create_logical_replication_slot('relay_slot', 'saiki')")
+        c.psql("SELECT pg_create_logical_replication_slot('relay_slot2', 'saiki')")
         c.psql("SELECT pg_create_logical_replication_slot('pipe_slot', 'wal2json')")
         step = 100_000
         for lo in range(1, args.rows + 1, step):
@@ -89,27 +90,31 @@ def main():
         n = args.rows
         print(f"backlog: {n} inserts (pgbench_accounts-like rows) in {len(range(1, n + 1, step))} transactions, end LSN {end}")
 
-        # 1. saiki-relay source: time until the slot is confirmed to the end (everything acked).
-        http = free_port()
-        cfg = os.path.join(c.dir, "relay.toml")
-        with open(cfg, "w") as f:
-            f.write(f'[source]\nname = "bench"\ndsn = "host=127.0.0.1 port={c.port} user=postgres dbname=bench"\n'
-                    f'slot = "relay_slot"\nstatus_interval = "100ms"\n[kafka]\nbrokers = "{brokers}"\ntopic_prefix = "relay"\n'
-                    f'[http]\nlisten = "127.0.0.1:{http}"\n[log]\nlevel = "warn"\n')
-        t0 = time.perf_counter()
-        rp = subprocess.Popen([RELAY, "--config", cfg, "source"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        w = ProcWatch(rp.pid)
-        while True:
-            done = c.psql(f"SELECT confirmed_flush_lsn >= '{end}' FROM pg_replication_slots WHERE slot_name = 'relay_slot'")
-            if done == "t":
-                break
-            if rp.poll() is not None:
-                sys.exit("saiki-relay exited early")
-            time.sleep(0.05)
-        relay_wall = time.perf_counter() - t0
-        relay_cpu, relay_rss = w.cpu, w.hwm
-        rp.terminate(); rp.wait(); w.stop()
-        print(f"relay: {relay_wall:.2f} s, {relay_cpu:.2f} CPU s, {relay_rss / 1024:.0f} MB peak RSS", flush=True)
+        # 1. saiki-relay source, with DESIGN's four headers and without (like the pipe's
+        #    messages): time until the slot is confirmed to the end (everything acknowledged).
+        relay_runs = []
+        for headers, slot in ((True, "relay_slot"), (False, "relay_slot2")):
+            http = free_port()
+            cfg = os.path.join(c.dir, f"relay-{slot}.toml")
+            with open(cfg, "w") as f:
+                f.write(f'[source]\nname = "bench"\ndsn = "host=127.0.0.1 port={c.port} user=postgres dbname=bench"\n'
+                        f'slot = "{slot}"\nstatus_interval = "100ms"\n[kafka]\nbrokers = "{brokers}"\n'
+                        f'topic_prefix = "relay{int(headers)}"\nheaders = {str(headers).lower()}\n'
+                        f'[http]\nlisten = "127.0.0.1:{http}"\n[log]\nlevel = "warn"\n')
+            t0 = time.perf_counter()
+            rp = subprocess.Popen([RELAY, "--config", cfg, "source"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            w = ProcWatch(rp.pid)
+            while True:
+                done = c.psql(f"SELECT confirmed_flush_lsn >= '{end}' FROM pg_replication_slots WHERE slot_name = '{slot}'")
+                if done == "t":
+                    break
+                if rp.poll() is not None:
+                    sys.exit("saiki-relay exited early")
+                time.sleep(0.05)
+            wall = time.perf_counter() - t0
+            relay_runs.append((headers, wall, w.cpu, w.hwm))
+            rp.terminate(); rp.wait(); w.stop()
+            print(f"relay (headers {'on' if headers else 'off'}): {wall:.2f} s, {w.cpu:.2f} CPU s, {w.hwm / 1024:.0f} MB peak RSS", flush=True)
 
         # 2. The pipe: pg_recvlogical -P wal2json | confluent-kafka producer, until both exit.
         t0 = time.perf_counter()
@@ -133,14 +138,16 @@ def main():
                              capture_output=True, text=True, check=True)
         ceiling = float(out.stdout.strip())
 
-        rows = [("saiki-relay source", n / relay_wall, relay_cpu, relay_rss),
-                ("pipe (wal2json | producer)", n / pipe_wall, pipe_cpu, pipe_rss)]
+        rows = [(f"saiki-relay, headers {'on' if h else 'off'}", n / wall, cpu, rss) for h, wall, cpu, rss in relay_runs]
+        rows.append(("pipe (wal2json | producer)", n / pipe_wall, pipe_cpu, pipe_rss))
         print(f"\n{'path':<28} {'changes/s':>10} {'of ceiling':>10} {'CPU s/M changes':>16} {'peak RSS MB':>12}")
         for name, rate, cpu, rss in rows:
             print(f"{name:<28} {rate:>10,.0f} {rate / ceiling:>9.0%} {cpu / n * 1e6:>16.2f} {rss / 1024:>12.1f}")
         print(f"{'bare producer (ceiling)':<28} {ceiling:>10,.0f} {1:>9.0%}")
-        print(f"relay/pipe: {rows[0][1] / rows[1][1]:.2f}x changes/s, {(relay_cpu / n) / (pipe_cpu / n):.2f}x CPU per change, "
-              f"{relay_rss / max(pipe_rss, 1):.2f}x peak RSS")
+        pipe = rows[-1]
+        for r in rows[:-1]:
+            print(f"{r[0]} / pipe: {r[1] / pipe[1]:.2f}x changes/s, {r[2] / pipe[2]:.2f}x CPU per change, "
+                  f"{r[3] / max(pipe[3], 1):.2f}x peak RSS")
     finally:
         broker.kill(); broker.wait(); shutil.rmtree(bdir, ignore_errors=True)
         c.stop()

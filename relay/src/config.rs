@@ -31,6 +31,7 @@ topic_prefix = "saiki"
 topic_template = "{prefix}.{schema}.{table}"   # also {source}
 partitions = 1                   # for topics the relay creates
 replication_factor = 1
+headers = true                   # saiki.source, saiki.lsn, saiki.commit_lsn, saiki.xid on every message
 [kafka.properties]               # passed to librdkafka as they are, e.g. "compression.type" = "lz4"
 
 [sink]                           # read by `saiki-relay sink` (issue #4)
@@ -105,6 +106,10 @@ pub struct KafkaConfig {
     pub partitions: i32,
     #[serde(default = "d_one")]
     pub replication_factor: i32,
+    /// The four headers of DESIGN.md §3 on every message (on by default; some brokers store
+    /// each header separately, at a cost per message).
+    #[serde(default = "d_true")]
+    pub headers: bool,
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
 }
@@ -117,6 +122,7 @@ impl Default for KafkaConfig {
             topic_template: d_template(),
             partitions: 1,
             replication_factor: 1,
+            headers: true,
             properties: BTreeMap::new(),
         }
     }
@@ -179,6 +185,9 @@ fn d_1s() -> Duration {
 }
 fn d_30s() -> Duration {
     Duration::from_secs(30)
+}
+fn d_true() -> bool {
+    true
 }
 fn d_never() -> String {
     "never".into()

@@ -399,7 +399,12 @@ impl Session<'_> {
             .commit_lsn
             .ok_or_else(|| RelayError::Record(format!("record without commit_lsn at {}: streamed transactions are not enabled by the relay", view.lsn)))?;
         let ticket = self.tracker.unit_for(commit_lsn);
-        let headers = route::headers(&self.rt.source.name, &view);
+        let all_headers = route::headers(&self.rt.source.name, &view);
+        let headers: &[(&'static str, String)] = if self.rt.kafka.headers {
+            &all_headers
+        } else {
+            &[]
+        };
         match view.action {
             Action::Begin => {
                 self.counts.clear();
@@ -411,7 +416,7 @@ impl Session<'_> {
                     None,
                     Some(&self.tx_key.clone()),
                     Some(&value),
-                    &headers,
+                    headers,
                 )
                 .await?;
             }
@@ -434,7 +439,7 @@ impl Session<'_> {
                     None,
                     Some(&self.tx_key.clone()),
                     Some(&value),
-                    &headers,
+                    headers,
                 )
                 .await?;
                 self.tracker.complete(ticket);
@@ -452,16 +457,16 @@ impl Session<'_> {
                 if view.action == Action::Truncate {
                     // A truncate concerns every row: every partition gets it, in order.
                     for p in 0..partitions {
-                        self.produce(ticket, &topic, Some(p), None, Some(&value), &headers)
+                        self.produce(ticket, &topic, Some(p), None, Some(&value), headers)
                             .await?;
                     }
                 } else {
                     let key = view.key_json();
                     let key = key.as_ref().map(|k| k.as_bytes());
-                    self.produce(ticket, &topic, None, key, Some(&value), &headers)
+                    self.produce(ticket, &topic, None, key, Some(&value), headers)
                         .await?;
                     if view.action == Action::Delete && self.rt.source.tombstones && key.is_some() {
-                        self.produce(ticket, &topic, None, key, None, &headers)
+                        self.produce(ticket, &topic, None, key, None, headers)
                             .await?;
                     }
                 }
@@ -476,7 +481,7 @@ impl Session<'_> {
                         None,
                         Some(&self.tx_key.clone()),
                         Some(&value),
-                        &headers,
+                        headers,
                     )
                     .await?;
                 }
