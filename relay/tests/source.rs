@@ -177,3 +177,47 @@ fn all_changes_arrive_in_their_topics_keyed_in_order_with_headers() {
     );
     assert!(relay.log_text().contains("drained and confirmed"));
 }
+
+#[test]
+fn headers_can_be_switched_off_without_changing_keys_or_values() {
+    let pg = PgCluster::start(&[]);
+    let broker = Broker::start();
+    let mut db = pg.create_db("shop");
+    exec(&mut db, &["CREATE TABLE t (id int PRIMARY KEY, v text)"]);
+    let port = loopback_port();
+    let cfg = relay_config(&pg, "shop", &broker, port, "").replace(
+        "topic_prefix = \"saiki\"",
+        "topic_prefix = \"saiki\"\nheaders = false",
+    );
+    let relay = Relay::start(&pg.dir, &cfg, port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while db
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'saiki_test' AND active",
+            &[],
+        )
+        .unwrap()
+        .is_none()
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", relay.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    exec(
+        &mut db,
+        &["INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c')"],
+    );
+    let end = current_wal_lsn(&mut db);
+    wait_confirmed(&mut db, "saiki_test", &end, Duration::from_secs(60), &relay);
+    let msgs = consume(
+        &broker.addr(),
+        &["saiki.public.t"],
+        3,
+        Duration::from_secs(10),
+    );
+    assert_eq!(msgs.len(), 3);
+    for m in &msgs {
+        assert!(m.headers.is_empty(), "{:?}", m.headers);
+        assert!(m.key.is_some());
+        assert_eq!(m.json()["source"], "shard1");
+    }
+}
