@@ -410,15 +410,8 @@ impl Session<'_> {
                 self.counts.clear();
                 let topic = self.topics.transactions_topic();
                 let value = route::value_with_source(bytes, &self.source_json);
-                self.produce(
-                    ticket,
-                    &topic,
-                    None,
-                    Some(&self.tx_key.clone()),
-                    Some(&value),
-                    headers,
-                )
-                .await?;
+                self.produce_by_source(ticket, &topic, &value, headers)
+                    .await?;
             }
             Action::Commit => {
                 let topic = self.topics.transactions_topic();
@@ -433,15 +426,8 @@ impl Session<'_> {
                 }
                 members.push(b'}');
                 let value = route::value_with_members(bytes, &members, &self.source_json);
-                self.produce(
-                    ticket,
-                    &topic,
-                    None,
-                    Some(&self.tx_key.clone()),
-                    Some(&value),
-                    headers,
-                )
-                .await?;
+                self.produce_by_source(ticket, &topic, &value, headers)
+                    .await?;
                 self.tracker.complete(ticket);
             }
             Action::Insert | Action::Update | Action::Delete | Action::Truncate => {
@@ -475,15 +461,8 @@ impl Session<'_> {
                 if view.prefix.as_deref() != Some(HEARTBEAT_PREFIX) {
                     let topic = self.topics.messages_topic();
                     let value = route::value_with_source(bytes, &self.source_json);
-                    self.produce(
-                        ticket,
-                        &topic,
-                        None,
-                        Some(&self.tx_key.clone()),
-                        Some(&value),
-                        headers,
-                    )
-                    .await?;
+                    self.produce_by_source(ticket, &topic, &value, headers)
+                        .await?;
                 }
                 if view.transactional != Some(true) {
                     self.tracker.complete(ticket);
@@ -497,6 +476,20 @@ impl Session<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Produces a record keyed by source (`{"source": name}`): B, C and messages, so that one
+    /// source's transaction records stay in order in one partition.
+    async fn produce_by_source(
+        &mut self,
+        ticket: Ticket,
+        topic: &str,
+        value: &[u8],
+        headers: &[(&'static str, String)],
+    ) -> Result<(), RelayError> {
+        let key = self.tx_key.clone();
+        self.produce(ticket, topic, None, Some(&key), Some(value), headers)
+            .await
     }
 
     async fn produce(

@@ -226,3 +226,23 @@ pub fn consume(brokers: &str, topics: &[&str], count: usize, quiet: Duration) ->
     }
     out
 }
+
+/// Waits until the relay holds its slot (`saiki_test`) active.
+pub fn wait_slot_active(db: &mut saiki_tests::postgres::Client, relay: &Relay) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'saiki_test' AND active",
+            &[],
+        )
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "relay never streamed:\n{}",
+            relay.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

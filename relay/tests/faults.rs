@@ -94,25 +94,6 @@ fn setup(pg: &PgCluster) -> postgres::Client {
     db
 }
 
-fn wait_slot_active(db: &mut postgres::Client, relay: &Relay) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while db
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'saiki_test' AND active",
-            &[],
-        )
-        .unwrap()
-        .is_none()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "relay never streamed:\n{}",
-            relay.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn confirmed(db: &mut postgres::Client) -> Lsn {
     let s: String = db
         .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'saiki_test'", &[])

@@ -24,22 +24,7 @@ fn all_changes_arrive_in_their_topics_keyed_in_order_with_headers() {
     let port = loopback_port();
     let mut relay = Relay::start(&pg.dir, &relay_config(&pg, "shop", &broker, port, ""), port);
     // The relay creates the slot; wait for it before writing, so nothing predates it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while db
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'saiki_test' AND active",
-            &[],
-        )
-        .unwrap()
-        .is_none()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "slot not active:\n{}",
-            relay.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_slot_active(&mut db, &relay);
     exec(
         &mut db,
         &[
@@ -190,18 +175,7 @@ fn headers_can_be_switched_off_without_changing_keys_or_values() {
         "topic_prefix = \"saiki\"\nheaders = false",
     );
     let relay = Relay::start(&pg.dir, &cfg, port);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while db
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'saiki_test' AND active",
-            &[],
-        )
-        .unwrap()
-        .is_none()
-    {
-        assert!(std::time::Instant::now() < deadline, "{}", relay.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_slot_active(&mut db, &relay);
     exec(
         &mut db,
         &["INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c')"],
