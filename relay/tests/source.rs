@@ -195,3 +195,99 @@ fn headers_can_be_switched_off_without_changing_keys_or_values() {
         assert_eq!(m.json()["source"], "shard1");
     }
 }
+
+fn status_json(pg: &PgCluster) -> serde_json::Value {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "status",
+            "--json",
+            "--dsn",
+            &format!("host=127.0.0.1 port={} user=postgres dbname=shop", pg.port),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+}
+
+fn slot_lag(status: &serde_json::Value) -> i64 {
+    status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["slot"] == "saiki_test")
+        .and_then(|s| s["lag_bytes"].as_str())
+        .and_then(|l| l.parse().ok())
+        .expect("saiki_test in the status")
+}
+
+#[test]
+fn status_shows_the_slot_lag_growing_while_the_relay_is_stopped_and_shrinking_after() {
+    let pg = PgCluster::start(&[]);
+    let broker = Broker::start();
+    let mut db = pg.create_db("shop");
+    exec(
+        &mut db,
+        &[
+            "CREATE EXTENSION saiki",
+            "CREATE TABLE t (id int PRIMARY KEY, pad text)",
+        ],
+    );
+    let port = loopback_port();
+    let cfg = relay_config(&pg, "shop", &broker, port, "");
+    let mut relay = Relay::start(&pg.dir, &cfg, port);
+    wait_slot_active(&mut db, &relay);
+    assert!(relay.terminate(Duration::from_secs(30)).success());
+    exec(
+        &mut db,
+        &["INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g"],
+    );
+    let stopped = status_json(&pg);
+    let lag_stopped = slot_lag(&stopped);
+    assert!(
+        lag_stopped > 1_000_000,
+        "lag grows while the relay is stopped: {stopped}"
+    );
+    let slot = stopped
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["slot"] == "saiki_test")
+        .unwrap();
+    assert_eq!(slot["active"], "f");
+    assert_eq!(slot["plugin"], "saiki");
+
+    // The table form, for a terminal.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "status",
+            "--dsn",
+            &format!("host=127.0.0.1 port={} user=postgres dbname=shop", pg.port),
+        ])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.lines().next().unwrap().starts_with("slot") && table.contains("saiki_test"),
+        "{table}"
+    );
+
+    let relay = Relay::start(&pg.dir, &cfg, port);
+    let end = current_wal_lsn(&mut db);
+    wait_confirmed(
+        &mut db,
+        "saiki_test",
+        &end,
+        Duration::from_secs(120),
+        &relay,
+    );
+    let lag_after = slot_lag(&status_json(&pg));
+    assert!(
+        lag_after < lag_stopped / 10,
+        "lag shrinks once the relay runs: {lag_stopped} then {lag_after}"
+    );
+}
