@@ -1,26 +1,15 @@
 """The broker's ceiling: N messages of SIZE bytes produced as fast as the client allows."""
-import sys, time
-from confluent_kafka import Producer
+import sys
+import time
+
+from kafka_client import make_producer, produce
 
 brokers, topic, n, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-p = Producer({"bootstrap.servers": brokers, "enable.idempotence": True, "linger.ms": 5,
-              "batch.num.messages": 1000, "queue.buffering.max.messages": 200000})
-errors = [0]
-
-
-def on_delivery(err, _msg):
-    if err is not None:
-        errors[0] += 1
-
+p, on_delivery, errors = make_producer(brokers)
 msg = b"x" * size
 t = time.perf_counter()
 for i in range(n):
-    while True:
-        try:
-            p.produce(topic, msg, on_delivery=on_delivery)
-            break
-        except BufferError:
-            p.poll(0.01)
+    produce(p, topic, msg, on_delivery)
     if i % 1000 == 0:
         p.poll(0)
 p.flush(120)

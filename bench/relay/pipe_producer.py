@@ -2,29 +2,17 @@
 confluent-kafka (current librdkafka), idempotent and batching. It confirms nothing safely:
 pg_recvlogical acknowledges the slot as soon as it wrote to the pipe."""
 import sys
-from confluent_kafka import Producer
+
+from kafka_client import make_producer, produce
 
 brokers, topic = sys.argv[1], sys.argv[2]
-p = Producer({"bootstrap.servers": brokers, "enable.idempotence": True, "linger.ms": 5,
-              "batch.num.messages": 1000, "queue.buffering.max.messages": 200000})
-errors = [0]
-
-
-def on_delivery(err, _msg):
-    if err is not None:
-        errors[0] += 1
-
+p, on_delivery, errors = make_producer(brokers)
 n = 0
 for line in sys.stdin.buffer:
     line = line.rstrip(b"\n")
     if not line:
         continue
-    while True:
-        try:
-            p.produce(topic, line, on_delivery=on_delivery)
-            break
-        except BufferError:
-            p.poll(0.01)
+    produce(p, topic, line, on_delivery)
     n += 1
     if n % 1000 == 0:
         p.poll(0)

@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use saiki_core::json::write_str;
+use saiki_core::encode::ObjectWriter;
 use saiki_core::record::Action;
 use saiki_core::Lsn;
 use serde::Deserialize;
@@ -73,20 +73,16 @@ impl<'a> RecordView<'a> {
             parse(self.identity)
         };
         let mut out = Vec::with_capacity(64);
-        out.push(b'{');
-        for (i, name) in names.iter().enumerate() {
+        let mut obj = ObjectWriter::open(&mut out);
+        for name in names {
             let v = primary
                 .as_ref()
                 .and_then(|m| m.get(name.as_ref()))
                 .or_else(|| fallback.as_ref().and_then(|m| m.get(name.as_ref())))?;
-            if i > 0 {
-                out.push(b',');
-            }
-            write_str(&mut out, name.as_bytes());
-            out.push(b':');
+            obj.field_str(&mut out, name.as_bytes());
             out.extend_from_slice(v.get().as_bytes());
         }
-        out.push(b'}');
+        obj.close(&mut out);
         String::from_utf8(out).ok()
     }
 }
@@ -114,6 +110,8 @@ pub struct TopicTemplate {
     template: String,
     prefix: String,
     source: String,
+    transactions: std::sync::Arc<str>,
+    messages: std::sync::Arc<str>,
 }
 
 impl TopicTemplate {
@@ -122,6 +120,8 @@ impl TopicTemplate {
             template: template.to_string(),
             prefix: prefix.to_string(),
             source: source.to_string(),
+            transactions: sanitize_topic(&format!("{prefix}.transactions")).into(),
+            messages: sanitize_topic(&format!("{prefix}.messages")).into(),
         }
     }
 
@@ -138,13 +138,13 @@ impl TopicTemplate {
     }
 
     /// `{prefix}.transactions`: B and C records.
-    pub fn transactions_topic(&self) -> String {
-        sanitize_topic(&format!("{}.transactions", self.prefix))
+    pub fn transactions_topic(&self) -> std::sync::Arc<str> {
+        self.transactions.clone()
     }
 
     /// `{prefix}.messages`: logical messages other than heartbeats.
-    pub fn messages_topic(&self) -> String {
-        sanitize_topic(&format!("{}.messages", self.prefix))
+    pub fn messages_topic(&self) -> std::sync::Arc<str> {
+        self.messages.clone()
     }
 }
 
@@ -216,7 +216,7 @@ mod tests {
             t.table_topic("public", "odd name/ü"),
             "saiki.public.odd_name__"
         );
-        assert_eq!(t.transactions_topic(), "saiki.transactions");
+        assert_eq!(&*t.transactions_topic(), "saiki.transactions");
         let t = TopicTemplate::new("{source}-{table}", "p", "s1");
         assert_eq!(t.table_topic("x", "y"), "s1-y");
     }

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use bytes::Buf;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
-use saiki_core::json::write_str;
+use saiki_core::encode::ObjectWriter;
+use saiki_core::json::{write_str, write_u64};
 use saiki_core::record::Action;
 use saiki_core::Lsn;
 use tokio::io::AsyncReadExt;
@@ -399,8 +400,10 @@ impl Session<'_> {
             .commit_lsn
             .ok_or_else(|| RelayError::Record(format!("record without commit_lsn at {}: streamed transactions are not enabled by the relay", view.lsn)))?;
         let ticket = self.tracker.unit_for(commit_lsn);
-        let all_headers = route::headers(&self.rt.source.name, &view);
+        // Built only when they are sent: four strings per message on the hot path.
+        let all_headers;
         let headers: &[(&'static str, String)] = if self.rt.kafka.headers {
+            all_headers = route::headers(&self.rt.source.name, &view);
             &all_headers
         } else {
             &[]
@@ -415,16 +418,13 @@ impl Session<'_> {
             }
             Action::Commit => {
                 let topic = self.topics.transactions_topic();
-                let mut members = b",\"changes\":{".to_vec();
-                for (i, (t, n)) in self.counts.iter().enumerate() {
-                    if i > 0 {
-                        members.push(b',');
-                    }
-                    write_str(&mut members, t.as_bytes());
-                    members.push(b':');
-                    members.extend_from_slice(n.to_string().as_bytes());
+                let mut members = Vec::new();
+                let mut obj = ObjectWriter::open_member(&mut members, "changes");
+                for (t, n) in &self.counts {
+                    obj.field_str(&mut members, t.as_bytes());
+                    write_u64(&mut members, *n);
                 }
-                members.push(b'}');
+                obj.close(&mut members);
                 let value = route::value_with_members(bytes, &members, &self.source_json);
                 self.produce_by_source(ticket, &topic, &value, headers)
                     .await?;
@@ -487,6 +487,7 @@ impl Session<'_> {
         value: &[u8],
         headers: &[(&'static str, String)],
     ) -> Result<(), RelayError> {
+        self.kafka.ensure_topic(topic).await?;
         let key = self.tx_key.clone();
         self.produce(ticket, topic, None, Some(&key), Some(value), headers)
             .await
@@ -501,7 +502,7 @@ impl Session<'_> {
         payload: Option<&[u8]>,
         headers: &[(&'static str, String)],
     ) -> Result<(), RelayError> {
-        self.kafka.ensure_topic(topic).await?;
+        // The caller has made sure the topic exists (ensure_topic).
         let fut = self
             .kafka
             .send(&Outgoing {
