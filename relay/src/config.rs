@@ -22,6 +22,7 @@ snapshot = "never"               # "initial" or "never" (initial snapshots arriv
 max_in_flight = 100000           # messages produced but not yet acknowledged by Kafka
 batch_bytes = 65536              # plugin batch-bytes: records per replication message
 tombstones = false               # a null-value message after each delete (log compaction)
+include_types = true             # plugin include-types: the sink creates ODS tables from them
 reconnect_backoff_max = "30s"    # cap of the exponential backoff between attempts
 shutdown_grace = "30s"           # SIGTERM: time to drain in-flight messages before exiting
 
@@ -34,14 +35,19 @@ replication_factor = 1
 headers = true                   # saiki.source, saiki.lsn, saiki.commit_lsn, saiki.xid on every message
 [kafka.properties]               # passed to librdkafka as they are, e.g. "compression.type" = "lz4"
 
-[sink]                           # read by `saiki-relay sink` (issue #4)
-dsn = "postgres://saiki@127.0.0.1:5432/ods"
-schema = "ods"
-group = "saiki-ods"
-topics = "^saiki\\..*"
-key_includes_source = true
-batch_max_rows = 10000
-batch_linger = "50ms"
+[sink]
+dsn = "postgres://saiki@127.0.0.1:5432/ods"    # required for `sink`: the ODS
+schema = "ods"                   # ODS tables are {schema}.{table}; bookkeeping is in saiki_sink
+group = "saiki-ods"              # Kafka consumer group, and the key of saiki_sink.offsets
+topics = "^saiki\\..*"            # regex over topic names; default: every {topic_prefix}.* topic
+key_includes_source = true       # primary key (_saiki_source, key...): shards whose keys collide
+batch_max_rows = 10000           # messages per ODS transaction
+batch_max_bytes = 33554432       # message bytes per ODS transaction
+batch_linger = "50ms"            # wait this long for a batch to fill
+dead_letter_topic = "saiki.dead-letter"   # default {topic_prefix}.dead-letter
+topic_refresh = "5s"             # how often new matching topics are picked up
+reconnect_backoff_max = "30s"    # cap of the exponential backoff after an ODS or Kafka failure
+shutdown_grace = "30s"           # SIGTERM: time to commit the batch in hand before exiting
 
 [http]
 listen = "127.0.0.1:9187"        # /metrics /health /ready; "" = off
@@ -87,6 +93,8 @@ pub struct SourceConfig {
     pub batch_bytes: usize,
     #[serde(default)]
     pub tombstones: bool,
+    #[serde(default = "d_true")]
+    pub include_types: bool,
     #[serde(default = "d_30s", with = "duration")]
     pub reconnect_backoff_max: Duration,
     #[serde(default = "d_30s", with = "duration")]
@@ -132,18 +140,30 @@ impl Default for KafkaConfig {
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
     pub dsn: String,
-    #[serde(default)]
-    pub schema: Option<String>,
-    #[serde(default)]
-    pub group: Option<String>,
+    #[serde(default = "d_ods")]
+    pub schema: String,
+    #[serde(default = "d_group")]
+    pub group: String,
+    /// Regex over topic names; `None` = every topic of `kafka.topic_prefix`.
     #[serde(default)]
     pub topics: Option<String>,
+    #[serde(default = "d_true")]
+    pub key_includes_source: bool,
+    #[serde(default = "d_batch_rows")]
+    pub batch_max_rows: usize,
+    #[serde(default = "d_batch_bytes")]
+    pub batch_max_bytes: usize,
+    #[serde(default = "d_50ms", with = "duration")]
+    pub batch_linger: Duration,
+    /// `None` = `{topic_prefix}.dead-letter`.
     #[serde(default)]
-    pub key_includes_source: Option<bool>,
-    #[serde(default)]
-    pub batch_max_rows: Option<usize>,
-    #[serde(default, with = "opt_duration")]
-    pub batch_linger: Option<Duration>,
+    pub dead_letter_topic: Option<String>,
+    #[serde(default = "d_5s", with = "duration")]
+    pub topic_refresh: Duration,
+    #[serde(default = "d_30s", with = "duration")]
+    pub reconnect_backoff_max: Duration,
+    #[serde(default = "d_30s", with = "duration")]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,6 +205,24 @@ fn d_1s() -> Duration {
 }
 fn d_30s() -> Duration {
     Duration::from_secs(30)
+}
+fn d_5s() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_50ms() -> Duration {
+    Duration::from_millis(50)
+}
+fn d_ods() -> String {
+    "ods".into()
+}
+fn d_group() -> String {
+    "saiki-ods".into()
+}
+fn d_batch_rows() -> usize {
+    10_000
+}
+fn d_batch_bytes() -> usize {
+    32 << 20
 }
 fn d_true() -> bool {
     true
@@ -242,18 +280,6 @@ mod duration {
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         parse_duration(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-mod opt_duration {
-    use super::*;
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s)
-            .map(Some)
-            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -349,10 +375,9 @@ mod tests {
         let s = cfg.source.unwrap();
         assert_eq!(s.heartbeat_interval, Duration::from_secs(10));
         assert_eq!(cfg.kafka.topic_template, "{prefix}.{schema}.{table}");
-        assert_eq!(
-            cfg.sink.unwrap().batch_linger,
-            Some(Duration::from_millis(50))
-        );
+        let sink = cfg.sink.unwrap();
+        assert_eq!(sink.batch_linger, Duration::from_millis(50));
+        assert_eq!(sink.topics.as_deref(), Some("^saiki\\..*"));
     }
 
     #[test]

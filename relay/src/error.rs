@@ -45,6 +45,13 @@ pub enum RelayError {
     KafkaConfig(String),
     #[error("change record: {0}")]
     Record(String),
+    #[error("ODS {target}: {message}")]
+    Ods {
+        target: String,
+        /// SQLSTATE; `None` for connection-level failures.
+        code: Option<String>,
+        message: String,
+    },
 }
 
 impl RelayError {
@@ -56,6 +63,8 @@ impl RelayError {
             | RelayError::Protocol(_)
             | RelayError::Kafka(_) => true,
             RelayError::Server { error, .. } => server_error_is_transient(&error.code),
+            RelayError::Ods { code: None, .. } => true,
+            RelayError::Ods { code: Some(c), .. } => server_error_is_transient(c),
             // A record the relay cannot read means the plugin and the relay disagree on the
             // format: retrying reads the same record again.
             _ => false,
@@ -63,15 +72,21 @@ impl RelayError {
     }
 
     /// The process exit code for a definite error: 2 configuration, 3 source database,
-    /// 4 Kafka, 5 data.
+    /// 4 Kafka, 5 data, 6 ODS database.
     pub fn exit_code(&self) -> u8 {
         match self {
             RelayError::Config(_) => 2,
             RelayError::Kafka(_) | RelayError::KafkaConfig(_) => 4,
             RelayError::Record(_) => 5,
+            RelayError::Ods { .. } => 6,
             _ => 3,
         }
     }
+}
+
+/// The wait before retry number `attempt` (from 1): 200 ms doubling, capped at `max`.
+pub fn retry_backoff(attempt: u32, max: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_millis(100u64.saturating_mul(1 << attempt.min(16))).min(max)
 }
 
 /// SQLSTATE classes and codes worth retrying: connection problems, shutdowns, resources,

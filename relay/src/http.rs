@@ -1,7 +1,6 @@
 //! `/metrics` (Prometheus text), `/health` (the process runs), `/ready` (streaming). A tiny
 //! HTTP/1.0 responder: one request per connection, bounded request size.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -9,13 +8,12 @@ use tokio::net::TcpListener;
 use tracing::warn;
 
 use crate::error::RelayError;
-use crate::metrics::SourceMetrics;
+use crate::metrics::Exporter;
 
 /// Binds `listen` and serves until the task is dropped.
 pub async fn serve(
     listen: &str,
-    source: String,
-    metrics: Arc<SourceMetrics>,
+    metrics: Arc<dyn Exporter>,
 ) -> Result<tokio::task::JoinHandle<()>, RelayError> {
     let listener = TcpListener::bind(listen)
         .await
@@ -26,7 +24,6 @@ pub async fn serve(
                 continue;
             };
             let metrics = metrics.clone();
-            let source = source.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 2048];
                 let n = match tokio::time::timeout(
@@ -41,19 +38,13 @@ pub async fn serve(
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let path = req.split_whitespace().nth(1).unwrap_or("/");
                 let (status, ctype, body) = match path {
-                    "/metrics" => (
-                        "200 OK",
-                        "text/plain; version=0.0.4",
-                        metrics.render(&source),
-                    ),
+                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
                     "/health" => ("200 OK", "text/plain", "ok\n".to_string()),
-                    "/ready" if metrics.ready.load(Ordering::Relaxed) => {
-                        ("200 OK", "text/plain", "ready\n".to_string())
-                    }
+                    "/ready" if metrics.ready() => ("200 OK", "text/plain", "ready\n".to_string()),
                     "/ready" => (
                         "503 Service Unavailable",
                         "text/plain",
-                        "not streaming\n".to_string(),
+                        "not ready\n".to_string(),
                     ),
                     _ => (
                         "404 Not Found",

@@ -145,16 +145,30 @@ impl Kafka {
                 value: Some(v.as_bytes()),
             });
         }
+        self.send_owned(m.topic, m.partition, m.key, m.payload, headers)
+            .await
+    }
+
+    /// [`Kafka::send`] with headers already built (the sink's dead letters keep the
+    /// original message's headers).
+    pub async fn send_owned(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: OwnedHeaders,
+    ) -> Result<DeliveryFuture, RelayError> {
         loop {
             let mut rec: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(m.topic).headers(headers.clone());
-            if let Some(p) = m.partition {
+                FutureRecord::to(topic).headers(headers.clone());
+            if let Some(p) = partition {
                 rec = rec.partition(p);
             }
-            if let Some(k) = m.key {
+            if let Some(k) = key {
                 rec = rec.key(k);
             }
-            if let Some(p) = m.payload {
+            if let Some(p) = payload {
                 rec = rec.payload(p);
             }
             match self.producer.send_result(rec) {
@@ -162,9 +176,7 @@ impl Kafka {
                 Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((e, _)) => {
-                    return Err(RelayError::Kafka(format!("produce to {}: {e}", m.topic)))
-                }
+                Err((e, _)) => return Err(RelayError::Kafka(format!("produce to {topic}: {e}"))),
             }
         }
     }

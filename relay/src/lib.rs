@@ -3,16 +3,20 @@
 //! - [`source`]: slot → Kafka, with the ack discipline of [`ack`].
 //! - [`wire`], [`pg`]: the replication protocol client (pure codec, async connection).
 //! - [`route`]: topics, keys, values, headers.
+//! - [`sink`]: Kafka → ODS, with the pure planner [`apply`] and the ODS side [`ods`].
 //! - [`config`], [`dsn`], [`error`], [`metrics`], [`http`]: operations.
 
 pub mod ack;
+pub mod apply;
 pub mod config;
 pub mod dsn;
 pub mod error;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod ods;
 pub mod pg;
 pub mod route;
+pub mod sink;
 pub mod source;
 pub mod wire;

@@ -1,4 +1,4 @@
-//! `saiki-relay`: the source (slot → Kafka) and, later, sink (Kafka → ODS) daemons.
+//! `saiki-relay`: the source (slot → Kafka) and sink (Kafka → ODS) daemons.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +7,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use saiki_relay::config::{Config, REFERENCE};
 use saiki_relay::error::RelayError;
-use saiki_relay::metrics::SourceMetrics;
+use saiki_relay::metrics::{SinkMetrics, SourceMetrics};
+use saiki_relay::sink::{self, SinkRuntime};
 use saiki_relay::source::{self, SourceRuntime};
 use tracing::{error, info};
 
@@ -18,7 +19,7 @@ use tracing::{error, info};
     about = "Saiki change data capture relay: PostgreSQL slot → Kafka → ODS",
     after_help = "Configuration: a TOML file (--config), then SAIKI_<SECTION>_<KEY> environment variables \
 (e.g. SAIKI_SOURCE_DSN), then flags. `saiki-relay --help-config` prints every key with its default.\n\
-Exit codes: 0 done (SIGTERM drains and confirms), 2 configuration, 3 source database, 4 Kafka, 5 unreadable change record."
+Exit codes: 0 done (SIGTERM drains and confirms), 2 configuration, 3 source database, 4 Kafka, 5 unreadable change record, 6 ODS database."
 )]
 struct Cli {
     /// TOML configuration file.
@@ -54,8 +55,21 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
-    /// Materialize Kafka topics into the ODS (issue #4: not in this build yet).
-    Sink,
+    /// Materialize Kafka topics into the ODS, exactly once.
+    Sink {
+        /// sink.dsn
+        #[arg(long)]
+        dsn: Option<String>,
+        /// kafka.brokers
+        #[arg(long)]
+        brokers: Option<String>,
+        /// sink.group
+        #[arg(long)]
+        group: Option<String>,
+        /// http.listen ("" turns the endpoint off)
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Print the slot table of saiki.slot_status() for source.dsn.
     Status {
         /// source.dsn (or --config)
@@ -117,7 +131,22 @@ fn main() -> ExitCode {
                 if let Some(v) = listen { cfg.http.listen = v; }
                 run_source(src, cfg).await
             }
-            Command::Sink => Err(RelayError::Config("`saiki-relay sink` is not in this build yet (issue #4)".into())),
+            Command::Sink { dsn, brokers, group, listen } => {
+                let mut sink = cfg.sink.take();
+                if sink.is_none() {
+                    if let Some(d) = &dsn {
+                        sink = Some(toml::from_str(&format!("dsn = {d:?}")).map_err(|e| RelayError::Config(e.to_string()))?);
+                    }
+                }
+                let mut sink = sink.ok_or_else(|| {
+                    RelayError::Config("no [sink] section: give sink.dsn (file, SAIKI_SINK_DSN, or --dsn)".into())
+                })?;
+                if let Some(v) = dsn { sink.dsn = v; }
+                if let Some(v) = group { sink.group = v; }
+                if let Some(v) = brokers { cfg.kafka.brokers = v; }
+                if let Some(v) = listen { cfg.http.listen = v; }
+                run_sink(sink, cfg).await
+            }
             Command::Status { dsn, json } => {
                 let dsn = dsn
                     .or_else(|| cfg.source.as_ref().map(|s| s.dsn.clone()))
@@ -162,12 +191,30 @@ async fn run_source(src: saiki_relay::config::SourceConfig, cfg: Config) -> Resu
         Some(
             saiki_relay::http::serve(
                 &cfg.http.listen,
-                runtime.source.name.clone(),
-                metrics.clone(),
+                Arc::new(saiki_relay::metrics::SourceExporter {
+                    source: runtime.source.name.clone(),
+                    metrics: metrics.clone(),
+                }),
             )
             .await?,
         )
     };
+    source::run(runtime, metrics, shutdown_signal()).await
+}
+
+async fn run_sink(sink: saiki_relay::config::SinkConfig, cfg: Config) -> Result<(), RelayError> {
+    let runtime = Arc::new(SinkRuntime::new(sink, cfg.kafka.clone())?);
+    let metrics = Arc::new(SinkMetrics::new(&runtime.sink.group));
+    let _http = if cfg.http.listen.is_empty() {
+        None
+    } else {
+        Some(saiki_relay::http::serve(&cfg.http.listen, metrics.clone()).await?)
+    };
+    sink::run(runtime, metrics, shutdown_signal()).await
+}
+
+/// A watch that turns true on SIGTERM or Ctrl-C.
+fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let mut term =
@@ -182,7 +229,7 @@ async fn run_source(src: saiki_relay::config::SourceConfig, cfg: Config) -> Resu
         info!("shutdown requested");
         let _ = tx.send(true);
     });
-    source::run(runtime, metrics, rx).await
+    rx
 }
 
 async fn status(dsn: &str, json: bool) -> Result<(), RelayError> {

@@ -12,6 +12,174 @@ pub const SOURCE_DELIVERY_ERRORS_TOTAL: &str = "saiki_source_delivery_errors_tot
 pub const SOURCE_RECONNECTS_TOTAL: &str = "saiki_source_reconnects_total";
 pub const SOURCE_HEARTBEATS_TOTAL: &str = "saiki_source_heartbeats_total";
 
+pub const SINK_RECORDS_CONSUMED_TOTAL: &str = "saiki_sink_records_consumed_total";
+pub const SINK_ROWS_APPLIED_TOTAL: &str = "saiki_sink_rows_applied_total";
+pub const SINK_BATCHES_TOTAL: &str = "saiki_sink_batches_total";
+pub const SINK_APPLY_SECONDS: &str = "saiki_sink_apply_seconds";
+pub const SINK_CONSUMER_LAG_MESSAGES: &str = "saiki_sink_consumer_lag_messages";
+pub const SINK_DEAD_LETTERS_TOTAL: &str = "saiki_sink_dead_letters_total";
+pub const SINK_FENCED_BATCHES_TOTAL: &str = "saiki_sink_fenced_batches_total";
+pub const SINK_RETRIES_TOTAL: &str = "saiki_sink_retries_total";
+pub const SINK_ASSIGNED_PARTITIONS: &str = "saiki_sink_assigned_partitions";
+
+/// What `/metrics` and `/ready` show: the source's or the sink's metrics.
+pub trait Exporter: Send + Sync + 'static {
+    fn render(&self) -> String;
+    fn ready(&self) -> bool;
+}
+
+/// The source's metrics with its name as the label.
+pub struct SourceExporter {
+    pub source: String,
+    pub metrics: std::sync::Arc<SourceMetrics>,
+}
+
+impl Exporter for SourceExporter {
+    fn render(&self) -> String {
+        self.metrics.render(&self.source)
+    }
+    fn ready(&self) -> bool {
+        self.metrics.ready.load(Ordering::Relaxed)
+    }
+}
+
+fn label(name: &str, value: &str) -> String {
+    format!(
+        "{{{name}=\"{}\"}}",
+        value.replace('\\', "\\\\").replace('"', "\\\"")
+    )
+}
+
+/// Upper bounds (seconds) of the apply-latency histogram buckets.
+pub const APPLY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+#[derive(Default)]
+pub struct SinkMetrics {
+    pub group: String,
+    pub consumed: AtomicU64,
+    pub rows_applied: AtomicU64,
+    pub batches: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub fenced: AtomicU64,
+    pub retries: AtomicU64,
+    pub lag: AtomicU64,
+    pub assigned: AtomicU64,
+    /// Apply latency histogram: counts per bucket of [`APPLY_BUCKETS`] (+Inf last), and the
+    /// sum in microseconds.
+    pub apply_buckets: [AtomicU64; 11],
+    pub apply_sum_micros: AtomicU64,
+    /// Consuming and applying: what /ready reports.
+    pub ready: AtomicBool,
+}
+
+impl SinkMetrics {
+    pub fn new(group: &str) -> Self {
+        SinkMetrics {
+            group: group.to_string(),
+            ..Default::default()
+        }
+    }
+
+    pub fn observe_apply(&self, d: std::time::Duration) {
+        let s = d.as_secs_f64();
+        let i = APPLY_BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(APPLY_BUCKETS.len());
+        self.apply_buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.apply_sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+impl Exporter for SinkMetrics {
+    fn render(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let l = label("group", &self.group);
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{l} {v}\n"
+            ));
+        };
+        metric(
+            SINK_RECORDS_CONSUMED_TOTAL,
+            "counter",
+            "Kafka messages consumed (applied, skipped or dead-lettered).",
+            g(&self.consumed),
+        );
+        metric(
+            SINK_ROWS_APPLIED_TOTAL,
+            "counter",
+            "ODS rows inserted, updated or deleted.",
+            g(&self.rows_applied),
+        );
+        metric(
+            SINK_BATCHES_TOTAL,
+            "counter",
+            "Batches committed to the ODS with their offsets.",
+            g(&self.batches),
+        );
+        metric(SINK_CONSUMER_LAG_MESSAGES, "gauge", "Messages in the assigned partitions not yet applied (high watermark minus stored offset).", g(&self.lag));
+        metric(
+            SINK_DEAD_LETTERS_TOTAL,
+            "counter",
+            "Messages sent to the dead-letter topic.",
+            g(&self.dead_letters),
+        );
+        metric(
+            SINK_FENCED_BATCHES_TOTAL,
+            "counter",
+            "Batches dropped because another sink instance had moved their offsets (rebalance).",
+            g(&self.fenced),
+        );
+        metric(
+            SINK_RETRIES_TOTAL,
+            "counter",
+            "Batch attempts that failed transiently and were retried.",
+            g(&self.retries),
+        );
+        metric(
+            SINK_ASSIGNED_PARTITIONS,
+            "gauge",
+            "Partitions assigned to this instance.",
+            g(&self.assigned),
+        );
+        let name = SINK_APPLY_SECONDS;
+        out.push_str(&format!(
+            "# HELP {name} Time to apply and commit one batch.\n# TYPE {name} histogram\n"
+        ));
+        let group = &self.group;
+        let mut cum = 0;
+        for (i, b) in APPLY_BUCKETS.iter().enumerate() {
+            cum += g(&self.apply_buckets[i]);
+            out.push_str(&format!(
+                "{name}_bucket{} {cum}\n",
+                label_pair("group", group, "le", &b.to_string())
+            ));
+        }
+        cum += g(&self.apply_buckets[APPLY_BUCKETS.len()]);
+        out.push_str(&format!(
+            "{name}_bucket{} {cum}\n",
+            label_pair("group", group, "le", "+Inf")
+        ));
+        out.push_str(&format!(
+            "{name}_sum{l} {}\n{name}_count{l} {cum}\n",
+            g(&self.apply_sum_micros) as f64 / 1e6
+        ));
+        out
+    }
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+fn label_pair(k1: &str, v1: &str, k2: &str, v2: &str) -> String {
+    let l1 = label(k1, v1);
+    let l2 = label(k2, v2);
+    format!("{},{}", &l1[..l1.len() - 1], &l2[1..])
+}
+
 #[derive(Default)]
 pub struct SourceMetrics {
     pub changes: AtomicU64,
@@ -30,10 +198,7 @@ impl SourceMetrics {
     pub fn render(&self, source: &str) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let lag = g(&self.server_wal_end).saturating_sub(g(&self.confirmed_lsn));
-        let l = format!(
-            "{{source=\"{}\"}}",
-            source.replace('\\', "\\\\").replace('"', "\\\"")
-        );
+        let l = label("source", source);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
             out.push_str(&format!(

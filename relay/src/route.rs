@@ -56,6 +56,28 @@ impl<'a> RecordView<'a> {
     /// The Kafka key: `{"col": value, …}` of the key columns, from the new row (I, U) or the
     /// old key (D). `None` for records without a key (no replica identity, T, M, B, C).
     pub fn key_json(&self) -> Option<String> {
+        match self.action {
+            Action::Delete => self.key_from(self.identity, None),
+            _ => self.key_from(self.columns, self.identity),
+        }
+    }
+
+    /// For an update that changed the key: the old key, which differs from [`Self::key_json`].
+    /// The relay sends such an update under both keys, so that the old key's partition
+    /// (where its earlier changes are, in order) also learns that the old row is gone.
+    pub fn old_key_json(&self) -> Option<String> {
+        if self.action != Action::Update {
+            return None;
+        }
+        let old = self.key_from(self.identity, None)?;
+        (Some(&old) != self.key_json().as_ref()).then_some(old)
+    }
+
+    fn key_from(
+        &self,
+        primary: Option<&'a RawValue>,
+        fallback: Option<&'a RawValue>,
+    ) -> Option<String> {
         let names = self.key.as_ref()?;
         if names.is_empty() {
             return None;
@@ -63,15 +85,8 @@ impl<'a> RecordView<'a> {
         let parse = |raw: Option<&'a RawValue>| -> Option<HashMap<Cow<'a, str>, &'a RawValue>> {
             raw.and_then(|r| serde_json::from_str(r.get()).ok())
         };
-        let primary = match self.action {
-            Action::Delete => parse(self.identity),
-            _ => parse(self.columns),
-        };
-        let fallback = if self.action == Action::Delete {
-            None
-        } else {
-            parse(self.identity)
-        };
+        let primary = parse(primary);
+        let fallback = parse(fallback);
         let mut out = Vec::with_capacity(64);
         let mut obj = ObjectWriter::open(&mut out);
         for name in names {
@@ -187,6 +202,12 @@ mod tests {
             RecordView::parse(del).unwrap().key_json().unwrap(),
             r#"{"id":7}"#
         );
+        let moved = br#"{"action":"U","xid":1,"lsn":"0/1","commit_lsn":"0/2","seq":1,"schema":"public","table":"t","key":["id"],"columns":{"id":2,"v":1},"identity":{"id":1}}"#;
+        let v = RecordView::parse(moved).unwrap();
+        assert_eq!(v.key_json().unwrap(), r#"{"id":2}"#);
+        assert_eq!(v.old_key_json().unwrap(), r#"{"id":1}"#);
+        let same = br#"{"action":"U","xid":1,"lsn":"0/1","commit_lsn":"0/2","seq":1,"schema":"public","table":"t","key":["id"],"columns":{"id":1,"v":1},"identity":{"id":1,"v":0}}"#;
+        assert_eq!(RecordView::parse(same).unwrap().old_key_json(), None);
         let nokey = br#"{"action":"U","xid":1,"lsn":"0/1","commit_lsn":"0/2","seq":1,"schema":"public","table":"t","key":[],"columns":{"a":1}}"#;
         assert_eq!(RecordView::parse(nokey).unwrap().key_json(), None);
     }

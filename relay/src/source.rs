@@ -29,7 +29,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::ack::{AckTracker, Ticket};
 use crate::config::{KafkaConfig, SourceConfig};
 use crate::dsn::Dsn;
-use crate::error::RelayError;
+use crate::error::{retry_backoff, RelayError};
 use crate::kafka::{Kafka, Outgoing};
 use crate::metrics::SourceMetrics;
 use crate::pg::{PgConn, ReplicationStream};
@@ -97,6 +97,7 @@ impl SourceRuntime {
     pub fn start_command(&self) -> String {
         let mut opts = vec![
             ("include-transaction", "true".to_string()),
+            ("include-types", self.source.include_types.to_string()),
             ("skip-empty-xacts", "true".to_string()),
             ("batch-bytes", self.source.batch_bytes.to_string()),
         ];
@@ -139,8 +140,7 @@ pub async fn run(
                 }
                 attempt += 1;
                 metrics.reconnects.fetch_add(1, Ordering::Relaxed);
-                let backoff = Duration::from_millis(100u64.saturating_mul(1 << attempt.min(16)))
-                    .min(rt.source.reconnect_backoff_max);
+                let backoff = retry_backoff(attempt, rt.source.reconnect_backoff_max);
                 warn!(error = %e, attempt, backoff_ms = backoff.as_millis() as u64, "transient error, retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -451,6 +451,18 @@ impl Session<'_> {
                     let key = key.as_ref().map(|k| k.as_bytes());
                     self.produce(ticket, &topic, None, key, Some(&value), headers)
                         .await?;
+                    if let Some(old) = view.old_key_json() {
+                        // The key changed: the old key's partition gets the update too.
+                        self.produce(
+                            ticket,
+                            &topic,
+                            None,
+                            Some(old.as_bytes()),
+                            Some(&value),
+                            headers,
+                        )
+                        .await?;
+                    }
                     if view.action == Action::Delete && self.rt.source.tombstones && key.is_some() {
                         self.produce(ticket, &topic, None, key, None, headers)
                             .await?;

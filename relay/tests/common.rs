@@ -67,13 +67,49 @@ listen = "127.0.0.1:{http_port}"
     )
 }
 
+/// A sink config for the ODS database `db` of `ods`, reading `broker`.
+pub fn sink_config(
+    ods: &PgCluster,
+    db: &str,
+    broker: &Broker,
+    http_port: u16,
+    extra_sink: &str,
+) -> String {
+    format!(
+        r#"[sink]
+dsn = "host=127.0.0.1 port={} user=postgres dbname={db}"
+batch_linger = "20ms"
+reconnect_backoff_max = "1s"
+topic_refresh = "500ms"
+{extra_sink}
+
+[kafka]
+brokers = "{}"
+topic_prefix = "saiki"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+"#,
+        ods.port,
+        broker.addr()
+    )
+}
+
 impl Relay {
     pub fn start(dir: &std::path::Path, config: &str, http_port: u16) -> Relay {
+        Relay::start_command(dir, config, http_port, "source")
+    }
+
+    pub fn start_sink(dir: &std::path::Path, config: &str, http_port: u16) -> Relay {
+        Relay::start_command(dir, config, http_port, "sink")
+    }
+
+    fn start_command(dir: &std::path::Path, config: &str, http_port: u16, command: &str) -> Relay {
         let cfg = dir.join(format!("relay-{http_port}.toml"));
         std::fs::write(&cfg, config).unwrap();
         let log = dir.join(format!("relay-{http_port}.log"));
         let child = Command::new(BIN)
-            .args(["--config", cfg.to_str().unwrap(), "source"])
+            .args(["--config", cfg.to_str().unwrap(), command])
             .env("RUST_LOG", "saiki_relay=debug,info")
             .stdout(Stdio::null())
             .stderr(
@@ -245,4 +281,76 @@ pub fn wait_slot_active(db: &mut saiki_tests::postgres::Client, relay: &Relay) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Rows of a query as text (simple protocol: PostgreSQL's output functions), sorted.
+pub fn text_rows(db: &mut saiki_tests::postgres::Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    let mut rows: Vec<Vec<Option<String>>> = db
+        .simple_query(sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            saiki_tests::postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Polls `check` until it returns None (done) or `within` passes; then panics with the last
+/// reason and the relay's log.
+pub fn wait_until(within: Duration, relay: &Relay, mut check: impl FnMut() -> Option<String>) {
+    let deadline = Instant::now() + within;
+    loop {
+        let Some(why) = check() else { return };
+        if Instant::now() > deadline {
+            let log = relay.log_text();
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!("not within {within:?}: {why}\n--- log tail ---\n{tail}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Produces raw messages (key, value) into `topic` with a current librdkafka.
+/// A raw Kafka message: key and value, either absent.
+pub type RawMsg<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+
+pub fn produce_raw(brokers: &str, topic: &str, msgs: &[RawMsg<'_>]) {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer");
+    for (k, v) in msgs {
+        let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        if let Some(k) = k {
+            r = r.key(k);
+        }
+        if let Some(v) = v {
+            r = r.payload(v);
+        }
+        p.send(r).map_err(|(e, _)| e).expect("produce");
+    }
+    p.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// One metric's value from a /metrics text (first sample with that name).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use postgres;
 
+pub mod type_samples;
+
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// Directory prefix of every cluster the rig creates; `scripts/test.sh` removes leftovers.

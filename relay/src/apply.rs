@@ -1,0 +1,976 @@
+//! The sink's apply planner (DESIGN.md §4 invariant 3, §5). Pure: no I/O, no PostgreSQL.
+//!
+//! A batch of Kafka messages becomes, per ODS table, a set of **net changes**: one per row
+//! (source and key), folded in consumption order, so that the database applies each row once
+//! per batch. The fold keeps the ODS's ordering guard: within one source, a change only
+//! replaces what an earlier change `(commit_lsn, seq)` wrote; duplicates and older replays
+//! are dropped. Unchanged-TOAST columns are carried over from an earlier change of the batch,
+//! or marked *absent*, which the merge turns into "keep the ODS value".
+//!
+//! Invariant: applying the plan of a batch has the same effect on the ODS as applying the
+//! batch's records one by one with the guard ([`Planner`] is checked against that model by a
+//! property test).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+use indexmap::IndexMap;
+use saiki_core::record::Action;
+use saiki_core::Lsn;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+/// The reason DESIGN.md §5 gives for records of tables without a key.
+pub const NO_IDENTITY: &str = "no replica identity: add a primary key or set REPLICA IDENTITY FULL";
+
+/// One consumed Kafka message, borrowed for the time of planning.
+#[derive(Debug, Clone, Copy)]
+pub struct Msg<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+}
+
+/// `{name: raw JSON value, …}` in the record's order.
+#[derive(Debug, Default, Clone)]
+pub struct Fields<'a>(pub Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Fields<'a> {
+    pub fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Fields<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of column values")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Fields<'a>, M::Error> {
+                let mut v = Vec::with_capacity(m.size_hint().unwrap_or(8));
+                while let Some((k, val)) = m.next_entry::<Cow<'a, str>, &'a RawValue>()? {
+                    v.push((k, val));
+                }
+                Ok(Fields(v))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// `{column: type name}` from `include-types`.
+#[derive(Debug, Default, Clone)]
+pub struct Types<'a>(pub Vec<(Cow<'a, str>, Cow<'a, str>)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Types<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Types<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of type names")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Types<'a>, M::Error> {
+                let mut v = Vec::new();
+                while let Some((k, val)) = m.next_entry::<Cow<'a, str>, Cow<'a, str>>()? {
+                    v.push((k, val));
+                }
+                Ok(Types(v))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// The sink's view of a change record: what applying it needs, borrowed from the message.
+#[derive(Debug, Deserialize)]
+pub struct SinkRecord<'a> {
+    pub action: Action,
+    #[serde(default)]
+    pub commit_lsn: Option<Lsn>,
+    #[serde(default)]
+    pub seq: Option<i64>,
+    #[serde(default, borrow)]
+    pub schema: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub table: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub key: Option<Vec<Cow<'a, str>>>,
+    #[serde(default, borrow)]
+    pub columns: Option<Fields<'a>>,
+    #[serde(default, borrow)]
+    pub identity: Option<Fields<'a>>,
+    #[serde(default, borrow)]
+    pub unchanged_toast: Option<Vec<Cow<'a, str>>>,
+    #[serde(default, borrow)]
+    pub types: Option<Types<'a>>,
+    #[serde(default, borrow)]
+    pub source: Option<Cow<'a, str>>,
+}
+
+/// A net change to one ODS row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Insert or update: provided columns are written, absent ones kept.
+    Upsert,
+    Delete,
+}
+
+#[derive(Debug, Clone)]
+pub struct NetRow<'a> {
+    pub op: Op,
+    pub source: Cow<'a, str>,
+    pub lsn: Lsn,
+    pub seq: i64,
+    /// Key values, in [`TablePlan::key`] order.
+    pub key: Vec<&'a RawValue>,
+    /// Column index (in [`TablePlan::columns`]) → value; key columns included. Columns not
+    /// here are *absent*: an update keeps the ODS value, an insert leaves them null.
+    pub values: HashMap<usize, &'a RawValue>,
+    /// Indexes of the batch messages folded into this row.
+    pub msgs: Vec<usize>,
+}
+
+/// A column seen in the batch, with the type its records gave (if they carried `types`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnSeen {
+    pub name: String,
+    pub type_name: Option<String>,
+}
+
+/// Everything a batch does to one ODS table.
+#[derive(Debug, Clone)]
+pub struct TablePlan<'a> {
+    /// The ODS table name (the source table's name, DESIGN.md §5).
+    pub name: String,
+    /// `schema.table` at the source, for messages.
+    pub source_table: String,
+    /// The source key's column names.
+    pub key: Vec<String>,
+    pub columns: IndexMap<String, ColumnSeen>,
+    pub rows: IndexMap<(String, String), NetRow<'a>>,
+    /// Per source: delete the rows written before `(lsn, seq)`.
+    pub truncates: IndexMap<String, (Lsn, i64, Vec<usize>)>,
+}
+
+impl<'a> TablePlan<'a> {
+    fn new(name: &str, source_table: String, key: Vec<String>) -> Self {
+        TablePlan {
+            name: name.to_string(),
+            source_table,
+            key,
+            columns: IndexMap::new(),
+            rows: IndexMap::new(),
+            truncates: IndexMap::new(),
+        }
+    }
+
+    fn column(&mut self, name: &str, types: Option<&Types<'_>>) -> usize {
+        if let Some(i) = self.columns.get_index_of(name) {
+            if self.columns[i].type_name.is_none() {
+                self.columns[i].type_name = type_of(types, name);
+            }
+            return i;
+        }
+        let (i, _) = self.columns.insert_full(
+            name.to_string(),
+            ColumnSeen {
+                name: name.to_string(),
+                type_name: type_of(types, name),
+            },
+        );
+        i
+    }
+
+    /// Messages whose changes this plan applies (for dead-lettering a failed table).
+    pub fn message_indexes(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .rows
+            .values()
+            .flat_map(|r| r.msgs.iter().copied())
+            .chain(self.truncates.values().flat_map(|t| t.2.iter().copied()))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+fn type_of(types: Option<&Types<'_>>, name: &str) -> Option<String> {
+    types?
+        .0
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t.to_string())
+}
+
+/// What became of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing to apply: a tombstone, a transaction or message record, an older duplicate.
+    Skipped,
+    /// Folded into the plan.
+    Planned,
+    /// Cannot be applied: goes to the dead-letter topic with this reason.
+    DeadLetter(String),
+}
+
+/// Folds a batch of messages into per-table net changes.
+pub struct Planner<'a> {
+    key_includes_source: bool,
+    pub tables: IndexMap<String, TablePlan<'a>>,
+}
+
+impl<'a> Planner<'a> {
+    pub fn new(key_includes_source: bool) -> Self {
+        Planner {
+            key_includes_source,
+            tables: IndexMap::new(),
+        }
+    }
+
+    /// Adds the message at batch index `idx`.
+    pub fn add(&mut self, idx: usize, msg: &Msg<'a>) -> Outcome {
+        let Some(payload) = msg.payload else {
+            return Outcome::Skipped; // a tombstone after a delete
+        };
+        let rec: SinkRecord<'a> = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => return Outcome::DeadLetter(format!("malformed record: {e}")),
+        };
+        match rec.action {
+            Action::Insert | Action::Update | Action::Delete | Action::Read | Action::Truncate => {}
+            // B, C, M and stream markers carry nothing to materialize.
+            _ => return Outcome::Skipped,
+        }
+        match self.change(idx, msg, rec) {
+            Ok(o) => o,
+            Err(reason) => Outcome::DeadLetter(reason),
+        }
+    }
+
+    fn change(
+        &mut self,
+        idx: usize,
+        msg: &Msg<'a>,
+        rec: SinkRecord<'a>,
+    ) -> Result<Outcome, String> {
+        let missing = |what: &str| format!("malformed record: no {what}");
+        let source = rec.source.clone().ok_or_else(|| missing("source"))?;
+        let schema = rec.schema.as_deref().ok_or_else(|| missing("schema"))?;
+        let table = rec.table.as_deref().ok_or_else(|| missing("table"))?;
+        let lsn = rec.commit_lsn.ok_or_else(|| {
+            missing("commit_lsn (records of streamed, uncommitted transactions are not applied)")
+        })?;
+        let seq = rec.seq.ok_or_else(|| missing("seq"))?;
+        let source_table = format!("{schema}.{table}");
+
+        if rec.action == Action::Truncate {
+            let plan = self
+                .tables
+                .entry(table.to_string())
+                .or_insert_with(|| TablePlan::new(table, source_table, Vec::new()));
+            // Changes of this source written before the truncate are gone with it.
+            plan.rows
+                .retain(|_, r| !(r.source == source && (r.lsn, r.seq) < (lsn, seq)));
+            let e = plan
+                .truncates
+                .entry(source.to_string())
+                .or_insert((lsn, seq, Vec::new()));
+            if (lsn, seq) > (e.0, e.1) {
+                e.0 = lsn;
+                e.1 = seq;
+            }
+            e.2.push(idx);
+            return Ok(Outcome::Planned);
+        }
+
+        let key_names = rec.key.as_ref().ok_or_else(|| missing("key"))?;
+        if key_names.is_empty() {
+            return Err(NO_IDENTITY.to_string());
+        }
+        let key_names: Vec<String> = key_names.iter().map(|k| k.to_string()).collect();
+        let plan = self
+            .tables
+            .entry(table.to_string())
+            .or_insert_with(|| TablePlan::new(table, source_table.clone(), key_names.clone()));
+        if plan.key.is_empty() {
+            plan.key = key_names.clone();
+        } else if plan.key != key_names {
+            return Err(format!(
+                "key columns of {source_table} changed within a batch from ({}) to ({}): the ODS table keeps its primary key; recreate it if the source key changed",
+                plan.key.join(", "),
+                key_names.join(", ")
+            ));
+        }
+
+        let key_of = |f: &Fields<'a>| -> Result<Vec<&'a RawValue>, String> {
+            key_names
+                .iter()
+                .map(|k| match f.get(k) {
+                    Some(v) if v.get() == "null" => Err(format!(
+                        "key column {k} of {source_table} is null: the ODS cannot key the row"
+                    )),
+                    Some(v) => Ok(v),
+                    None => Err(format!("malformed record: key column {k} has no value")),
+                })
+                .collect()
+        };
+
+        // An update that changes the key arrives twice: keyed by the old key (in the old
+        // key's partition, where it deletes the old row in order) and by the new key.
+        let (op, key, fields) = match rec.action {
+            Action::Delete => {
+                let id = rec.identity.as_ref().ok_or_else(|| missing("identity"))?;
+                (Op::Delete, key_of(id)?, None)
+            }
+            _ => {
+                let cols = rec.columns.as_ref().ok_or_else(|| missing("columns"))?;
+                let new_key = key_of(cols)?;
+                let old_key = match (&rec.identity, rec.action) {
+                    (Some(id), Action::Update) => key_of(id).ok(),
+                    _ => None,
+                };
+                match old_key {
+                    Some(old) if !same_values(&old, &new_key) => {
+                        let msg_key = msg.key.map(parse_key);
+                        if msg_key.as_ref().is_some_and(|k| k == &key_text(&old)) {
+                            (Op::Delete, old, None)
+                        } else {
+                            if msg.key.is_none() {
+                                // Not split by the relay: do both here.
+                                self.fold(
+                                    idx,
+                                    table,
+                                    source.clone(),
+                                    lsn,
+                                    seq,
+                                    Op::Delete,
+                                    old,
+                                    None,
+                                    &rec,
+                                );
+                            }
+                            (Op::Upsert, new_key, Some(cols))
+                        }
+                    }
+                    _ => (Op::Upsert, new_key, Some(cols)),
+                }
+            }
+        };
+        Ok(self.fold(idx, table, source, lsn, seq, op, key, fields, &rec))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fold(
+        &mut self,
+        idx: usize,
+        table: &str,
+        source: Cow<'a, str>,
+        lsn: Lsn,
+        seq: i64,
+        op: Op,
+        key: Vec<&'a RawValue>,
+        fields: Option<&Fields<'a>>,
+        rec: &SinkRecord<'a>,
+    ) -> Outcome {
+        let by_source = self.key_includes_source;
+        let Some(plan) = self.tables.get_mut(table) else {
+            return Outcome::Skipped;
+        };
+        if let Some((tl, ts, _)) = plan.truncates.get(source.as_ref()) {
+            if (lsn, seq) < (*tl, *ts) {
+                return Outcome::Skipped; // truncated later in this batch
+            }
+        }
+        let types = rec.types.as_ref();
+        let key_idx: Vec<usize> = plan
+            .key
+            .clone()
+            .iter()
+            .map(|k| plan.column(k, types))
+            .collect();
+        let row_key = (
+            if by_source {
+                source.to_string()
+            } else {
+                String::new()
+            },
+            key_text(&key),
+        );
+        let prev = plan.rows.get(&row_key);
+        if let Some(p) = prev {
+            if p.source == source && (lsn, seq) <= (p.lsn, p.seq) {
+                return Outcome::Skipped; // a duplicate or an older replay
+            }
+        }
+        let mut values: HashMap<usize, &'a RawValue> = HashMap::new();
+        for (i, v) in key_idx.iter().zip(&key) {
+            values.insert(*i, *v);
+        }
+        if let Some(f) = fields {
+            for (name, v) in &f.0 {
+                let i = plan.column(name, types);
+                values.insert(i, *v);
+            }
+            for name in rec.unchanged_toast.iter().flatten() {
+                let i = plan.column(name, types);
+                values.remove(&i);
+                // An unchanged value is the old row's: from the identity (REPLICA IDENTITY
+                // FULL logs the old row in full), or from an earlier change of this batch.
+                if let Some(v) = rec.identity.as_ref().and_then(|f| f.get(name)) {
+                    values.insert(i, v);
+                } else if let Some(p) = plan.rows.get(&row_key) {
+                    if p.op == Op::Upsert {
+                        if let Some(v) = p.values.get(&i) {
+                            values.insert(i, *v);
+                        }
+                    }
+                }
+            }
+        }
+        let mut msgs = plan
+            .rows
+            .get(&row_key)
+            .map(|p| p.msgs.clone())
+            .unwrap_or_default();
+        msgs.push(idx);
+        let row = NetRow {
+            op,
+            source,
+            lsn,
+            seq,
+            key,
+            values,
+            msgs,
+        };
+        plan.rows.insert(row_key, row);
+        Outcome::Planned
+    }
+}
+
+fn same_values(a: &[&RawValue], b: &[&RawValue]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.get() == y.get())
+}
+
+/// A row's identity inside a table: the raw key values, one per line (raw JSON never
+/// contains a bare newline).
+pub fn key_text(vals: &[&RawValue]) -> String {
+    let mut s = String::new();
+    for (i, v) in vals.iter().enumerate() {
+        if i > 0 {
+            s.push('\n');
+        }
+        s.push_str(v.get());
+    }
+    s
+}
+
+/// The key text of a Kafka message key `{"col": value, …}` as the relay writes it.
+fn parse_key(k: &[u8]) -> String {
+    match serde_json::from_slice::<Fields<'_>>(k) {
+        Ok(f) => key_text(&f.0.iter().map(|(_, v)| *v).collect::<Vec<_>>()),
+        Err(_) => String::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Values: JSON (DESIGN.md §1 "Values") → PostgreSQL text input, escaped for COPY text.
+
+/// How a column's values are written, from its ODS type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnKind {
+    /// Strings unescaped; numbers, booleans, objects as their JSON text.
+    Scalar,
+    /// json / jsonb: the JSON text itself.
+    Json,
+    /// An array type: JSON arrays become `{…}` literals. `json_elements` for json[]/jsonb[]
+    /// (elements stay JSON text); `delimiter` is `;` for box[], `,` otherwise.
+    Array { json_elements: bool, delimiter: u8 },
+}
+
+impl ColumnKind {
+    /// From a type name as `format_type` prints it.
+    pub fn of(type_name: &str) -> ColumnKind {
+        let t = type_name.trim();
+        if let Some(base) = t.strip_suffix("[]") {
+            let base = base.trim_end_matches("[]");
+            return ColumnKind::Array {
+                json_elements: base == "json" || base == "jsonb",
+                delimiter: if base == "box" { b';' } else { b',' },
+            };
+        }
+        if t == "json" || t == "jsonb" {
+            ColumnKind::Json
+        } else {
+            ColumnKind::Scalar
+        }
+    }
+}
+
+/// Appends `v` as a COPY text field for a column of `kind`.
+pub fn write_copy_value(out: &mut Vec<u8>, v: &RawValue, kind: ColumnKind) {
+    let raw = v.get();
+    if raw == "null" {
+        out.extend_from_slice(b"\\N");
+        return;
+    }
+    match kind {
+        ColumnKind::Json => copy_escape(out, raw.as_bytes()),
+        ColumnKind::Array {
+            json_elements,
+            delimiter,
+        } if raw.starts_with('[') => {
+            let mut lit = Vec::with_capacity(raw.len() + 2);
+            array_literal(&mut lit, v, json_elements, delimiter);
+            copy_escape(out, &lit);
+        }
+        _ => {
+            if raw.starts_with('"') {
+                match serde_json::from_str::<Cow<'_, str>>(raw) {
+                    Ok(s) => copy_escape(out, s.as_bytes()),
+                    Err(_) => copy_escape(out, raw.as_bytes()),
+                }
+            } else {
+                copy_escape(out, raw.as_bytes());
+            }
+        }
+    }
+}
+
+/// A PostgreSQL array literal from a JSON array, elements kept as raw text (numbers keep
+/// their digits). Nested arrays are dimensions.
+fn array_literal(out: &mut Vec<u8>, v: &RawValue, json_elements: bool, delim: u8) {
+    let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(v.get()) else {
+        out.extend_from_slice(v.get().as_bytes());
+        return;
+    };
+    out.push(b'{');
+    for (i, it) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(delim);
+        }
+        let raw = it.get();
+        match raw.as_bytes().first() {
+            _ if raw == "null" => out.extend_from_slice(b"NULL"),
+            Some(b'[') => array_literal(out, it, json_elements, delim),
+            _ if json_elements => quote_element(out, raw.as_bytes()),
+            Some(b'"') => match serde_json::from_str::<Cow<'_, str>>(raw) {
+                Ok(s) => quote_element(out, s.as_bytes()),
+                Err(_) => quote_element(out, raw.as_bytes()),
+            },
+            Some(b'{') => quote_element(out, raw.as_bytes()),
+            _ => out.extend_from_slice(raw.as_bytes()),
+        }
+    }
+    out.push(b'}');
+}
+
+fn quote_element(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'"');
+    for &b in s {
+        if b == b'"' || b == b'\\' {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
+}
+
+/// COPY text escaping: backslash, newline, carriage return, tab.
+pub fn copy_escape(out: &mut Vec<u8>, s: &[u8]) {
+    for &b in s {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => out.push(b),
+        }
+    }
+}
+
+/// A quoted SQL identifier.
+pub fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A quoted SQL string literal.
+pub fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(json: &str) -> Vec<u8> {
+        json.as_bytes().to_vec()
+    }
+
+    fn ins(src: &str, lsn: u64, seq: i64, id: i64, v: &str) -> Vec<u8> {
+        rec(&format!(
+            r#"{{"action":"I","xid":1,"lsn":"0/{lsn:X}","commit_lsn":"0/{lsn:X}","seq":{seq},"schema":"public","table":"t","key":["id"],"columns":{{"id":{id},"v":{v}}},"types":{{"id":"integer","v":"text"}},"source":"{src}"}}"#
+        ))
+    }
+
+    fn del(src: &str, lsn: u64, seq: i64, id: i64) -> Vec<u8> {
+        rec(&format!(
+            r#"{{"action":"D","xid":1,"lsn":"0/{lsn:X}","commit_lsn":"0/{lsn:X}","seq":{seq},"schema":"public","table":"t","key":["id"],"identity":{{"id":{id}}},"source":"{src}"}}"#
+        ))
+    }
+
+    fn plan_of<'a>(msgs: &'a [Vec<u8>], by_source: bool) -> (Planner<'a>, Vec<Outcome>) {
+        let mut p = Planner::new(by_source);
+        let outs = msgs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                p.add(
+                    i,
+                    &Msg {
+                        topic: "saiki.public.t",
+                        partition: 0,
+                        offset: i as i64,
+                        key: None,
+                        payload: Some(m),
+                    },
+                )
+            })
+            .collect();
+        (p, outs)
+    }
+
+    fn value_of(p: &Planner<'_>, src: &str, id: i64, col: &str) -> Option<String> {
+        let t = &p.tables["t"];
+        let row = &t.rows[&(src.to_string(), id.to_string())];
+        let i = t.columns.get_index_of(col)?;
+        row.values.get(&i).map(|v| v.get().to_string())
+    }
+
+    #[test]
+    fn later_changes_of_a_row_fold_into_one() {
+        let msgs = vec![
+            ins("a", 0x10, 1, 1, "\"x\""),
+            ins("a", 0x20, 1, 1, "\"y\""),
+            ins("a", 0x20, 2, 2, "\"z\""),
+        ];
+        let (p, outs) = plan_of(&msgs, true);
+        assert!(outs.iter().all(|o| *o == Outcome::Planned));
+        let t = &p.tables["t"];
+        assert_eq!(t.rows.len(), 2);
+        assert_eq!(value_of(&p, "a", 1, "v").as_deref(), Some("\"y\""));
+        assert_eq!(t.rows[&("a".to_string(), "1".to_string())].msgs, vec![0, 1]);
+        assert_eq!(t.columns["v"].type_name.as_deref(), Some("text"));
+    }
+
+    #[test]
+    fn duplicates_and_older_replays_are_dropped() {
+        let msgs = vec![
+            ins("a", 0x20, 1, 1, "\"new\""),
+            ins("a", 0x10, 1, 1, "\"old\""),
+            ins("a", 0x20, 1, 1, "\"new\""),
+        ];
+        let (p, outs) = plan_of(&msgs, true);
+        assert_eq!(outs[1], Outcome::Skipped);
+        assert_eq!(outs[2], Outcome::Skipped);
+        assert_eq!(value_of(&p, "a", 1, "v").as_deref(), Some("\"new\""));
+    }
+
+    #[test]
+    fn shards_with_colliding_keys_stay_apart_when_the_key_includes_the_source() {
+        let msgs = vec![ins("a", 0x10, 1, 1, "\"a\""), ins("b", 0x10, 1, 1, "\"b\"")];
+        let (p, _) = plan_of(&msgs, true);
+        assert_eq!(p.tables["t"].rows.len(), 2);
+        let (p, _) = plan_of(&msgs, false);
+        assert_eq!(
+            p.tables["t"].rows.len(),
+            1,
+            "one ODS row: the later source wins"
+        );
+    }
+
+    #[test]
+    fn a_delete_after_an_insert_is_a_delete() {
+        let msgs = vec![ins("a", 0x10, 1, 1, "\"x\""), del("a", 0x20, 1, 1)];
+        let (p, _) = plan_of(&msgs, true);
+        let row = &p.tables["t"].rows[&("a".to_string(), "1".to_string())];
+        assert_eq!(row.op, Op::Delete);
+    }
+
+    #[test]
+    fn a_truncate_drops_earlier_changes_of_its_source_only() {
+        let t = rec(
+            r#"{"action":"T","xid":1,"lsn":"0/30","commit_lsn":"0/30","seq":1,"schema":"public","table":"t","truncate":{"tables":[["public","t"]],"cascade":false,"restart_identity":false},"source":"a"}"#,
+        );
+        let msgs = vec![
+            ins("a", 0x10, 1, 1, "\"x\""),
+            ins("b", 0x10, 1, 1, "\"x\""),
+            ins("a", 0x40, 1, 2, "\"after\""),
+            t,
+            ins("a", 0x20, 1, 3, "\"late partition\""),
+        ];
+        let (p, outs) = plan_of(&msgs, true);
+        assert_eq!(outs[4], Outcome::Skipped, "written before the truncate");
+        let tp = &p.tables["t"];
+        let keys: Vec<_> = tp.rows.keys().cloned().collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("b".to_string(), "1".to_string()),
+                ("a".to_string(), "2".to_string())
+            ]
+        );
+        assert_eq!(tp.truncates["a"].0, Lsn(0x30));
+    }
+
+    #[test]
+    fn unchanged_toast_is_carried_over_or_left_absent() {
+        let upd = rec(
+            r#"{"action":"U","xid":1,"lsn":"0/20","commit_lsn":"0/20","seq":1,"schema":"public","table":"t","key":["id"],"columns":{"id":1},"unchanged_toast":["v"],"source":"a"}"#,
+        );
+        let alone = [upd.clone()];
+        let (p, _) = plan_of(&alone, true);
+        assert_eq!(
+            value_of(&p, "a", 1, "v"),
+            None,
+            "absent: the ODS keeps its value"
+        );
+        let both = [ins("a", 0x10, 1, 1, "\"big\""), upd];
+        let (p, _) = plan_of(&both, true);
+        assert_eq!(value_of(&p, "a", 1, "v").as_deref(), Some("\"big\""));
+        let full = rec(
+            r#"{"action":"U","xid":1,"lsn":"0/20","commit_lsn":"0/20","seq":1,"schema":"public","table":"t","key":["id"],"columns":{"id":1},"identity":{"id":1,"v":"old row"},"unchanged_toast":["v"],"source":"a"}"#,
+        );
+        let full = [full];
+        let (p, _) = plan_of(&full, true);
+        assert_eq!(value_of(&p, "a", 1, "v").as_deref(), Some("\"old row\""));
+    }
+
+    #[test]
+    fn a_key_change_deletes_the_old_row_in_the_old_keys_partition() {
+        let upd = rec(
+            r#"{"action":"U","xid":1,"lsn":"0/20","commit_lsn":"0/20","seq":1,"schema":"public","table":"t","key":["id"],"columns":{"id":2,"v":"x"},"identity":{"id":1},"source":"a"}"#,
+        );
+        let mut p = Planner::new(true);
+        let old = Msg {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            key: Some(br#"{"id":1}"#),
+            payload: Some(&upd),
+        };
+        let new = Msg {
+            key: Some(br#"{"id":2}"#),
+            offset: 1,
+            ..old
+        };
+        p.add(0, &old);
+        p.add(1, &new);
+        let t = &p.tables["t"];
+        assert_eq!(t.rows[&("a".into(), "1".into())].op, Op::Delete);
+        assert_eq!(t.rows[&("a".into(), "2".into())].op, Op::Upsert);
+        // Without a message key (not split by the relay), one record does both.
+        let (p, _) = plan_of(std::slice::from_ref(&upd), true);
+        assert_eq!(p.tables["t"].rows.len(), 2);
+    }
+
+    #[test]
+    fn unappliable_records_get_a_reason() {
+        let nokey = rec(
+            r#"{"action":"I","xid":1,"lsn":"0/10","commit_lsn":"0/10","seq":1,"schema":"public","table":"t","key":[],"columns":{"v":1},"source":"a"}"#,
+        );
+        let nullkey = ins("a", 0x10, 1, 0, "1");
+        let nullkey = String::from_utf8(nullkey)
+            .unwrap()
+            .replace("\"id\":0", "\"id\":null")
+            .into_bytes();
+        let (_, outs) = plan_of(
+            &[
+                b"{not json".to_vec(),
+                nokey,
+                nullkey,
+                rec(r#"{"action":"B","xid":1,"lsn":"0/1"}"#),
+            ],
+            true,
+        );
+        assert!(matches!(&outs[0], Outcome::DeadLetter(r) if r.starts_with("malformed record")));
+        assert_eq!(outs[1], Outcome::DeadLetter(NO_IDENTITY.to_string()));
+        assert!(matches!(&outs[2], Outcome::DeadLetter(r) if r.contains("is null")));
+        assert_eq!(outs[3], Outcome::Skipped);
+    }
+
+    fn copy_of(raw: &str, kind: ColumnKind) -> String {
+        let v: &RawValue = serde_json::from_str(raw).unwrap();
+        let mut out = Vec::new();
+        write_copy_value(&mut out, v, kind);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn values_become_copy_text() {
+        use ColumnKind::*;
+        assert_eq!(copy_of("null", Scalar), "\\N");
+        assert_eq!(copy_of("12.50", Scalar), "12.50");
+        assert_eq!(copy_of("\"a\\tb\\n\\\\\"", Scalar), "a\\tb\\n\\\\");
+        assert_eq!(copy_of("\"NaN\"", Scalar), "NaN");
+        assert_eq!(copy_of("{\"a\": [1, \"x\"]}", Json), "{\"a\": [1, \"x\"]}");
+        assert_eq!(copy_of("\"\\\\x0aff\"", Scalar), "\\\\x0aff");
+        let arr = Array {
+            json_elements: false,
+            delimiter: b',',
+        };
+        assert_eq!(copy_of("[[1,2],[3,null]]", arr), "{{1,2},{3,NULL}}");
+        assert_eq!(
+            copy_of("[1.50,\"NaN\"]", arr),
+            "{1.50,\"NaN\"}",
+            "digits kept"
+        );
+        assert_eq!(
+            copy_of("[\"a\\\"b\",\"c,d\"]", arr),
+            "{\"a\\\\\"b\",\"c,d\"}"
+        );
+        let jarr = Array {
+            json_elements: true,
+            delimiter: b',',
+        };
+        assert_eq!(
+            copy_of("[{\"a\":1},\"s\"]", jarr),
+            "{\"{\\\\\"a\\\\\":1}\",\"\\\\\"s\\\\\"\"}"
+        );
+        assert_eq!(
+            ColumnKind::of("box[]"),
+            Array {
+                json_elements: false,
+                delimiter: b';'
+            }
+        );
+        assert_eq!(ColumnKind::of("jsonb"), Json);
+        assert_eq!(ColumnKind::of("character varying(20)"), Scalar);
+    }
+
+    mod model {
+        //! The fold against the plain model: apply records one at a time with the guard.
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeMap;
+
+        #[derive(Debug, Clone)]
+        enum Ch {
+            Ins(i64, i64),
+            Del(i64),
+            Trunc,
+        }
+
+        fn change() -> impl Strategy<Value = Ch> {
+            prop_oneof![
+                6 => (0..5i64, 0..100i64).prop_map(|(k, v)| Ch::Ins(k, v)),
+                2 => (0..5i64).prop_map(Ch::Del),
+                1 => Just(Ch::Trunc),
+            ]
+        }
+
+        type Ods = BTreeMap<i64, (i64, u64, i64)>; // key → (value, lsn, seq)
+
+        fn apply_one(ods: &mut Ods, ch: &Ch, lsn: u64, seq: i64) {
+            match ch {
+                Ch::Ins(k, v) => match ods.get(k) {
+                    Some(&(_, l, s)) if (l, s) >= (lsn, seq) => {}
+                    _ => {
+                        ods.insert(*k, (*v, lsn, seq));
+                    }
+                },
+                Ch::Del(k) => {
+                    if let Some(&(_, l, s)) = ods.get(k) {
+                        if (l, s) < (lsn, seq) {
+                            ods.remove(k);
+                        }
+                    }
+                }
+                Ch::Trunc => ods.retain(|_, (_, l, s)| (*l, *s) >= (lsn, seq)),
+            }
+        }
+
+        fn encode(ch: &Ch, lsn: u64, seq: i64) -> Vec<u8> {
+            match ch {
+                Ch::Ins(k, v) => ins("a", lsn, seq, *k, &v.to_string()),
+                Ch::Del(k) => del("a", lsn, seq, *k),
+                Ch::Trunc => rec(&format!(
+                    r#"{{"action":"T","xid":1,"lsn":"0/{lsn:X}","commit_lsn":"0/{lsn:X}","seq":{seq},"schema":"public","table":"t","source":"a"}}"#
+                )),
+            }
+        }
+
+        fn apply_plan(ods: &mut Ods, p: &Planner<'_>) {
+            let Some(t) = p.tables.get("t") else { return };
+            if let Some((l, s, _)) = t.truncates.get("a") {
+                ods.retain(|_, (_, ol, os)| (*ol, *os) >= (l.0, *s));
+            }
+            let vi = t.columns.get_index_of("v");
+            for row in t.rows.values() {
+                let k: i64 = row.key[0].get().parse().unwrap();
+                let guard_ok = match ods.get(&k) {
+                    Some(&(_, l, s)) => (l, s) < (row.lsn.0, row.seq),
+                    None => true,
+                };
+                match row.op {
+                    Op::Delete if guard_ok => {
+                        ods.remove(&k);
+                    }
+                    Op::Upsert if guard_ok => {
+                        let v: i64 = row.values[&vi.unwrap()].get().parse().unwrap();
+                        ods.insert(k, (v, row.lsn.0, row.seq));
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        proptest! {
+            /// A stream of transactions, replayed from an earlier point (as after a relay
+            /// crash), cut into batches anywhere: the planned batches leave the ODS exactly as
+            /// applying each record alone does.
+            #[test]
+            fn planned_batches_equal_one_by_one_application(
+                txs in prop::collection::vec(prop::collection::vec(change(), 1..4), 1..12),
+                replay_from in 0usize..12,
+                cuts in prop::collection::vec(1usize..8, 1..6),
+            ) {
+                let mut stream = Vec::new();
+                for (t, chs) in txs.iter().enumerate() {
+                    for (s, ch) in chs.iter().enumerate() {
+                        stream.push((ch.clone(), 0x10 * (t as u64 + 1), s as i64 + 1));
+                    }
+                }
+                let start = replay_from.min(stream.len());
+                let mut replayed = stream.clone();
+                replayed.extend(stream[start..].iter().cloned());
+
+                let mut model = Ods::new();
+                for (ch, l, s) in &replayed {
+                    apply_one(&mut model, ch, *l, *s);
+                }
+
+                let encoded: Vec<Vec<u8>> = replayed.iter().map(|(c, l, s)| encode(c, *l, *s)).collect();
+                let mut ods = Ods::new();
+                let mut i = 0;
+                let mut cut = cuts.iter().cycle();
+                while i < encoded.len() {
+                    let n = (*cut.next().unwrap()).min(encoded.len() - i);
+                    let (p, _) = plan_of(&encoded[i..i + n], true);
+                    apply_plan(&mut ods, &p);
+                    i += n;
+                }
+                let strip = |m: &Ods| m.iter().map(|(k, (v, _, _))| (*k, *v)).collect::<Vec<_>>();
+                prop_assert_eq!(strip(&ods), strip(&model));
+            }
+        }
+    }
+}

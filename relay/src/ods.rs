@@ -1,0 +1,831 @@
+//! The ODS side of the sink (DESIGN.md §5): bookkeeping tables, ODS tables created and grown
+//! from the records' `types`, and a batch applied in **one** transaction together with the
+//! consumed offsets.
+//!
+//! Invariants kept here:
+//! - The offsets of a batch are written in the transaction that applies its rows, and only
+//!   if they still hold the values the batch started from ([`Ods::write_offsets`] fences out
+//!   a second sink instance still working on a partition after a rebalance). So each
+//!   message's effect is committed exactly once.
+//! - A row is only overwritten or deleted by a change with a greater `(commit_lsn, seq)` from
+//!   the same source (the guard in every statement below).
+//! - Unchanged-TOAST columns (absent from a change) keep their ODS value.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use futures::SinkExt;
+use indexmap::IndexMap;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+use tracing::{debug, info, warn};
+
+use crate::apply::{self, ident, literal, ColumnKind, NetRow, Op, TablePlan};
+use crate::error::RelayError;
+
+/// Bookkeeping columns (DESIGN.md §5).
+pub const SOURCE_COL: &str = "_saiki_source";
+pub const LSN_COL: &str = "_saiki_commit_lsn";
+pub const SEQ_COL: &str = "_saiki_seq";
+pub const APPLIED_COL: &str = "_saiki_applied_at";
+
+/// An ODS table as the catalog has it.
+#[derive(Debug, Clone)]
+pub struct OdsTable {
+    /// Column name → type as `format_type` prints it, in column order.
+    pub columns: IndexMap<String, String>,
+    pub primary_key: Vec<String>,
+}
+
+/// How applying a batch ended, short of a connection or server failure.
+#[derive(Debug)]
+pub enum ApplyError {
+    /// Another sink instance moved these partitions' offsets: the batch is void.
+    Fenced,
+    /// A record's content made a statement fail: apply record by record to find it.
+    Data(String),
+    /// Connection lost, server down, or a definite server error.
+    Fatal(RelayError),
+}
+
+impl From<RelayError> for ApplyError {
+    fn from(e: RelayError) -> Self {
+        ApplyError::Fatal(e)
+    }
+}
+
+/// Offsets of one partition in a batch: the stored value it started from, the next one.
+#[derive(Debug, Clone)]
+pub struct PartitionOffsets {
+    pub topic: String,
+    pub partition: i32,
+    pub stored: Option<i64>,
+    pub next: i64,
+}
+
+pub struct Ods {
+    client: Client,
+    target: String,
+    schema: String,
+    group: String,
+    key_includes_source: bool,
+    tables: HashMap<String, OdsTable>,
+    /// Temp staging table per ODS table in this session, with the column list it was made for.
+    stages: HashMap<String, (String, Vec<String>)>,
+    /// Tables that cannot be created, with the reason (their records are dead-lettered).
+    unmaterializable: HashMap<String, String>,
+    in_transaction: bool,
+}
+
+/// A server or connection error, classified.
+pub fn pg_error(target: &str, e: &tokio_postgres::Error) -> RelayError {
+    let code = e.code().map(|c| c.code().to_string());
+    let message = match e.as_db_error() {
+        Some(db) => {
+            let mut m = format!("{}: {}", db.severity(), db.message());
+            if let Some(d) = db.detail() {
+                m.push_str(&format!(" DETAIL: {d}"));
+            }
+            if let Some(h) = db.hint() {
+                m.push_str(&format!(" HINT: {h}"));
+            }
+            m
+        }
+        None => e.to_string(),
+    };
+    RelayError::Ods {
+        target: target.to_string(),
+        code,
+        message,
+    }
+}
+
+/// Whether an error comes from the data being applied (so isolating the record helps).
+fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    let Some(code) = e.code() else {
+        return false;
+    };
+    let c = code.code();
+    if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        return false;
+    }
+    matches!(&c[..2], "22" | "23" | "42" | "0A" | "54" | "44")
+}
+
+impl Ods {
+    /// Connects and creates the bookkeeping schema and the ODS schema if missing.
+    pub async fn connect(
+        dsn: &str,
+        schema: &str,
+        group: &str,
+        key_includes_source: bool,
+    ) -> Result<Ods, RelayError> {
+        let mut config: tokio_postgres::Config = dsn
+            .parse()
+            .map_err(|e| RelayError::Config(format!("sink.dsn: {e}")))?;
+        if matches!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        ) {
+            return Err(RelayError::Config(
+                "sink.dsn asks for sslmode=require: TLS to the ODS is not in this build; use sslmode=disable or prefer on a trusted network".into(),
+            ));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("saiki-relay sink");
+        }
+        let target = describe(&config);
+        let (client, conn) = config
+            .connect(NoTls)
+            .await
+            .map_err(|e| pg_error(&target, &e))?;
+        let t2 = target.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                warn!(target = %t2, error = %e, "ODS connection ended");
+            }
+        });
+        let ods = Ods {
+            client,
+            target,
+            schema: schema.to_string(),
+            group: group.to_string(),
+            key_includes_source,
+            tables: HashMap::new(),
+            stages: HashMap::new(),
+            unmaterializable: HashMap::new(),
+            in_transaction: false,
+        };
+        ods.bootstrap().await?;
+        Ok(ods)
+    }
+
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    fn err(&self, e: &tokio_postgres::Error) -> RelayError {
+        pg_error(&self.target, e)
+    }
+
+    async fn bootstrap(&self) -> Result<(), RelayError> {
+        // The advisory lock keeps two sinks starting at once from racing on CREATE.
+        let sql = format!(
+            "BEGIN;
+             SELECT pg_advisory_xact_lock(hashtext('saiki_sink.ddl'));
+             CREATE SCHEMA IF NOT EXISTS saiki_sink;
+             CREATE TABLE IF NOT EXISTS saiki_sink.offsets (
+                 \"group\" text NOT NULL,
+                 topic text NOT NULL,
+                 \"partition\" int NOT NULL,
+                 next_offset bigint NOT NULL,
+                 updated_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (\"group\", topic, \"partition\"));
+             COMMENT ON TABLE saiki_sink.offsets IS 'saiki-relay sink: the next Kafka offset to apply per consumer group and partition, written in the transaction that applies the rows';
+             CREATE SCHEMA IF NOT EXISTS {};
+             COMMIT;",
+            ident(&self.schema)
+        );
+        self.client.batch_execute(&sql).await.map_err(|e| {
+            let err = self.err(&e);
+            if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+                RelayError::Config(format!(
+                    "{err}: the sink's role needs CREATE on the ODS database (schemas saiki_sink and {})",
+                    self.schema
+                ))
+            } else {
+                err
+            }
+        })
+    }
+
+    /// The stored next offset of every partition of this group.
+    pub async fn offsets(&self) -> Result<HashMap<(String, i32), i64>, RelayError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT topic, \"partition\", next_offset FROM saiki_sink.offsets WHERE \"group\" = $1",
+                &[&self.group],
+            )
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    (r.get::<_, String>(0), r.get::<_, i32>(1)),
+                    r.get::<_, i64>(2),
+                )
+            })
+            .collect())
+    }
+
+    /// The stored next offset of one partition.
+    pub async fn offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, RelayError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT next_offset FROM saiki_sink.offsets WHERE \"group\" = $1 AND topic = $2 AND \"partition\" = $3",
+                &[&self.group, &topic, &partition],
+            )
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn savepoint(&self) -> Result<(), RelayError> {
+        self.client
+            .batch_execute("SAVEPOINT saiki_record")
+            .await
+            .map_err(|e| self.err(&e))
+    }
+
+    pub async fn release_savepoint(&self) -> Result<(), RelayError> {
+        self.client
+            .batch_execute("RELEASE SAVEPOINT saiki_record")
+            .await
+            .map_err(|e| self.err(&e))
+    }
+
+    /// Undoes one record's statements, and forgets catalog and staging tables they may have
+    /// created.
+    pub async fn rollback_to_savepoint(&mut self) -> Result<(), RelayError> {
+        self.tables.clear();
+        self.stages.clear();
+        self.client
+            .batch_execute("ROLLBACK TO SAVEPOINT saiki_record")
+            .await
+            .map_err(|e| self.err(&e))
+    }
+
+    pub async fn begin(&mut self) -> Result<(), RelayError> {
+        self.client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| self.err(&e))?;
+        self.in_transaction = true;
+        Ok(())
+    }
+
+    pub async fn commit(&mut self) -> Result<(), RelayError> {
+        self.in_transaction = false;
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| self.err(&e))
+    }
+
+    /// Rolls back and forgets what the transaction may have changed in the catalog.
+    pub async fn rollback(&mut self) {
+        if self.in_transaction {
+            self.in_transaction = false;
+            if let Err(e) = self.client.batch_execute("ROLLBACK").await {
+                debug!(error = %e, "rollback");
+            }
+        }
+        self.tables.clear();
+        self.stages.clear();
+    }
+
+    /// Writes the batch's next offsets, fenced on the values the batch started from.
+    pub async fn write_offsets(&self, parts: &[PartitionOffsets]) -> Result<(), ApplyError> {
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let topics: Vec<&str> = parts.iter().map(|p| p.topic.as_str()).collect();
+        let ps: Vec<i32> = parts.iter().map(|p| p.partition).collect();
+        let next: Vec<i64> = parts.iter().map(|p| p.next).collect();
+        let stored: Vec<Option<i64>> = parts.iter().map(|p| p.stored).collect();
+        let row = self
+            .client
+            .query_one(
+                "WITH input(topic, part, next, stored) AS (
+                    SELECT * FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[])),
+                 upd AS (
+                    UPDATE saiki_sink.offsets o SET next_offset = i.next, updated_at = now()
+                    FROM input i
+                    WHERE o.\"group\" = $1 AND o.topic = i.topic AND o.\"partition\" = i.part
+                      AND o.next_offset = i.stored
+                    RETURNING 1),
+                 ins AS (
+                    INSERT INTO saiki_sink.offsets (\"group\", topic, \"partition\", next_offset)
+                    SELECT $1, topic, part, next FROM input WHERE stored IS NULL
+                    ON CONFLICT DO NOTHING
+                    RETURNING 1)
+                 SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins)",
+                &[&self.group, &topics, &ps, &next, &stored],
+            )
+            .await
+            .map_err(|e| self.err(&e))?;
+        let n: i64 = row.get(0);
+        if n as usize != parts.len() {
+            return Err(ApplyError::Fenced);
+        }
+        Ok(())
+    }
+
+    /// The reason a table cannot be materialized, if creating it failed before.
+    pub fn unmaterializable(&self, table: &str) -> Option<&str> {
+        self.unmaterializable.get(table).map(String::as_str)
+    }
+
+    pub fn set_unmaterializable(&mut self, table: &str, reason: String) {
+        self.unmaterializable.insert(table.to_string(), reason);
+    }
+
+    /// Applies one table's plan inside the open transaction. Returns rows written.
+    pub async fn apply_table(
+        &mut self,
+        plan: &TablePlan<'_>,
+        isolated: bool,
+    ) -> Result<u64, ApplyError> {
+        let table = self.ensure_table(plan).await?;
+        let qualified = format!("{}.{}", ident(&self.schema), ident(&plan.name));
+        let mut written = 0u64;
+        // A truncate of a table the ODS does not have yet has nothing to delete.
+        let truncates = if table.columns.is_empty() {
+            None
+        } else {
+            Some(&plan.truncates)
+        };
+        for (source, (lsn, seq, _)) in truncates.into_iter().flatten() {
+            let sql = format!(
+                "DELETE FROM {qualified} WHERE {src} = $1 AND ({lsn_c}, {seq_c}) < ($2::text::pg_lsn, $3::int)",
+                src = ident(SOURCE_COL),
+                lsn_c = ident(LSN_COL),
+                seq_c = ident(SEQ_COL)
+            );
+            let lsn = lsn.to_string();
+            let seq = *seq as i32;
+            written += self
+                .client
+                .execute(&sql, &[source, &lsn, &seq])
+                .await
+                .map_err(|e| self.classify(&e))?;
+        }
+        if plan.rows.is_empty() {
+            return Ok(written);
+        }
+        if !plan.key.is_empty() {
+            let mut want: Vec<String> = Vec::new();
+            if self.key_includes_source {
+                want.push(SOURCE_COL.to_string());
+            }
+            want.extend(plan.key.iter().cloned());
+            let mut have = table.primary_key.clone();
+            let mut want_sorted = want.clone();
+            have.sort();
+            want_sorted.sort();
+            if have != want_sorted {
+                return Err(ApplyError::Data(format!(
+                    "the key of {} is ({}), but ODS table {qualified} has primary key ({}): recreate the ODS table, or set sink.key_includes_source to match it",
+                    plan.source_table,
+                    want.join(", "),
+                    table.primary_key.join(", ")
+                )));
+            }
+        }
+        let stage = self.ensure_stage(&plan.name, &table).await?;
+        if isolated {
+            self.client
+                .batch_execute(&format!("TRUNCATE {stage}"))
+                .await
+                .map_err(|e| self.classify(&e))?;
+        }
+
+        // COPY the net rows into the staging table.
+        let cols: Vec<&str> = plan.columns.keys().map(String::as_str).collect();
+        let kinds: Vec<ColumnKind> = cols
+            .iter()
+            .map(|c| ColumnKind::of(table.columns.get(*c).map_or("text", String::as_str)))
+            .collect();
+        let mut copy_cols = vec!["_op", "_absent", SOURCE_COL, LSN_COL, SEQ_COL];
+        copy_cols.extend(cols.iter());
+        let copy_sql = format!(
+            "COPY {stage} ({}) FROM STDIN",
+            copy_cols
+                .iter()
+                .map(|c| ident(c))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut buf = Vec::with_capacity(plan.rows.len() * 128);
+        let mut any_absent = false;
+        let (mut n_upsert, mut n_delete) = (0usize, 0usize);
+        for row in plan.rows.values() {
+            any_absent |= encode_row(&mut buf, row, &cols, &kinds);
+            match row.op {
+                Op::Upsert => n_upsert += 1,
+                Op::Delete => n_delete += 1,
+            }
+        }
+        let sink = self
+            .client
+            .copy_in::<_, Bytes>(&copy_sql)
+            .await
+            .map_err(|e| self.classify(&e))?;
+        futures::pin_mut!(sink);
+        let data = Bytes::from(buf);
+        const CHUNK: usize = 1 << 20;
+        let mut at = 0;
+        while at < data.len() {
+            let end = (at + CHUNK).min(data.len());
+            sink.send(data.slice(at..end))
+                .await
+                .map_err(|e| self.classify(&e))?;
+            at = end;
+        }
+        sink.finish().await.map_err(|e| self.classify(&e))?;
+
+        let key_cols: Vec<String> = table.primary_key.clone();
+        let guard = guard_sql("s");
+        let book = [SOURCE_COL, LSN_COL, SEQ_COL];
+        let value_cols: Vec<&str> = cols
+            .iter()
+            .copied()
+            .filter(|c| !key_cols.iter().any(|k| k == c))
+            .collect();
+        let insert_cols: Vec<String> = book
+            .iter()
+            .copied()
+            .chain(cols.iter().copied().filter(|c| *c != SOURCE_COL))
+            .map(ident)
+            .chain(std::iter::once(ident(APPLIED_COL)))
+            .collect();
+        let select_cols: Vec<String> = book
+            .iter()
+            .copied()
+            .chain(cols.iter().copied().filter(|c| *c != SOURCE_COL))
+            .map(|c| format!("s.{}", ident(c)))
+            .chain(std::iter::once("statement_timestamp()".to_string()))
+            .collect();
+        let conflict = key_cols
+            .iter()
+            .map(|c| ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if n_upsert > 0 {
+            let mut sets: Vec<String> = value_cols
+                .iter()
+                .map(|c| format!("{0} = EXCLUDED.{0}", ident(c)))
+                .collect();
+            for b in book.iter().chain(std::iter::once(&APPLIED_COL)) {
+                if !key_cols.iter().any(|k| k == b) {
+                    sets.push(format!("{0} = EXCLUDED.{0}", ident(b)));
+                }
+            }
+            let guard_excl = guard_sql("EXCLUDED");
+            let sql = format!(
+                "INSERT INTO {qualified} AS t ({}) SELECT {} FROM {stage} s WHERE s._op = 'U' AND s._absent IS NULL ON CONFLICT ({conflict}) DO UPDATE SET {} WHERE {guard_excl}",
+                insert_cols.join(", "),
+                select_cols.join(", "),
+                sets.join(", ")
+            );
+            written += self
+                .client
+                .execute(&sql, &[])
+                .await
+                .map_err(|e| self.classify(&e))?;
+        }
+        let on = key_cols
+            .iter()
+            .map(|c| format!("t.{0} = s.{0}", ident(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        if any_absent {
+            let mut sets: Vec<String> = value_cols
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{0} = CASE WHEN {1} = ANY(s._absent) THEN t.{0} ELSE s.{0} END",
+                        ident(c),
+                        literal(c)
+                    )
+                })
+                .collect();
+            for b in book.iter() {
+                if !key_cols.iter().any(|k| k == b) {
+                    sets.push(format!("{0} = s.{0}", ident(b)));
+                }
+            }
+            sets.push(format!("{} = statement_timestamp()", ident(APPLIED_COL)));
+            let sql = format!(
+                "MERGE INTO {qualified} AS t USING (SELECT * FROM {stage} WHERE _op = 'U' AND _absent IS NOT NULL) AS s ON {on}
+                 WHEN MATCHED AND {guard} THEN UPDATE SET {}
+                 WHEN NOT MATCHED THEN INSERT ({}) VALUES ({})",
+                sets.join(", "),
+                insert_cols.join(", "),
+                select_cols.join(", ")
+            );
+            written += self
+                .client
+                .execute(&sql, &[])
+                .await
+                .map_err(|e| self.classify(&e))?;
+        }
+        if n_delete > 0 {
+            let sql = format!(
+                "DELETE FROM {qualified} AS t USING {stage} AS s WHERE s._op = 'D' AND {on} AND {guard}"
+            );
+            written += self
+                .client
+                .execute(&sql, &[])
+                .await
+                .map_err(|e| self.classify(&e))?;
+        }
+        Ok(written)
+    }
+
+    fn classify(&mut self, e: &tokio_postgres::Error) -> ApplyError {
+        if is_data_error(e) {
+            ApplyError::Data(self.err(e).to_string())
+        } else {
+            ApplyError::Fatal(self.err(e))
+        }
+    }
+
+    /// Loads the table from the catalog, creating it or adding columns as the plan needs.
+    async fn ensure_table(&mut self, plan: &TablePlan<'_>) -> Result<OdsTable, ApplyError> {
+        if !self.tables.contains_key(&plan.name) {
+            if let Some(t) = self.load_table(&plan.name).await? {
+                self.tables.insert(plan.name.clone(), t);
+            }
+        }
+        let missing: Vec<&apply::ColumnSeen> = match self.tables.get(&plan.name) {
+            Some(t) => plan
+                .columns
+                .values()
+                .filter(|c| !t.columns.contains_key(&c.name))
+                .collect(),
+            None => plan.columns.values().collect(),
+        };
+        if missing.is_empty() {
+            if let Some(t) = self.tables.get(&plan.name) {
+                return Ok(t.clone());
+            }
+            if plan.rows.is_empty() {
+                // Only truncates for a table never seen: nothing to delete from.
+                return Ok(OdsTable {
+                    columns: IndexMap::new(),
+                    primary_key: Vec::new(),
+                });
+            }
+        }
+        let mut defs = Vec::new();
+        for c in &missing {
+            let Some(t) = &c.type_name else {
+                return Err(ApplyError::Data(format!(
+                    "column {} of {} has no type in the record: the sink creates ODS tables from `types`; turn on source.include_types in the source relay",
+                    c.name, plan.source_table
+                )));
+            };
+            let t = self.resolve_type(t).await?;
+            defs.push((c.name.clone(), t));
+        }
+        let qualified = format!("{}.{}", ident(&self.schema), ident(&plan.name));
+        self.client
+            .batch_execute("SELECT pg_advisory_xact_lock(hashtext('saiki_sink.ddl'))")
+            .await
+            .map_err(|e| self.classify(&e))?;
+        let exists = self.load_table(&plan.name).await?.is_some();
+        let sql = if !exists {
+            if plan.key.is_empty() {
+                // Only truncates so far: nothing to create.
+                return Ok(OdsTable {
+                    columns: IndexMap::new(),
+                    primary_key: Vec::new(),
+                });
+            }
+            let mut cols: Vec<String> = vec![
+                format!("{} text NOT NULL", ident(SOURCE_COL)),
+                format!("{} pg_lsn NOT NULL", ident(LSN_COL)),
+                format!("{} int NOT NULL", ident(SEQ_COL)),
+                format!("{} timestamptz NOT NULL", ident(APPLIED_COL)),
+            ];
+            cols.extend(defs.iter().map(|(n, t)| format!("{} {t}", ident(n))));
+            let mut pk: Vec<String> = Vec::new();
+            if self.key_includes_source {
+                pk.push(ident(SOURCE_COL));
+            }
+            pk.extend(plan.key.iter().map(|k| ident(k)));
+            info!(table = %qualified, "creating ODS table");
+            format!(
+                "CREATE TABLE IF NOT EXISTS {qualified} ({}, PRIMARY KEY ({}));
+                 COMMENT ON TABLE {qualified} IS {}",
+                cols.join(", "),
+                pk.join(", "),
+                literal(&format!(
+                    "saiki-relay sink: materialized from {}",
+                    plan.source_table
+                ))
+            )
+        } else {
+            info!(table = %qualified, columns = ?defs.iter().map(|d| &d.0).collect::<Vec<_>>(), "adding ODS columns");
+            defs.iter()
+                .map(|(n, t)| {
+                    format!(
+                        "ALTER TABLE {qualified} ADD COLUMN IF NOT EXISTS {} {t};",
+                        ident(n)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        if let Err(e) = self.client.batch_execute(&sql).await {
+            let err = self.classify(&e);
+            if let ApplyError::Data(reason) = &err {
+                if !exists {
+                    return Err(ApplyError::Data(format!(
+                        "cannot create ODS table {qualified}: {reason}"
+                    )));
+                }
+            }
+            return Err(err);
+        }
+        let t = self.load_table(&plan.name).await?.ok_or_else(|| {
+            ApplyError::Data(format!("ODS table {qualified} vanished after creation"))
+        })?;
+        self.tables.insert(plan.name.clone(), t.clone());
+        Ok(t)
+    }
+
+    /// The type for an ODS column: the source's type if the ODS knows it, `text` otherwise
+    /// (user-defined enums, composites and domains of the source).
+    async fn resolve_type(&self, t: &str) -> Result<String, ApplyError> {
+        self.client
+            .batch_execute("SAVEPOINT saiki_type")
+            .await
+            .map_err(|e| ApplyError::Fatal(self.err(&e)))?;
+        let r = self
+            .client
+            .query_one("SELECT to_regtype($1) IS NOT NULL", &[&t])
+            .await;
+        let known = match r {
+            Ok(row) => {
+                self.client
+                    .batch_execute("RELEASE SAVEPOINT saiki_type")
+                    .await
+                    .map_err(|e| ApplyError::Fatal(self.err(&e)))?;
+                row.get::<_, bool>(0)
+            }
+            Err(e) if e.code().is_some() => {
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT saiki_type")
+                    .await
+                    .map_err(|e| ApplyError::Fatal(self.err(&e)))?;
+                false
+            }
+            Err(e) => return Err(ApplyError::Fatal(self.err(&e))),
+        };
+        if known {
+            Ok(t.to_string())
+        } else {
+            debug!(type_name = t, "unknown in the ODS: stored as text");
+            Ok("text".to_string())
+        }
+    }
+
+    async fn load_table(&self, name: &str) -> Result<Option<OdsTable>, ApplyError> {
+        let qualified = format!("{}.{}", ident(&self.schema), ident(name));
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                        coalesce((SELECT k.ord FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, ord)
+                                  WHERE k.att = a.attnum), 0)::int
+                 FROM pg_attribute a
+                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+                 ORDER BY a.attnum",
+                &[&qualified],
+            )
+            .await
+            .map_err(|e| ApplyError::Fatal(self.err(&e)))?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut columns = IndexMap::new();
+        let mut pk: Vec<(i32, String)> = Vec::new();
+        for r in &rows {
+            let name: String = r.get(0);
+            let ty: String = r.get(1);
+            let pos: i32 = r.get(2);
+            if pos > 0 {
+                pk.push((pos, name.clone()));
+            }
+            columns.insert(name, ty);
+        }
+        pk.sort();
+        Ok(Some(OdsTable {
+            columns,
+            primary_key: pk.into_iter().map(|p| p.1).collect(),
+        }))
+    }
+
+    /// A temp staging table with the ODS table's columns plus `_op` and `_absent`.
+    async fn ensure_stage(&mut self, name: &str, table: &OdsTable) -> Result<String, ApplyError> {
+        let cols: Vec<String> = table.columns.keys().cloned().collect();
+        if let Some((stage, made_for)) = self.stages.get(name) {
+            if *made_for == cols {
+                return Ok(stage.clone());
+            }
+        }
+        let stage = format!("pg_temp.{}", ident(&format!("saiki_stage_{name}")));
+        let defs: Vec<String> = table
+            .columns
+            .iter()
+            .map(|(c, t)| format!("{} {t}", ident(c)))
+            .collect();
+        let sql = format!(
+            "DROP TABLE IF EXISTS {stage}; CREATE TEMP TABLE {stage} (_op \"char\" NOT NULL, _absent text[], {}) ON COMMIT DELETE ROWS",
+            defs.join(", ")
+        );
+        self.client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| self.classify(&e))?;
+        self.stages.insert(name.to_string(), (stage.clone(), cols));
+        Ok(stage)
+    }
+}
+
+/// The ordering guard: the ODS row `t` is replaced by `new` only if `new` comes from another
+/// source or is a later change `(commit_lsn, seq)` of the same source.
+fn guard_sql(new: &str) -> String {
+    format!(
+        "(t.{src} IS DISTINCT FROM {new}.{src} OR (t.{l}, t.{q}) < ({new}.{l}, {new}.{q}))",
+        src = ident(SOURCE_COL),
+        l = ident(LSN_COL),
+        q = ident(SEQ_COL)
+    )
+}
+
+/// One COPY text line for a net row. Returns whether some batch column is absent.
+fn encode_row(out: &mut Vec<u8>, row: &NetRow<'_>, cols: &[&str], kinds: &[ColumnKind]) -> bool {
+    out.push(if row.op == Op::Upsert { b'U' } else { b'D' });
+    out.push(b'\t');
+    let absent: Vec<&str> = if row.op == Op::Upsert {
+        (0..cols.len())
+            .filter(|i| !row.values.contains_key(i))
+            .map(|i| cols[i])
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if absent.is_empty() {
+        out.extend_from_slice(b"\\N");
+    } else {
+        let mut lit = Vec::new();
+        lit.push(b'{');
+        for (i, a) in absent.iter().enumerate() {
+            if i > 0 {
+                lit.push(b',');
+            }
+            lit.push(b'"');
+            for &b in a.as_bytes() {
+                if b == b'"' || b == b'\\' {
+                    lit.push(b'\\');
+                }
+                lit.push(b);
+            }
+            lit.push(b'"');
+        }
+        lit.push(b'}');
+        apply::copy_escape(out, &lit);
+    }
+    out.push(b'\t');
+    apply::copy_escape(out, row.source.as_bytes());
+    out.push(b'\t');
+    row.lsn.write_to(out);
+    out.push(b'\t');
+    out.extend_from_slice(row.seq.to_string().as_bytes());
+    for (i, kind) in kinds.iter().enumerate() {
+        out.push(b'\t');
+        match row.values.get(&i) {
+            Some(v) => apply::write_copy_value(out, v, *kind),
+            None => out.extend_from_slice(b"\\N"),
+        }
+    }
+    out.push(b'\n');
+    !absent.is_empty()
+}
+
+fn describe(c: &tokio_postgres::Config) -> String {
+    let host = c
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{host}:{port}/{}",
+        c.get_dbname().unwrap_or(c.get_user().unwrap_or("postgres"))
+    )
+}
