@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The main job on local defaults (README's first command), as far as Saiki is built today:
-# a source PostgreSQL with the saiki extension, a Kafka-protocol broker (tansu), and
-# `saiki-relay source` streaming a small order workload from the slot into Kafka, with
-# changes/s, messages acknowledged by Kafka, in-flight messages and slot lag printed every two
-# seconds. The ODS sink joins this demo with issue #4.
+# The main job on local defaults (README's first command): a source PostgreSQL with the saiki
+# extension, a Kafka-protocol broker (tansu), an ODS database, `saiki-relay source` streaming a
+# small order workload from the slot into Kafka and `saiki-relay sink` materializing it into
+# the ODS. Every two seconds: changes/s, messages Kafka acknowledged, slot lag, rows in the ODS
+# and commit -> ODS freshness.
 #
 #   scripts/demo.sh                 run until Ctrl-C, then stop everything it started
 #   scripts/demo.sh --seconds 30    run for 30 seconds (headless)
@@ -35,6 +35,7 @@ DIR=/tmp/saiki-demo
 PORT=${SAIKI_DEMO_PORT:-54329}
 KAFKA_PORT=${SAIKI_DEMO_KAFKA_PORT:-19092}
 HTTP_PORT=${SAIKI_DEMO_HTTP_PORT:-19187}
+SINK_HTTP_PORT=${SAIKI_DEMO_SINK_HTTP_PORT:-19188}
 if [ -f "$DIR/data/postmaster.pid" ]; then
   runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/data" -m fast stop >/dev/null 2>&1 || true
 fi
@@ -58,8 +59,11 @@ cleanup() {
   wait 2>/dev/null || true
   if [ "$KEEP" = 1 ]; then
     echo
-    echo "[demo] left running. Connect with: psql 'host=127.0.0.1 port=$PORT user=postgres dbname=shop'"
-    echo "[demo] try: SELECT * FROM saiki.slot_status();  SELECT * FROM saiki.peek('saiki_demo', 5);"
+    echo "[demo] left running (the database; relays and broker stopped)."
+    echo "[demo] source: psql 'host=127.0.0.1 port=$PORT user=postgres dbname=shop'"
+    echo "[demo]   try: SELECT * FROM saiki.slot_status();  SELECT * FROM saiki.peek('saiki_demo', 5);"
+    echo "[demo] ODS:    psql 'host=127.0.0.1 port=$PORT user=postgres dbname=ods'"
+    echo "[demo]   try: SELECT status, count(*) FROM ods.orders GROUP BY 1;  SELECT * FROM saiki_sink.offsets;"
     echo "[demo] stop with: runuser -u postgres -- $PG_BIN/pg_ctl -D $DIR/data stop"
   else
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/data" -m fast stop >/dev/null 2>&1 || true
@@ -69,7 +73,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 0' INT TERM
 
-"$PG_BIN/psql" -X -q -d postgres -c "CREATE DATABASE shop"
+"$PG_BIN/psql" -X -q -d postgres -c "CREATE DATABASE shop" -c "CREATE DATABASE ods"
 "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 <<'SQL'
 CREATE EXTENSION saiki;
 CREATE TABLE articles (id int PRIMARY KEY, name text NOT NULL, price numeric(10,2) NOT NULL);
@@ -113,7 +117,18 @@ brokers = "127.0.0.1:$KAFKA_PORT"
 [http]
 listen = "127.0.0.1:$HTTP_PORT"
 TOML
+cat > "$DIR/sink.toml" <<TOML
+[sink]
+dsn = "host=127.0.0.1 port=$PORT user=postgres dbname=ods"
+instance_id = "demo-sink"
+[kafka]
+brokers = "127.0.0.1:$KAFKA_PORT"
+[http]
+listen = "127.0.0.1:$SINK_HTTP_PORT"
+TOML
 "$RELAY" --config "$DIR/relay.toml" source >/dev/null 2>"$DIR/relay.log" &
+PIDS+=($!)
+"$RELAY" --config "$DIR/sink.toml" sink >/dev/null 2>"$DIR/sink.log" &
 PIDS+=($!)
 DURATION=$([ "$SECONDS_TO_RUN" -gt 0 ] && echo "$SECONDS_TO_RUN" || echo 86400)
 "$PG_BIN/pgbench" -n -c 2 -R "$RATE" -T "$DURATION" -f "$DIR/order.sql" >"$DIR/pgbench.log" 2>&1 &
@@ -121,18 +136,22 @@ PIDS+=($!)
 
 echo "[demo] source: postgres://postgres@127.0.0.1:$PORT/shop, slot saiki_demo, workload $RATE orders/s"
 echo "[demo] Kafka: 127.0.0.1:$KAFKA_PORT, topics saiki.public.orders, saiki.public.order_items, saiki.transactions"
-echo "[demo] relay: http://127.0.0.1:$HTTP_PORT/metrics, log $DIR/relay.log; Ctrl-C stops everything"
-printf '%8s %12s %12s %14s %10s %12s\n' "time" "changes" "changes/s" "kafka acked" "in flight" "slot lag"
-metric() { curl -s "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null | awk -v m="$1" '$1 ~ "^"m"\\{" {print $2}'; }
+echo "[demo] relays: source http://127.0.0.1:$HTTP_PORT/metrics (log $DIR/relay.log), sink http://127.0.0.1:$SINK_HTTP_PORT/metrics (log $DIR/sink.log)"
+echo "[demo] ODS: postgres://postgres@127.0.0.1:$PORT/ods, schema ods; Ctrl-C stops everything"
+printf '%7s %10s %10s %12s %10s %12s %12s\n' "time" "changes" "changes/s" "kafka acked" "slot lag" "ODS orders" "fresh p50"
+metric() { curl -s "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v m="$2" '$1 ~ "^"m"\\{" {print $2}'; }
 start=$(date +%s); prev=0
 while :; do
   sleep 2
   now=$(date +%s); el=$((now - start))
-  n=$(metric saiki_source_changes_total); n=${n:-0}
-  acked=$(metric saiki_source_messages_produced_total)
-  inflight=$(metric saiki_source_in_flight_messages)
+  n=$(metric "$HTTP_PORT" saiki_source_changes_total); n=${n:-0}
+  acked=$(metric "$HTTP_PORT" saiki_source_messages_produced_total)
   lag=$("$PG_BIN/psql" -X -t -A -c "SELECT saiki.lag('saiki_demo')" 2>/dev/null || echo "?")
-  printf '%7ss %12s %12s %14s %10s %12s\n' "$el" "$n" "$(( (n - prev) / 2 ))" "${acked:-?}" "${inflight:-?}" "$lag"
+  # Rows in the ODS, and commit -> ODS time of the orders applied in the last two seconds
+  # (an order's created time is its transaction's start, a moment before its commit).
+  rows=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.orders" 2>/dev/null || echo 0)
+  fresh=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT coalesce(round(1000 * extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY _saiki_applied_at - created)))::text || 'ms', '-') FROM ods.orders WHERE _saiki_applied_at > now() - interval '2 s'" 2>/dev/null || echo "-")
+  printf '%6ss %10s %10s %12s %10s %12s %12s\n' "$el" "$n" "$(( (n - prev) / 2 ))" "${acked:-?}" "$lag" "${rows:-0}" "${fresh:--}"
   prev=$n
   if [ "$SECONDS_TO_RUN" -gt 0 ] && [ "$el" -ge "$SECONDS_TO_RUN" ]; then break; fi
 done

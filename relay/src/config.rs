@@ -39,6 +39,8 @@ headers = true                   # saiki.source, saiki.lsn, saiki.commit_lsn, sa
 dsn = "postgres://saiki@127.0.0.1:5432/ods"    # required for `sink`: the ODS
 schema = "ods"                   # ODS tables are {schema}.{table}; bookkeeping is in saiki_sink
 group = "saiki-ods"              # Kafka consumer group, and the key of saiki_sink.offsets
+instance_id = "sink-1"           # group.instance.id (static membership): unique per instance; a
+                                 # restart takes its partitions back at once. Unset: dynamic
 topics = "^saiki\\..*"            # regex over topic names; default: every {topic_prefix}.* topic
 key_includes_source = true       # primary key (_saiki_source, key...): shards whose keys collide
 batch_max_rows = 10000           # messages per ODS transaction
@@ -46,6 +48,7 @@ batch_max_bytes = 33554432       # message bytes per ODS transaction
 batch_linger = "50ms"            # wait this long for a batch to fill
 dead_letter_topic = "saiki.dead-letter"   # default {topic_prefix}.dead-letter
 topic_refresh = "5s"             # how often new matching topics are picked up
+tombstone_retention = "24h"      # how long a deleted row's (lsn, seq) is kept against replays
 reconnect_backoff_max = "30s"    # cap of the exponential backoff after an ODS or Kafka failure
 shutdown_grace = "30s"           # SIGTERM: time to commit the batch in hand before exiting
 
@@ -144,6 +147,9 @@ pub struct SinkConfig {
     pub schema: String,
     #[serde(default = "d_group")]
     pub group: String,
+    /// `group.instance.id`; `None` = dynamic membership.
+    #[serde(default)]
+    pub instance_id: Option<String>,
     /// Regex over topic names; `None` = every topic of `kafka.topic_prefix`.
     #[serde(default)]
     pub topics: Option<String>,
@@ -160,6 +166,8 @@ pub struct SinkConfig {
     pub dead_letter_topic: Option<String>,
     #[serde(default = "d_5s", with = "duration")]
     pub topic_refresh: Duration,
+    #[serde(default = "d_24h", with = "duration")]
+    pub tombstone_retention: Duration,
     #[serde(default = "d_30s", with = "duration")]
     pub reconnect_backoff_max: Duration,
     #[serde(default = "d_30s", with = "duration")]
@@ -205,6 +213,9 @@ fn d_1s() -> Duration {
 }
 fn d_30s() -> Duration {
     Duration::from_secs(30)
+}
+fn d_24h() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 fn d_5s() -> Duration {
     Duration::from_secs(5)

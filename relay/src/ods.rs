@@ -176,6 +176,7 @@ impl Ods {
         // The advisory lock keeps two sinks starting at once from racing on CREATE.
         let sql = format!(
             "BEGIN;
+             SET LOCAL client_min_messages = warning;
              SELECT pg_advisory_xact_lock(hashtext('saiki_sink.ddl'));
              CREATE SCHEMA IF NOT EXISTS saiki_sink;
              CREATE TABLE IF NOT EXISTS saiki_sink.offsets (
@@ -185,6 +186,22 @@ impl Ods {
                  next_offset bigint NOT NULL,
                  updated_at timestamptz NOT NULL DEFAULT now(),
                  PRIMARY KEY (\"group\", topic, \"partition\"));
+             CREATE TABLE IF NOT EXISTS saiki_sink.tombstones (
+                 ods_table text NOT NULL,
+                 source text NOT NULL,
+                 key text NOT NULL,
+                 lsn pg_lsn NOT NULL,
+                 seq int NOT NULL,
+                 deleted_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (ods_table, source, key));
+             COMMENT ON TABLE saiki_sink.tombstones IS 'saiki-relay sink: the last delete per row, so that a replayed older change does not bring the row back; kept for sink.tombstone_retention';
+             CREATE TABLE IF NOT EXISTS saiki_sink.truncations (
+                 ods_table text NOT NULL,
+                 source text NOT NULL,
+                 lsn pg_lsn NOT NULL,
+                 seq int NOT NULL,
+                 PRIMARY KEY (ods_table, source));
+             COMMENT ON TABLE saiki_sink.truncations IS 'saiki-relay sink: the last truncate per table and source; older changes are not applied';
              COMMENT ON TABLE saiki_sink.offsets IS 'saiki-relay sink: the next Kafka offset to apply per consumer group and partition, written in the transaction that applies the rows';
              CREATE SCHEMA IF NOT EXISTS {};
              COMMIT;",
@@ -328,6 +345,19 @@ impl Ods {
         Ok(())
     }
 
+    /// Forgets tombstones older than `retention` (replays come from a relay restarting at
+    /// its slot's confirmed position: minutes, not days). Returns how many.
+    pub async fn gc_tombstones(&self, retention: std::time::Duration) -> Result<u64, RelayError> {
+        let secs = retention.as_secs_f64();
+        self.client
+            .execute(
+                "DELETE FROM saiki_sink.tombstones WHERE deleted_at < now() - make_interval(secs => $1)",
+                &[&secs],
+            )
+            .await
+            .map_err(|e| self.err(&e))
+    }
+
     /// The reason a table cannot be materialized, if creating it failed before.
     pub fn unmaterializable(&self, table: &str) -> Option<&str> {
         self.unmaterializable.get(table).map(String::as_str)
@@ -364,6 +394,16 @@ impl Ods {
             written += self
                 .client
                 .execute(&sql, &[source, &lsn, &seq])
+                .await
+                .map_err(|e| self.classify(&e))?;
+            self.client
+                .execute(
+                    "INSERT INTO saiki_sink.truncations AS x (ods_table, source, lsn, seq)
+                     VALUES ($1, $2, $3::text::pg_lsn, $4)
+                     ON CONFLICT (ods_table, source) DO UPDATE SET lsn = EXCLUDED.lsn, seq = EXCLUDED.seq
+                     WHERE (x.lsn, x.seq) < (EXCLUDED.lsn, EXCLUDED.seq)",
+                    &[&plan.name, source, &lsn, &seq],
+                )
                 .await
                 .map_err(|e| self.classify(&e))?;
         }
@@ -403,7 +443,7 @@ impl Ods {
             .iter()
             .map(|c| ColumnKind::of(table.columns.get(*c).map_or("text", String::as_str)))
             .collect();
-        let mut copy_cols = vec!["_op", "_absent", SOURCE_COL, LSN_COL, SEQ_COL];
+        let mut copy_cols = vec!["_op", "_absent", "_key", SOURCE_COL, LSN_COL, SEQ_COL];
         copy_cols.extend(cols.iter());
         let copy_sql = format!(
             "COPY {stage} ({}) FROM STDIN",
@@ -468,6 +508,15 @@ impl Ods {
             .map(|c| ident(c))
             .collect::<Vec<_>>()
             .join(", ");
+        // A replayed change never brings back a row deleted or truncated by a later one.
+        let not_gone = format!(
+            "NOT EXISTS (SELECT 1 FROM saiki_sink.tombstones x WHERE x.ods_table = {name} AND x.source = s.{src} AND x.key = s._key AND (x.lsn, x.seq) > (s.{l}, s.{q}))
+             AND NOT EXISTS (SELECT 1 FROM saiki_sink.truncations x WHERE x.ods_table = {name} AND x.source = s.{src} AND (x.lsn, x.seq) > (s.{l}, s.{q}))",
+            name = literal(&plan.name),
+            src = ident(SOURCE_COL),
+            l = ident(LSN_COL),
+            q = ident(SEQ_COL)
+        );
         if n_upsert > 0 {
             let mut sets: Vec<String> = value_cols
                 .iter()
@@ -480,7 +529,7 @@ impl Ods {
             }
             let guard_excl = guard_sql("EXCLUDED");
             let sql = format!(
-                "INSERT INTO {qualified} AS t ({}) SELECT {} FROM {stage} s WHERE s._op = 'U' AND s._absent IS NULL ON CONFLICT ({conflict}) DO UPDATE SET {} WHERE {guard_excl}",
+                "INSERT INTO {qualified} AS t ({}) SELECT {} FROM {stage} s WHERE s._op = 'U' AND s._absent IS NULL AND {not_gone} ON CONFLICT ({conflict}) DO UPDATE SET {} WHERE {guard_excl}",
                 insert_cols.join(", "),
                 select_cols.join(", "),
                 sets.join(", ")
@@ -514,7 +563,7 @@ impl Ods {
             }
             sets.push(format!("{} = statement_timestamp()", ident(APPLIED_COL)));
             let sql = format!(
-                "MERGE INTO {qualified} AS t USING (SELECT * FROM {stage} WHERE _op = 'U' AND _absent IS NOT NULL) AS s ON {on}
+                "MERGE INTO {qualified} AS t USING (SELECT * FROM {stage} s WHERE s._op = 'U' AND s._absent IS NOT NULL AND {not_gone}) AS s ON {on}
                  WHEN MATCHED AND {guard} THEN UPDATE SET {}
                  WHEN NOT MATCHED THEN INSERT ({}) VALUES ({})",
                 sets.join(", "),
@@ -533,6 +582,21 @@ impl Ods {
             );
             written += self
                 .client
+                .execute(&sql, &[])
+                .await
+                .map_err(|e| self.classify(&e))?;
+            let sql = format!(
+                "INSERT INTO saiki_sink.tombstones AS x (ods_table, source, key, lsn, seq)
+                 SELECT {name}, s.{src}, s._key, s.{l}, s.{q} FROM {stage} s WHERE s._op = 'D'
+                 ON CONFLICT (ods_table, source, key) DO UPDATE
+                 SET lsn = EXCLUDED.lsn, seq = EXCLUDED.seq, deleted_at = now()
+                 WHERE (x.lsn, x.seq) < (EXCLUDED.lsn, EXCLUDED.seq)",
+                name = literal(&plan.name),
+                src = ident(SOURCE_COL),
+                l = ident(LSN_COL),
+                q = ident(SEQ_COL)
+            );
+            self.client
                 .execute(&sql, &[])
                 .await
                 .map_err(|e| self.classify(&e))?;
@@ -741,7 +805,7 @@ impl Ods {
             .map(|(c, t)| format!("{} {t}", ident(c)))
             .collect();
         let sql = format!(
-            "DROP TABLE IF EXISTS {stage}; CREATE TEMP TABLE {stage} (_op \"char\" NOT NULL, _absent text[], {}) ON COMMIT DELETE ROWS",
+            "DROP TABLE IF EXISTS {stage}; CREATE TEMP TABLE {stage} (_op \"char\" NOT NULL, _absent text[], _key text, {}) ON COMMIT DELETE ROWS",
             defs.join(", ")
         );
         self.client
@@ -797,6 +861,8 @@ fn encode_row(out: &mut Vec<u8>, row: &NetRow<'_>, cols: &[&str], kinds: &[Colum
         lit.push(b'}');
         apply::copy_escape(out, &lit);
     }
+    out.push(b'\t');
+    apply::copy_escape(out, apply::key_text(&row.key).as_bytes());
     out.push(b'\t');
     apply::copy_escape(out, row.source.as_bytes());
     out.push(b'\t');

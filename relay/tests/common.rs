@@ -78,6 +78,7 @@ pub fn sink_config(
     format!(
         r#"[sink]
 dsn = "host=127.0.0.1 port={} user=postgres dbname={db}"
+instance_id = "test-sink"
 batch_linger = "20ms"
 reconnect_backoff_max = "1s"
 topic_refresh = "500ms"
@@ -353,4 +354,31 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Creates a topic (the tests that produce by hand need it before the sink subscribes).
+pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let res = rt
+        .block_on(admin.create_topics(
+            [&NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new(),
+        ))
+        .expect("create topic");
+    for r in res {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
 }

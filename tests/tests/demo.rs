@@ -1,16 +1,16 @@
-//! The README's first command, headless: `scripts/demo.sh --seconds N` streams changes into
-//! Kafka through the relay and leaves nothing running.
+//! The README's first command, headless: `scripts/demo.sh --seconds N` streams changes through
+//! the source relay into Kafka and the sink into the ODS, and leaves nothing running.
 
 use std::process::Command;
 
 #[test]
-fn the_demo_streams_changes_and_leaves_nothing_running() {
+fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
     let out = Command::new("bash")
         .arg(root.join("scripts/demo.sh"))
-        .args(["--seconds", "6"])
+        .args(["--seconds", "10"])
         .env("SAIKI_DEMO_PORT", saiki_tests::loopback_port().to_string())
         .env(
             "SAIKI_DEMO_KAFKA_PORT",
@@ -20,12 +20,17 @@ fn the_demo_streams_changes_and_leaves_nothing_running() {
             "SAIKI_DEMO_HTTP_PORT",
             saiki_tests::loopback_port().to_string(),
         )
+        .env(
+            "SAIKI_DEMO_SINK_HTTP_PORT",
+            saiki_tests::loopback_port().to_string(),
+        )
         .output()
         .expect("run the demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    // The last status line: time, changes, changes/s, Kafka acknowledged, in flight, lag.
+    // The last status line: time, changes, changes/s, Kafka acknowledged, slot lag, ODS
+    // orders, freshness.
     let last = stdout
         .lines()
         .rev()
@@ -39,10 +44,12 @@ fn the_demo_streams_changes_and_leaves_nothing_running() {
     let cols: Vec<&str> = last.split_whitespace().collect();
     let changes: u64 = cols[1].parse().unwrap_or(0);
     let acked: u64 = cols[3].parse().unwrap_or(0);
+    let ods_orders: u64 = cols[5].parse().unwrap_or(0);
     assert!(
         changes > 100 && acked > 100,
         "changes reached Kafka: {last}"
     );
+    assert!(ods_orders > 10, "orders reached the ODS: {last}\n{stdout}");
     assert!(stdout.contains("nothing left running"), "{stdout}");
     let left = Command::new("pgrep")
         .args(["-f", "saiki-demo"])

@@ -1,0 +1,329 @@
+//! bench/sink's Rust half (run by bench/sink/run.py): the same generated change records
+//! (1,000,000 by default: 30 % updates of earlier keys, 5 % deletes) through
+//! - `apply`: the sink's apply path (planner + ODS apply, batch by batch, with offsets),
+//!   the ceiling (COPY into a staging table + one INSERT … ON CONFLICT merge), and
+//!   one-row-at-a-time upserts (a sample, extrapolated);
+//! - `produce`: into a topic, for the end-to-end figure;
+//! - `consume`: a bare consumer that only reads them (same librdkafka as the sink).
+//!
+//! Prints one `result name=value …` line per figure.
+
+use std::time::{Duration, Instant};
+
+use futures::SinkExt;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
+use saiki_relay::apply::{Msg, Planner};
+use saiki_relay::ods::{Ods, PartitionOffsets};
+
+/// One generated change: (action, id, seq, bid, abalance).
+struct Change {
+    action: char,
+    id: i64,
+    bid: i32,
+    abalance: i32,
+}
+
+fn generate(n: usize) -> Vec<Change> {
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut rnd = move |m: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % m
+    };
+    let mut live: Vec<i64> = Vec::new();
+    let mut next = 1i64;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let r = rnd(100);
+        let (action, id) = if r < 30 && !live.is_empty() {
+            ('U', live[rnd(live.len() as u64) as usize])
+        } else if r < 35 && !live.is_empty() {
+            ('D', live.swap_remove(rnd(live.len() as u64) as usize))
+        } else {
+            live.push(next);
+            next += 1;
+            ('I', next - 1)
+        };
+        out.push(Change {
+            action,
+            id,
+            bid: rnd(1000) as i32,
+            abalance: rnd(1_000_000) as i32 - 500_000,
+        });
+    }
+    out
+}
+
+const FILLER: &str =
+    "                                                                                    ";
+
+/// The record as the plugin and the source relay write it (include-types on).
+fn record(c: &Change, i: usize) -> Vec<u8> {
+    let lsn = 0x1000 + i as u64 * 0x100;
+    let head = format!(
+        r#"{{"action":"{}","xid":{},"lsn":"0/{lsn:X}","commit_lsn":"0/{lsn:X}","seq":1,"schema":"public","table":"accounts","key":["aid"]"#,
+        c.action,
+        1000 + i
+    );
+    let body = if c.action == 'D' {
+        format!(r#","identity":{{"aid":{}}}"#, c.id)
+    } else {
+        format!(
+            r#","columns":{{"aid":{},"bid":{},"abalance":{},"filler":"{FILLER}"}},"types":{{"aid":"bigint","bid":"integer","abalance":"integer","filler":"character(84)"}}"#,
+            c.id, c.bid, c.abalance
+        )
+    };
+    format!(r#"{head}{body},"source":"bench"}}"#).into_bytes()
+}
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rows: usize = arg(&args, "--rows", "1000000").parse().unwrap();
+    let changes = generate(rows);
+    match args.get(1).map(String::as_str) {
+        Some("apply") => apply(&args, &changes).await,
+        Some("produce") => produce(&args, &changes).await,
+        Some("consume") => consume(&args, rows).await,
+        _ => {
+            eprintln!("usage: sink_bench apply|produce|consume [--dsn D] [--brokers B] [--rows N]")
+        }
+    }
+}
+
+async fn client(dsn: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    c
+}
+
+async fn apply(args: &[String], changes: &[Change]) {
+    let dsn = arg(args, "--dsn", "host=127.0.0.1 user=postgres dbname=ods");
+    let batch: usize = arg(args, "--batch", "10000").parse().unwrap();
+    let records: Vec<Vec<u8>> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| record(c, i))
+        .collect();
+
+    // 1. The sink's apply path.
+    let mut ods = Ods::connect(&dsn, "ods", "bench", true).await.expect("ods");
+    let started = Instant::now();
+    let mut stored: Option<i64> = None;
+    for (b, chunk) in records.chunks(batch).enumerate() {
+        let mut planner = Planner::new(true);
+        for (i, r) in chunk.iter().enumerate() {
+            planner.add(
+                i,
+                &Msg {
+                    topic: "saiki.public.accounts",
+                    partition: 0,
+                    offset: (b * batch + i) as i64,
+                    key: None,
+                    payload: Some(r),
+                },
+            );
+        }
+        let next = ((b + 1) * batch).min(records.len()) as i64;
+        ods.begin().await.unwrap();
+        ods.write_offsets(&[PartitionOffsets {
+            topic: "saiki.public.accounts".into(),
+            partition: 0,
+            stored,
+            next,
+        }])
+        .await
+        .map_err(|e| format!("{e:?}"))
+        .unwrap();
+        for plan in planner.tables.values() {
+            ods.apply_table(plan, false)
+                .await
+                .map_err(|e| format!("{e:?}"))
+                .unwrap();
+        }
+        ods.commit().await.unwrap();
+        stored = Some(next);
+    }
+    let sink_s = started.elapsed().as_secs_f64();
+    println!(
+        "result engine=sink rows={} seconds={sink_s:.3} batch={batch}",
+        records.len()
+    );
+
+    // 2. The ceiling: COPY into a staging table + one merge.
+    let c = client(&dsn).await;
+    c.batch_execute(
+        "DROP TABLE IF EXISTS ceiling_accounts; CREATE TABLE ceiling_accounts (aid bigint PRIMARY KEY, bid int, abalance int, filler character(84));
+         CREATE TEMP TABLE stage (op \"char\", aid bigint, seq int, bid int, abalance int, filler character(84))",
+    )
+    .await
+    .unwrap();
+    let mut text = Vec::with_capacity(changes.len() * 120);
+    for (i, ch) in changes.iter().enumerate() {
+        text.extend_from_slice(
+            format!(
+                "{}\t{}\t{i}\t{}\t{}\t{FILLER}\n",
+                ch.action, ch.id, ch.bid, ch.abalance
+            )
+            .as_bytes(),
+        );
+    }
+    let started = Instant::now();
+    c.batch_execute("BEGIN").await.unwrap();
+    let sink = c
+        .copy_in::<_, bytes::Bytes>("COPY stage FROM STDIN")
+        .await
+        .unwrap();
+    futures::pin_mut!(sink);
+    for chunk in text.chunks(1 << 20) {
+        sink.send(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .unwrap();
+    }
+    sink.finish().await.unwrap();
+    c.batch_execute(
+        "CREATE TEMP TABLE last AS SELECT DISTINCT ON (aid) * FROM stage ORDER BY aid, seq DESC;
+         INSERT INTO ceiling_accounts SELECT aid, bid, abalance, filler FROM last WHERE op <> 'D'
+           ON CONFLICT (aid) DO UPDATE SET bid = EXCLUDED.bid, abalance = EXCLUDED.abalance, filler = EXCLUDED.filler;
+         DELETE FROM ceiling_accounts t USING last s WHERE s.op = 'D' AND t.aid = s.aid;
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    let ceiling_s = started.elapsed().as_secs_f64();
+    println!(
+        "result engine=ceiling rows={} seconds={ceiling_s:.3}",
+        changes.len()
+    );
+
+    // The two ODS tables hold the same rows.
+    let diff: i64 = c
+        .query_one(
+            "SELECT count(*) FROM (SELECT aid, bid, abalance FROM ods.accounts EXCEPT SELECT aid, bid, abalance FROM ceiling_accounts) d",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM ods.accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let m: i64 = c
+        .query_one("SELECT count(*) FROM ceiling_accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        diff == 0 && n == m,
+        "the sink and the ceiling disagree: {diff} differ, {n} vs {m} rows"
+    );
+
+    // 3. One row at a time (a sample).
+    let sample = changes.len().min(50_000);
+    c.batch_execute("DROP TABLE IF EXISTS single_accounts; CREATE TABLE single_accounts (aid bigint PRIMARY KEY, bid int, abalance int, filler character(84))")
+        .await
+        .unwrap();
+    let upsert = c
+        .prepare("INSERT INTO single_accounts VALUES ($1, $2, $3, $4) ON CONFLICT (aid) DO UPDATE SET bid = EXCLUDED.bid, abalance = EXCLUDED.abalance, filler = EXCLUDED.filler")
+        .await
+        .unwrap();
+    let delete = c
+        .prepare("DELETE FROM single_accounts WHERE aid = $1")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for ch in &changes[..sample] {
+        if ch.action == 'D' {
+            c.execute(&delete, &[&ch.id]).await.unwrap();
+        } else {
+            c.execute(&upsert, &[&ch.id, &ch.bid, &ch.abalance, &FILLER])
+                .await
+                .unwrap();
+        }
+    }
+    let single_s = started.elapsed().as_secs_f64();
+    println!("result engine=single rows={sample} seconds={single_s:.3}");
+}
+
+async fn produce(args: &[String], changes: &[Change]) {
+    let brokers = arg(args, "--brokers", "127.0.0.1:9092");
+    let topic = arg(args, "--topic", "saiki.public.accounts");
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "200000")
+        .create()
+        .unwrap();
+    let mut pending = std::collections::VecDeque::new();
+    for (i, c) in changes.iter().enumerate() {
+        let key = format!("{{\"aid\":{}}}", c.id);
+        let value = record(c, i);
+        loop {
+            match p.send_result(FutureRecord::to(&topic).key(&key).payload(&value)) {
+                Ok(f) => {
+                    pending.push_back(f);
+                    break;
+                }
+                Err(_) => {
+                    if let Some(f) = pending.pop_front() {
+                        f.await.unwrap().map_err(|(e, _)| e).unwrap();
+                    }
+                }
+            }
+        }
+        if pending.len() > 100_000 {
+            if let Some(f) = pending.pop_front() {
+                f.await.unwrap().map_err(|(e, _)| e).unwrap();
+            }
+        }
+    }
+    for f in pending {
+        f.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+    println!("result produced={}", changes.len());
+}
+
+async fn consume(args: &[String], rows: usize) {
+    let brokers = arg(args, "--brokers", "127.0.0.1:9092");
+    let topic = arg(args, "--topic", "saiki.public.accounts");
+    let started = Instant::now();
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "bare-consumer")
+        .set("group.instance.id", "bare-consumer-1")
+        .set("session.timeout.ms", "10000")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&[&topic]).unwrap();
+    let mut n = 0usize;
+    let mut bytes = 0usize;
+    while n < rows {
+        match tokio::time::timeout(Duration::from_secs(60), c.recv()).await {
+            Ok(Ok(m)) => {
+                n += 1;
+                bytes += m.payload().map_or(0, |p| p.len());
+            }
+            Ok(Err(e)) => eprintln!("consume: {e}"),
+            Err(_) => panic!("no message for 60 s after {n}"),
+        }
+    }
+    let s = started.elapsed().as_secs_f64();
+    println!("result engine=bare_consumer rows={n} seconds={s:.3} bytes={bytes}");
+}
