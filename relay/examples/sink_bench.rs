@@ -123,7 +123,9 @@ async fn apply(args: &[String], changes: &[Change]) {
     let mut ods = Ods::connect(&dsn, "ods", "bench", true).await.expect("ods");
     let started = Instant::now();
     let mut stored: Option<i64> = None;
+    let mut planning = Duration::ZERO;
     for (b, chunk) in records.chunks(batch).enumerate() {
+        let t = Instant::now();
         let mut planner = Planner::new(true);
         for (i, r) in chunk.iter().enumerate() {
             planner.add(
@@ -137,6 +139,7 @@ async fn apply(args: &[String], changes: &[Change]) {
                 },
             );
         }
+        planning += t.elapsed();
         let next = ((b + 1) * batch).min(records.len()) as i64;
         ods.begin().await.unwrap();
         ods.write_offsets(&[PartitionOffsets {
@@ -159,8 +162,9 @@ async fn apply(args: &[String], changes: &[Change]) {
     }
     let sink_s = started.elapsed().as_secs_f64();
     println!(
-        "result engine=sink rows={} seconds={sink_s:.3} batch={batch}",
-        records.len()
+        "result engine=sink rows={} seconds={sink_s:.3} batch={batch} planning={:.3}",
+        records.len(),
+        planning.as_secs_f64()
     );
 
     // 2. The ceiling: COPY into a staging table + one merge.

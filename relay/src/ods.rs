@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::apply::{self, ident, literal, ColumnKind, NetRow, Op, TablePlan};
 use crate::error::RelayError;
+use saiki_core::Lsn;
 
 /// Bookkeeping columns (DESIGN.md §5).
 pub const SOURCE_COL: &str = "_saiki_source";
@@ -201,6 +202,13 @@ impl Ods {
                  lsn pg_lsn NOT NULL,
                  seq int NOT NULL,
                  PRIMARY KEY (ods_table, source));
+             CREATE TABLE IF NOT EXISTS saiki_sink.watermarks (
+                 ods_table text NOT NULL,
+                 source text NOT NULL,
+                 lsn pg_lsn NOT NULL,
+                 seq int NOT NULL,
+                 PRIMARY KEY (ods_table, source));
+             COMMENT ON TABLE saiki_sink.watermarks IS 'saiki-relay sink: the greatest (commit_lsn, seq) applied per table and source; only changes at or below it can be replays';
              COMMENT ON TABLE saiki_sink.truncations IS 'saiki-relay sink: the last truncate per table and source; older changes are not applied';
              COMMENT ON TABLE saiki_sink.offsets IS 'saiki-relay sink: the next Kafka offset to apply per consumer group and partition, written in the transaction that applies the rows';
              CREATE SCHEMA IF NOT EXISTS {};
@@ -408,6 +416,9 @@ impl Ods {
                 .map_err(|e| self.classify(&e))?;
         }
         if plan.rows.is_empty() {
+            if !table.columns.is_empty() {
+                self.raise_watermarks(plan).await?;
+            }
             return Ok(written);
         }
         if !plan.key.is_empty() {
@@ -437,13 +448,35 @@ impl Ods {
                 .map_err(|e| self.classify(&e))?;
         }
 
+        // Only a change at or below what was applied of its source can be a replay: those
+        // rows are checked against tombstones and truncations, the others are not.
+        let marks: HashMap<String, (Lsn, i64)> = self
+            .client
+            .query(
+                "SELECT source, lsn::text, seq FROM saiki_sink.watermarks WHERE ods_table = $1",
+                &[&plan.name],
+            )
+            .await
+            .map_err(|e| self.classify(&e))?
+            .iter()
+            .filter_map(|r| {
+                let lsn: String = r.get(1);
+                Some((
+                    r.get::<_, String>(0),
+                    (lsn.parse().ok()?, r.get::<_, i32>(2) as i64),
+                ))
+            })
+            .collect();
+
         // COPY the net rows into the staging table.
         let cols: Vec<&str> = plan.columns.keys().map(String::as_str).collect();
         let kinds: Vec<ColumnKind> = cols
             .iter()
             .map(|c| ColumnKind::of(table.columns.get(*c).map_or("text", String::as_str)))
             .collect();
-        let mut copy_cols = vec!["_op", "_absent", "_key", SOURCE_COL, LSN_COL, SEQ_COL];
+        let mut copy_cols = vec![
+            "_op", "_absent", "_key", "_check", SOURCE_COL, LSN_COL, SEQ_COL,
+        ];
         copy_cols.extend(cols.iter());
         let copy_sql = format!(
             "COPY {stage} ({}) FROM STDIN",
@@ -457,7 +490,10 @@ impl Ods {
         let mut any_absent = false;
         let (mut n_upsert, mut n_delete) = (0usize, 0usize);
         for row in plan.rows.values() {
-            any_absent |= encode_row(&mut buf, row, &cols, &kinds);
+            let check = marks
+                .get(row.source.as_ref())
+                .is_some_and(|m| (row.lsn, row.seq) <= *m);
+            any_absent |= encode_row(&mut buf, row, check, &cols, &kinds);
             match row.op {
                 Op::Upsert => n_upsert += 1,
                 Op::Delete => n_delete += 1,
@@ -510,8 +546,8 @@ impl Ods {
             .join(", ");
         // A replayed change never brings back a row deleted or truncated by a later one.
         let not_gone = format!(
-            "NOT EXISTS (SELECT 1 FROM saiki_sink.tombstones x WHERE x.ods_table = {name} AND x.source = s.{src} AND x.key = s._key AND (x.lsn, x.seq) > (s.{l}, s.{q}))
-             AND NOT EXISTS (SELECT 1 FROM saiki_sink.truncations x WHERE x.ods_table = {name} AND x.source = s.{src} AND (x.lsn, x.seq) > (s.{l}, s.{q}))",
+            "(NOT s._check OR (NOT EXISTS (SELECT 1 FROM saiki_sink.tombstones x WHERE x.ods_table = {name} AND x.source = s.{src} AND x.key = s._key AND (x.lsn, x.seq) > (s.{l}, s.{q}))
+             AND NOT EXISTS (SELECT 1 FROM saiki_sink.truncations x WHERE x.ods_table = {name} AND x.source = s.{src} AND (x.lsn, x.seq) > (s.{l}, s.{q}))))",
             name = literal(&plan.name),
             src = ident(SOURCE_COL),
             l = ident(LSN_COL),
@@ -601,10 +637,40 @@ impl Ods {
                 .await
                 .map_err(|e| self.classify(&e))?;
         }
+        self.raise_watermarks(plan).await?;
         Ok(written)
     }
 
-    fn classify(&mut self, e: &tokio_postgres::Error) -> ApplyError {
+    /// Raises the table's watermark per source to the greatest change of the plan.
+    async fn raise_watermarks(&self, plan: &TablePlan<'_>) -> Result<(), ApplyError> {
+        let mut top: HashMap<&str, (Lsn, i64)> = HashMap::new();
+        let changes = plan
+            .rows
+            .values()
+            .map(|r| (r.source.as_ref(), (r.lsn, r.seq)))
+            .chain(plan.truncates.iter().map(|(s, t)| (s.as_str(), (t.0, t.1))));
+        for (src, at) in changes {
+            let e = top.entry(src).or_insert(at);
+            if at > *e {
+                *e = at;
+            }
+        }
+        for (src, (lsn, seq)) in top {
+            self.client
+                .execute(
+                    "INSERT INTO saiki_sink.watermarks AS x (ods_table, source, lsn, seq)
+                     VALUES ($1, $2, $3::text::pg_lsn, $4)
+                     ON CONFLICT (ods_table, source) DO UPDATE SET lsn = EXCLUDED.lsn, seq = EXCLUDED.seq
+                     WHERE (x.lsn, x.seq) < (EXCLUDED.lsn, EXCLUDED.seq)",
+                    &[&plan.name, &src, &lsn.to_string(), &(seq as i32)],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+        }
+        Ok(())
+    }
+
+    fn classify(&self, e: &tokio_postgres::Error) -> ApplyError {
         if is_data_error(e) {
             ApplyError::Data(self.err(e).to_string())
         } else {
@@ -805,7 +871,7 @@ impl Ods {
             .map(|(c, t)| format!("{} {t}", ident(c)))
             .collect();
         let sql = format!(
-            "DROP TABLE IF EXISTS {stage}; CREATE TEMP TABLE {stage} (_op \"char\" NOT NULL, _absent text[], _key text, {}) ON COMMIT DELETE ROWS",
+            "DROP TABLE IF EXISTS {stage}; CREATE TEMP TABLE {stage} (_op \"char\" NOT NULL, _absent text[], _key text, _check boolean, {}) ON COMMIT DELETE ROWS",
             defs.join(", ")
         );
         self.client
@@ -829,7 +895,13 @@ fn guard_sql(new: &str) -> String {
 }
 
 /// One COPY text line for a net row. Returns whether some batch column is absent.
-fn encode_row(out: &mut Vec<u8>, row: &NetRow<'_>, cols: &[&str], kinds: &[ColumnKind]) -> bool {
+fn encode_row(
+    out: &mut Vec<u8>,
+    row: &NetRow<'_>,
+    check: bool,
+    cols: &[&str],
+    kinds: &[ColumnKind],
+) -> bool {
     out.push(if row.op == Op::Upsert { b'U' } else { b'D' });
     out.push(b'\t');
     let absent: Vec<&str> = if row.op == Op::Upsert {
@@ -863,6 +935,8 @@ fn encode_row(out: &mut Vec<u8>, row: &NetRow<'_>, cols: &[&str], kinds: &[Colum
     }
     out.push(b'\t');
     apply::copy_escape(out, apply::key_text(&row.key).as_bytes());
+    out.push(b'\t');
+    out.push(if check { b't' } else { b'f' });
     out.push(b'\t');
     apply::copy_escape(out, row.source.as_bytes());
     out.push(b'\t');
