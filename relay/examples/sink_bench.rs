@@ -167,19 +167,25 @@ async fn apply(args: &[String], changes: &[Change]) {
         planning.as_secs_f64()
     );
 
-    // 2. The ceiling: COPY into a staging table + one merge.
+    // 2. The ceiling: the same ODS rows (DESIGN.md §5 layout: bookkeeping columns, key
+    //    (_saiki_source, aid)) by COPY into a staging table + one merge.
     let c = client(&dsn).await;
     c.batch_execute(
-        "DROP TABLE IF EXISTS ceiling_accounts; CREATE TABLE ceiling_accounts (aid bigint PRIMARY KEY, bid int, abalance int, filler character(84));
-         CREATE TEMP TABLE stage (op \"char\", aid bigint, seq int, bid int, abalance int, filler character(84))",
+        "DROP TABLE IF EXISTS ceiling_accounts;
+         CREATE TABLE ceiling_accounts (_saiki_source text NOT NULL, _saiki_commit_lsn pg_lsn NOT NULL,
+             _saiki_seq int NOT NULL, _saiki_applied_at timestamptz NOT NULL, aid bigint NOT NULL,
+             bid int, abalance int, filler character(84), PRIMARY KEY (_saiki_source, aid));
+         CREATE TEMP TABLE stage (op \"char\", src text, lsn pg_lsn, seq int, aid bigint, ord int,
+             bid int, abalance int, filler character(84))",
     )
     .await
     .unwrap();
-    let mut text = Vec::with_capacity(changes.len() * 120);
+    let mut text = Vec::with_capacity(changes.len() * 140);
     for (i, ch) in changes.iter().enumerate() {
+        let lsn = 0x1000 + i as u64 * 0x100;
         text.extend_from_slice(
             format!(
-                "{}\t{}\t{i}\t{}\t{}\t{FILLER}\n",
+                "{}\tbench\t0/{lsn:X}\t1\t{}\t{i}\t{}\t{}\t{FILLER}\n",
                 ch.action, ch.id, ch.bid, ch.abalance
             )
             .as_bytes(),
@@ -199,10 +205,13 @@ async fn apply(args: &[String], changes: &[Change]) {
     }
     sink.finish().await.unwrap();
     c.batch_execute(
-        "CREATE TEMP TABLE last AS SELECT DISTINCT ON (aid) * FROM stage ORDER BY aid, seq DESC;
-         INSERT INTO ceiling_accounts SELECT aid, bid, abalance, filler FROM last WHERE op <> 'D'
-           ON CONFLICT (aid) DO UPDATE SET bid = EXCLUDED.bid, abalance = EXCLUDED.abalance, filler = EXCLUDED.filler;
-         DELETE FROM ceiling_accounts t USING last s WHERE s.op = 'D' AND t.aid = s.aid;
+        "CREATE TEMP TABLE last AS SELECT DISTINCT ON (src, aid) * FROM stage ORDER BY src, aid, ord DESC;
+         INSERT INTO ceiling_accounts
+           SELECT src, lsn, seq, statement_timestamp(), aid, bid, abalance, filler FROM last WHERE op <> 'D'
+           ON CONFLICT (_saiki_source, aid) DO UPDATE SET _saiki_commit_lsn = EXCLUDED._saiki_commit_lsn,
+             _saiki_seq = EXCLUDED._saiki_seq, _saiki_applied_at = EXCLUDED._saiki_applied_at,
+             bid = EXCLUDED.bid, abalance = EXCLUDED.abalance, filler = EXCLUDED.filler;
+         DELETE FROM ceiling_accounts t USING last s WHERE s.op = 'D' AND t._saiki_source = s.src AND t.aid = s.aid;
          COMMIT",
     )
     .await

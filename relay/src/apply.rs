@@ -12,7 +12,6 @@
 //! property test).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt;
 
 use indexmap::IndexMap;
@@ -109,8 +108,9 @@ pub struct SinkRecord<'a> {
     pub identity: Option<Fields<'a>>,
     #[serde(default, borrow)]
     pub unchanged_toast: Option<Vec<Cow<'a, str>>>,
+    /// Parsed only when a column's type is needed (a column new to the batch's plan).
     #[serde(default, borrow)]
-    pub types: Option<Types<'a>>,
+    pub types: Option<&'a RawValue>,
     #[serde(default, borrow)]
     pub source: Option<Cow<'a, str>>,
 }
@@ -123,6 +123,30 @@ pub enum Op {
     Delete,
 }
 
+/// Column values of a row by column index; a missing index is an absent column.
+#[derive(Debug, Clone, Default)]
+pub struct Values<'a>(Vec<Option<&'a RawValue>>);
+
+impl<'a> Values<'a> {
+    pub fn get(&self, i: usize) -> Option<&'a RawValue> {
+        self.0.get(i).copied().flatten()
+    }
+    pub fn contains(&self, i: usize) -> bool {
+        self.get(i).is_some()
+    }
+    pub fn insert(&mut self, i: usize, v: &'a RawValue) {
+        if self.0.len() <= i {
+            self.0.resize(i + 1, None);
+        }
+        self.0[i] = Some(v);
+    }
+    pub fn remove(&mut self, i: usize) {
+        if let Some(x) = self.0.get_mut(i) {
+            *x = None;
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NetRow<'a> {
     pub op: Op,
@@ -133,7 +157,7 @@ pub struct NetRow<'a> {
     pub key: Vec<&'a RawValue>,
     /// Column index (in [`TablePlan::columns`]) → value; key columns included. Columns not
     /// here are *absent*: an update keeps the ODS value, an insert leaves them null.
-    pub values: HashMap<usize, &'a RawValue>,
+    pub values: Values<'a>,
     /// Indexes of the batch messages folded into this row.
     pub msgs: Vec<usize>,
 }
@@ -172,7 +196,7 @@ impl<'a> TablePlan<'a> {
         }
     }
 
-    fn column(&mut self, name: &str, types: Option<&Types<'_>>) -> usize {
+    fn column(&mut self, name: &str, types: Option<&RawValue>) -> usize {
         if let Some(i) = self.columns.get_index_of(name) {
             if self.columns[i].type_name.is_none() {
                 self.columns[i].type_name = type_of(types, name);
@@ -203,8 +227,9 @@ impl<'a> TablePlan<'a> {
     }
 }
 
-fn type_of(types: Option<&Types<'_>>, name: &str) -> Option<String> {
-    types?
+fn type_of(types: Option<&RawValue>, name: &str) -> Option<String> {
+    let types: Types<'_> = serde_json::from_str(types?.get()).ok()?;
+    types
         .0
         .iter()
         .find(|(n, _)| n == name)
@@ -270,13 +295,25 @@ impl<'a> Planner<'a> {
             missing("commit_lsn (records of streamed, uncommitted transactions are not applied)")
         })?;
         let seq = rec.seq.ok_or_else(|| missing("seq"))?;
-        let source_table = format!("{schema}.{table}");
+        let source_table = || format!("{schema}.{table}");
+        let plan_index = |tables: &mut IndexMap<String, TablePlan<'a>>,
+                          key: &dyn Fn() -> Vec<String>| {
+            match tables.get_index_of(table) {
+                Some(i) => i,
+                None => {
+                    tables
+                        .insert_full(
+                            table.to_string(),
+                            TablePlan::new(table, source_table(), key()),
+                        )
+                        .0
+                }
+            }
+        };
 
         if rec.action == Action::Truncate {
-            let plan = self
-                .tables
-                .entry(table.to_string())
-                .or_insert_with(|| TablePlan::new(table, source_table, Vec::new()));
+            let i = plan_index(&mut self.tables, &Vec::new);
+            let plan = &mut self.tables[i];
             // Changes of this source written before the truncate are gone with it.
             plan.rows
                 .retain(|_, r| !(r.source == source && (r.lsn, r.seq) < (lsn, seq)));
@@ -296,18 +333,19 @@ impl<'a> Planner<'a> {
         if key_names.is_empty() {
             return Err(NO_IDENTITY.to_string());
         }
-        let key_names: Vec<String> = key_names.iter().map(|k| k.to_string()).collect();
-        let plan = self
-            .tables
-            .entry(table.to_string())
-            .or_insert_with(|| TablePlan::new(table, source_table.clone(), key_names.clone()));
+        let owned = || key_names.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        let i = plan_index(&mut self.tables, &owned);
+        let plan = &mut self.tables[i];
         if plan.key.is_empty() {
-            plan.key = key_names.clone();
-        } else if plan.key != key_names {
+            plan.key = owned();
+        } else if plan.key.len() != key_names.len()
+            || plan.key.iter().zip(key_names).any(|(a, b)| a != b)
+        {
             return Err(format!(
-                "key columns of {source_table} changed within a batch from ({}) to ({}): the ODS table keeps its primary key; recreate it if the source key changed",
+                "key columns of {} changed within a batch from ({}) to ({}): the ODS table keeps its primary key; recreate it if the source key changed",
+                source_table(),
                 plan.key.join(", "),
-                key_names.join(", ")
+                owned().join(", ")
             ));
         }
 
@@ -316,7 +354,8 @@ impl<'a> Planner<'a> {
                 .iter()
                 .map(|k| match f.get(k) {
                     Some(v) if v.get() == "null" => Err(format!(
-                        "key column {k} of {source_table} is null: the ODS cannot key the row"
+                        "key column {k} of {} is null: the ODS cannot key the row",
+                        source_table()
                     )),
                     Some(v) => Ok(v),
                     None => Err(format!("malformed record: key column {k} has no value")),
@@ -390,13 +429,10 @@ impl<'a> Planner<'a> {
                 return Outcome::Skipped; // truncated later in this batch
             }
         }
-        let types = rec.types.as_ref();
-        let key_idx: Vec<usize> = plan
-            .key
-            .clone()
-            .iter()
-            .map(|k| plan.column(k, types))
-            .collect();
+        let types = rec.types;
+        let keys = std::mem::take(&mut plan.key);
+        let key_idx: Vec<usize> = keys.iter().map(|k| plan.column(k, types)).collect();
+        plan.key = keys;
         let row_key = (
             if by_source {
                 source.to_string()
@@ -411,26 +447,26 @@ impl<'a> Planner<'a> {
                 return Outcome::Skipped; // a duplicate or an older replay
             }
         }
-        let mut values: HashMap<usize, &'a RawValue> = HashMap::new();
+        let mut values = Values(Vec::with_capacity(plan.columns.len().max(key.len())));
         for (i, v) in key_idx.iter().zip(&key) {
-            values.insert(*i, *v);
+            values.insert(*i, v);
         }
         if let Some(f) = fields {
             for (name, v) in &f.0 {
                 let i = plan.column(name, types);
-                values.insert(i, *v);
+                values.insert(i, v);
             }
             for name in rec.unchanged_toast.iter().flatten() {
                 let i = plan.column(name, types);
-                values.remove(&i);
+                values.remove(i);
                 // An unchanged value is the old row's: from the identity (REPLICA IDENTITY
                 // FULL logs the old row in full), or from an earlier change of this batch.
                 if let Some(v) = rec.identity.as_ref().and_then(|f| f.get(name)) {
                     values.insert(i, v);
                 } else if let Some(p) = plan.rows.get(&row_key) {
                     if p.op == Op::Upsert {
-                        if let Some(v) = p.values.get(&i) {
-                            values.insert(i, *v);
+                        if let Some(v) = p.values.get(i) {
+                            values.insert(i, v);
                         }
                     }
                 }
@@ -652,7 +688,7 @@ mod tests {
         let t = &p.tables["t"];
         let row = &t.rows[&(src.to_string(), id.to_string())];
         let i = t.columns.get_index_of(col)?;
-        row.values.get(&i).map(|v| v.get().to_string())
+        row.values.get(i).map(|v| v.get().to_string())
     }
 
     #[test]
@@ -925,7 +961,7 @@ mod tests {
                         ods.remove(&k);
                     }
                     Op::Upsert if guard_ok => {
-                        let v: i64 = row.values[&vi.unwrap()].get().parse().unwrap();
+                        let v: i64 = row.values.get(vi.unwrap()).unwrap().get().parse().unwrap();
                         ods.insert(k, (v, row.lsn.0, row.seq));
                     }
                     _ => {}

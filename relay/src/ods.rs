@@ -906,7 +906,7 @@ fn encode_row(
     out.push(b'\t');
     let absent: Vec<&str> = if row.op == Op::Upsert {
         (0..cols.len())
-            .filter(|i| !row.values.contains_key(i))
+            .filter(|i| !row.values.contains(*i))
             .map(|i| cols[i])
             .collect()
     } else {
@@ -945,7 +945,7 @@ fn encode_row(
     out.extend_from_slice(row.seq.to_string().as_bytes());
     for (i, kind) in kinds.iter().enumerate() {
         out.push(b'\t');
-        match row.values.get(&i) {
+        match row.values.get(i) {
             Some(v) => apply::write_copy_value(out, v, *kind),
             None => out.extend_from_slice(b"\\N"),
         }

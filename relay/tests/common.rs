@@ -382,3 +382,39 @@ pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
         r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
     }
 }
+
+/// An audit of every ODS row write: a trigger on each table the sink creates in schema `ods`
+/// (added by an event trigger in the creating transaction) records (table, source, commit_lsn,
+/// seq) of each insert and update.
+pub const ODS_AUDIT: &str = "
+CREATE TABLE public.audit (tbl text, source text, lsn pg_lsn, seq int, op text);
+CREATE FUNCTION public.audit_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO public.audit VALUES (TG_TABLE_NAME, NEW._saiki_source, NEW._saiki_commit_lsn, NEW._saiki_seq, TG_OP);
+  RETURN NULL;
+END $$;
+CREATE FUNCTION public.add_audit() RETURNS event_trigger LANGUAGE plpgsql AS $$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT * FROM pg_event_trigger_ddl_commands()
+           WHERE command_tag = 'CREATE TABLE' AND schema_name = 'ods' LOOP
+    EXECUTE format('CREATE TRIGGER audit AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION public.audit_row()', r.object_identity);
+  END LOOP;
+END $$;
+CREATE EVENT TRIGGER add_audit ON ddl_command_end WHEN TAG IN ('CREATE TABLE') EXECUTE FUNCTION public.add_audit();
+";
+
+/// No `(table, source, commit_lsn, seq)` wrote an ODS row twice, and the audit saw writes.
+pub fn assert_no_change_applied_twice(ods: &mut saiki_tests::postgres::Client) {
+    let twice = text_rows(
+        ods,
+        "SELECT tbl, source, lsn::text, seq::text, count(*)::text FROM public.audit GROUP BY 1, 2, 3, 4 HAVING count(*) > 1 LIMIT 5",
+    );
+    assert!(twice.is_empty(), "changes applied twice: {twice:?}");
+    let audited = text_rows(ods, "SELECT count(*) FROM public.audit");
+    assert_ne!(
+        audited[0][0].as_deref(),
+        Some("0"),
+        "the audit saw the writes"
+    );
+}

@@ -95,24 +95,6 @@ fn workload(mut db: saiki_tests::postgres::Client, shard: usize) {
     }
 }
 
-const ODS_AUDIT: &str = "
-CREATE TABLE public.audit (tbl text, source text, lsn pg_lsn, seq int, op text);
-CREATE FUNCTION public.audit_row() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  INSERT INTO public.audit VALUES (TG_TABLE_NAME, NEW._saiki_source, NEW._saiki_commit_lsn, NEW._saiki_seq, TG_OP);
-  RETURN NULL;
-END $$;
-CREATE FUNCTION public.add_audit() RETURNS event_trigger LANGUAGE plpgsql AS $$
-DECLARE r record;
-BEGIN
-  FOR r IN SELECT * FROM pg_event_trigger_ddl_commands()
-           WHERE command_tag = 'CREATE TABLE' AND schema_name = 'ods' LOOP
-    EXECUTE format('CREATE TRIGGER audit AFTER INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION public.audit_row()', r.object_identity);
-  END LOOP;
-END $$;
-CREATE EVENT TRIGGER add_audit ON ddl_command_end WHEN TAG IN ('CREATE TABLE') EXECUTE FUNCTION public.add_audit();
-";
-
 fn source_config(pg: &PgCluster, shard: usize, broker: &Broker, http: u16) -> String {
     format!(
         r#"[source]
@@ -295,15 +277,5 @@ fn eight_shards_materialize_exactly_once_through_sink_and_relay_crashes() {
     assert_eq!(ods_answer, summed);
 
     // No change was applied twice: each (table, source, commit_lsn, seq) wrote once.
-    let twice = text_rows(
-        &mut ods,
-        "SELECT tbl, source, lsn::text, seq::text, count(*)::text FROM public.audit GROUP BY 1, 2, 3, 4 HAVING count(*) > 1 LIMIT 5",
-    );
-    assert!(twice.is_empty(), "changes applied twice: {twice:?}");
-    let audited = text_rows(&mut ods, "SELECT count(*) FROM public.audit");
-    assert_ne!(
-        audited[0][0].as_deref(),
-        Some("0"),
-        "the audit saw the writes"
-    );
+    assert_no_change_applied_twice(&mut ods);
 }

@@ -40,7 +40,7 @@ fn wait_equal(
 }
 
 #[test]
-fn changes_materialize_in_the_ods_with_bookkeeping_and_resume_after_sigterm() {
+fn changes_materialize_in_the_ods_with_bookkeeping_new_columns_and_resume_after_sigterm() {
     let pg = PgCluster::start(&[]);
     let broker = Broker::start();
     let mut db = pg.create_db("shop");
@@ -146,6 +146,26 @@ fn changes_materialize_in_the_ods_with_bookkeeping_and_resume_after_sigterm() {
         Some(1.0),
         "only the new change is read again:\n{m}"
     );
+    // A column added at the source appears in the ODS with its first value.
+    exec(
+        &mut db,
+        &[
+            "ALTER TABLE orders ADD COLUMN shipped date",
+            "UPDATE orders SET shipped = '2026-11-26' WHERE id = 2",
+        ],
+    );
+    wait_equal(
+        &mut db,
+        &mut ods,
+        "SELECT id, qty, shipped FROM orders",
+        "SELECT id, qty, shipped FROM ods.orders",
+        &sink,
+    );
+    let shipped_type = text_rows(
+        &mut ods,
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'ods.orders'::regclass AND attname = 'shipped'",
+    );
+    assert_eq!(shipped_type[0][0].as_deref(), Some("date"));
     let offsets = text_rows(
         &mut ods,
         "SELECT topic, next_offset > 0 FROM saiki_sink.offsets WHERE \"group\" = 'saiki-ods'",
@@ -391,4 +411,79 @@ fn a_replayed_change_never_brings_back_a_deleted_or_truncated_row() {
     wait_rows(&mut ods, &["1", "3"], 11.0);
     let v = text_rows(&mut ods, "SELECT v FROM ods.r WHERE id = 1");
     assert_eq!(v[0][0].as_deref(), Some("50"));
+}
+
+#[test]
+fn two_sinks_in_one_group_share_the_partitions_and_apply_each_change_once() {
+    let pg = PgCluster::start(&[]);
+    let broker = Broker::start();
+    let mut db = pg.create_db("shop");
+    let mut ods = pg.create_db("ods");
+    ods.batch_execute(ODS_AUDIT).unwrap();
+    exec(&mut db, &["CREATE TABLE acc (id int PRIMARY KEY, v int)"]);
+    let sport = loopback_port();
+    let source_cfg = relay_config(&pg, "shop", &broker, sport, "").replace(
+        "topic_prefix = \"saiki\"",
+        "topic_prefix = \"saiki\"\npartitions = 4",
+    );
+    let source = Relay::start(&pg.dir, &source_cfg, sport);
+    wait_slot_active(&mut db, &source);
+    let (pa, pb) = (loopback_port(), loopback_port());
+    let cfg = |port: u16, id: &str| {
+        sink_config(&pg, "ods", &broker, port, "batch_max_rows = 200").replace(
+            "instance_id = \"test-sink\"",
+            &format!("instance_id = \"{id}\""),
+        )
+    };
+    let mut a = Relay::start_sink(&pg.dir, &cfg(pa, "sink-a"), pa);
+    let worker = {
+        let mut w = pg.connect("shop");
+        std::thread::spawn(move || {
+            let mut x: u64 = 7;
+            for _ in 0..1500 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let id = x % 400;
+                let sql = if x.is_multiple_of(7) {
+                    format!("DELETE FROM acc WHERE id = {id}")
+                } else {
+                    format!("INSERT INTO acc VALUES ({id}, {}) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v", x % 1000)
+                };
+                w.batch_execute(&sql).unwrap();
+                std::thread::sleep(Duration::from_millis(4));
+            }
+        })
+    };
+    // A second instance joins (a rebalance), the first dies and comes back, the second leaves.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut b = Relay::start_sink(&pg.dir, &cfg(pb, "sink-b"), pb);
+    wait_until(Duration::from_secs(60), &b, || {
+        let m = b.http_get("/metrics").unwrap_or_default();
+        (metric(&m, "saiki_sink_batches_total").unwrap_or(0.0) < 1.0)
+            .then(|| "the second sink applied nothing yet".to_string())
+    });
+    a.kill9();
+    std::thread::sleep(Duration::from_secs(1));
+    let a = Relay::start_sink(&pg.dir, &cfg(pa, "sink-a"), pa);
+    std::thread::sleep(Duration::from_secs(2));
+    let status = b.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", b.log_text());
+    worker.join().unwrap();
+    let end = saiki_tests::current_wal_lsn(&mut db);
+    wait_confirmed(
+        &mut db,
+        "saiki_test",
+        &end,
+        Duration::from_secs(60),
+        &source,
+    );
+    wait_equal(
+        &mut db,
+        &mut ods,
+        "SELECT id, v FROM acc",
+        "SELECT id, v FROM ods.acc",
+        &a,
+    );
+    assert_no_change_applied_twice(&mut ods);
 }
