@@ -15,7 +15,7 @@
 //!   `batch_max_bytes` of payload; librdkafka's prefetch queue is bounded by its settings.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -145,9 +145,31 @@ enum Event {
 struct SinkContext {
     positions: Mutex<HashMap<Tp, i64>>,
     events: Mutex<Vec<Event>>,
+    /// Consumer lag from librdkafka's statistics: high watermark − the ODS offset.
+    lag: AtomicU64,
 }
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    /// librdkafka's statistics (every `topic_refresh`) carry each assigned partition's high
+    /// watermark, so the lag costs no broker round trip of the loop's own.
+    fn stats(&self, stats: rdkafka::Statistics) {
+        let pos = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lag = 0i64;
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                if *p < 0 || part.hi_offset < 0 || part.fetch_state == "none" {
+                    continue;
+                }
+                let at = pos
+                    .get(&(topic.clone(), *p))
+                    .copied()
+                    .unwrap_or(part.lo_offset.max(0));
+                lag += (part.hi_offset - at).max(0);
+            }
+        }
+        self.lag.store(lag as u64, Ordering::Relaxed);
+    }
+}
 
 impl ConsumerContext for SinkContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -246,13 +268,18 @@ async fn session(
     let ctx = SinkContext {
         positions: Mutex::new(positions),
         events: Mutex::new(Vec::new()),
+        lag: AtomicU64::new(0),
     };
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &rt.kafka.brokers)
         .set("client.id", "saiki-relay-sink")
         // A sink that died (kill -9) holds its partitions until the session times out:
         // 10 s instead of librdkafka's 45 s, so that its restart takes over quickly.
-        .set("session.timeout.ms", "10000");
+        .set("session.timeout.ms", "10000")
+        .set(
+            "statistics.interval.ms",
+            rt.sink.topic_refresh.as_millis().max(100).to_string(),
+        );
     for (k, v) in &rt.kafka.properties {
         cc.set(k, v);
     }
@@ -705,19 +732,10 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Consumer lag: high watermark minus the ODS offset, over the known partitions.
+    /// Consumer lag, as the last statistics computed it.
     fn update_lag(&self) {
-        let mut lag = 0i64;
-        for (tp, p) in &self.parts {
-            let wm = tokio::task::block_in_place(|| {
-                self.consumer
-                    .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(2))
-            });
-            if let Ok((_, high)) = wm {
-                lag += (high - p.stored.unwrap_or(0)).max(0);
-            }
-        }
-        self.metrics.lag.store(lag as u64, Ordering::Relaxed);
+        let lag = self.consumer.context().lag.load(Ordering::Relaxed);
+        self.metrics.lag.store(lag, Ordering::Relaxed);
     }
 }
 

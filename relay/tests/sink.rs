@@ -146,6 +146,12 @@ fn changes_materialize_in_the_ods_with_bookkeeping_new_columns_and_resume_after_
         Some(1.0),
         "only the new change is read again:\n{m}"
     );
+    // Everything applied: the consumer lag (high watermarks − ODS offsets) comes to 0.
+    wait_until(Duration::from_secs(30), &sink, || {
+        let m = sink.http_get("/metrics").unwrap_or_default();
+        (metric(&m, "saiki_sink_consumer_lag_messages") != Some(0.0))
+            .then(|| format!("lag not 0: {m}"))
+    });
     // A column added at the source appears in the ODS with its first value.
     exec(
         &mut db,
