@@ -538,7 +538,13 @@ impl Session<'_> {
         for (tp, first) in bparts {
             let stored = all.get(&tp).copied();
             let next = stored.unwrap_or(first);
-            self.seek(&tp, next)?;
+            if let Err(e) = self.seek(&tp, next) {
+                // Typically revoked meanwhile (the rebalance that fenced the batch). If it is
+                // still ours, its next message finds it unknown and seeks again.
+                debug!(error = %e, topic = %tp.0, partition = tp.1, "rewind");
+                self.parts.remove(&tp);
+                continue;
+            }
             self.parts.insert(
                 tp,
                 Part {
