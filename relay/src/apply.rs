@@ -472,22 +472,27 @@ impl<'a> Planner<'a> {
                 }
             }
         }
-        let mut msgs = plan
-            .rows
-            .get(&row_key)
-            .map(|p| p.msgs.clone())
-            .unwrap_or_default();
-        msgs.push(idx);
-        let row = NetRow {
+        let mut row = NetRow {
             op,
             source,
             lsn,
             seq,
             key,
             values,
-            msgs,
+            msgs: Vec::new(),
         };
-        plan.rows.insert(row_key, row);
+        match plan.rows.get_mut(&row_key) {
+            Some(earlier) => {
+                // The new change replaces the row in place; the message list grows.
+                row.msgs = std::mem::take(&mut earlier.msgs);
+                row.msgs.push(idx);
+                *earlier = row;
+            }
+            None => {
+                row.msgs.push(idx);
+                plan.rows.insert(row_key, row);
+            }
+        }
         Outcome::Planned
     }
 }

@@ -43,6 +43,13 @@ impl Exporter for SourceExporter {
     }
 }
 
+/// One metric with its HELP and TYPE lines, in Prometheus text format.
+fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, labels: &str, v: u64) {
+    out.push_str(&format!(
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {v}\n"
+    ));
+}
+
 fn label(name: &str, value: &str) -> String {
     format!(
         "{{{name}=\"{}\"}}",
@@ -98,9 +105,7 @@ impl Exporter for SinkMetrics {
         let l = label("group", &self.group);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{l} {v}\n"
-            ));
+            write_metric(&mut out, name, kind, help, &l, v)
         };
         metric(
             SINK_RECORDS_CONSUMED_TOTAL,
@@ -201,9 +206,7 @@ impl SourceMetrics {
         let l = label("source", source);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{l} {v}\n"
-            ));
+            write_metric(&mut out, name, kind, help, &l, v)
         };
         metric(
             SOURCE_LAG_BYTES,

@@ -15,7 +15,7 @@
 //!   `batch_max_bytes` of payload; librdkafka's prefetch queue is bounded by its settings.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::apply::{Msg, Outcome, Planner};
 use crate::config::{KafkaConfig, SinkConfig};
-use crate::error::{retry_backoff, RelayError};
+use crate::error::{RelayError, Retry};
 use crate::kafka::Kafka;
 use crate::metrics::SinkMetrics;
 use crate::ods::{ApplyError, Ods, PartitionOffsets};
@@ -108,25 +108,18 @@ pub async fn run(
     metrics: Arc<SinkMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
-    let mut attempt: u32 = 0;
+    let mut retry = Retry::new(rt.sink.reconnect_backoff_max);
     loop {
         let span = info_span!("sink", group = %rt.sink.group);
-        let started = Instant::now();
+        retry.session_started();
         let result = session(&rt, &metrics, &mut shutdown).instrument(span).await;
         metrics.ready.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
-                if started.elapsed() > Duration::from_secs(60) {
-                    attempt = 0;
-                }
-                attempt += 1;
                 metrics.retries.fetch_add(1, Ordering::Relaxed);
-                let backoff = retry_backoff(attempt, rt.sink.reconnect_backoff_max);
-                warn!(error = %e, attempt, backoff_ms = backoff.as_millis() as u64, "transient error, retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => return Ok(()),
+                if !retry.wait(&e, &mut shutdown).await {
+                    return Ok(());
                 }
             }
             Err(e) => return Err(e),
@@ -136,17 +129,14 @@ pub async fn run(
 
 type Tp = (String, i32);
 
-enum Event {
-    Assigned(Vec<Tp>),
-    Revoked(Vec<Tp>),
-}
-
-/// Rebalance callbacks: assign at the ODS's offsets (as last known), and tell the loop.
+/// Rebalance and statistics callbacks: assign at the ODS's offsets (as last known), tell the
+/// loop which partitions changed hands, and keep the consumer-lag metric.
 struct SinkContext {
     positions: Mutex<HashMap<Tp, i64>>,
-    events: Mutex<Vec<Event>>,
-    /// Consumer lag from librdkafka's statistics: high watermark − the ODS offset.
-    lag: AtomicU64,
+    /// Partitions assigned or revoked since the loop last looked: it forgets what it knew
+    /// of them and reads their ODS offsets again.
+    changed: Mutex<Vec<Tp>>,
+    metrics: Arc<SinkMetrics>,
 }
 
 impl ClientContext for SinkContext {
@@ -167,7 +157,7 @@ impl ClientContext for SinkContext {
                 lag += (part.hi_offset - at).max(0);
             }
         }
-        self.lag.store(lag as u64, Ordering::Relaxed);
+        self.metrics.lag.store(lag as u64, Ordering::Relaxed);
     }
 }
 
@@ -196,12 +186,12 @@ impl ConsumerContext for SinkContext {
                     warn!(error = %e, "assigning at the ODS offsets failed; the first message of each partition seeks there");
                 }
                 info!(partitions = parts.len(), "partitions assigned");
-                self.push(Event::Assigned(parts));
+                self.push(parts);
             }
             Rebalance::Revoke(tpl) => {
                 let parts = list(tpl);
                 info!(partitions = parts.len(), "partitions revoked");
-                self.push(Event::Revoked(parts));
+                self.push(parts);
             }
             Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
         }
@@ -209,14 +199,14 @@ impl ConsumerContext for SinkContext {
 }
 
 impl SinkContext {
-    fn push(&self, e: Event) {
-        self.events
+    fn push(&self, parts: Vec<Tp>) {
+        self.changed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(e);
+            .extend(parts);
     }
-    fn take(&self) -> Vec<Event> {
-        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
+    fn take(&self) -> Vec<Tp> {
+        std::mem::take(&mut *self.changed.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -253,7 +243,7 @@ struct Session<'a> {
 
 async fn session(
     rt: &SinkRuntime,
-    metrics: &SinkMetrics,
+    metrics: &Arc<SinkMetrics>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
     let ods = Ods::connect(
@@ -267,8 +257,8 @@ async fn session(
     info!(ods = %ods.target(), partitions_known = positions.len(), "connected to the ODS");
     let ctx = SinkContext {
         positions: Mutex::new(positions),
-        events: Mutex::new(Vec::new()),
-        lag: AtomicU64::new(0),
+        changed: Mutex::new(Vec::new()),
+        metrics: metrics.clone(),
     };
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &rt.kafka.brokers)
@@ -349,7 +339,6 @@ async fn session(
             _ = tick.tick() => {
                 s.handle_events();
                 s.refresh_topics()?;
-                s.update_lag();
                 if last_gc.is_none_or(|t| t.elapsed() > TOMBSTONE_GC_INTERVAL) && s.batch.is_empty() {
                     last_gc = Some(Instant::now());
                     let n = s.ods.gc_tombstones(rt.sink.tombstone_retention).await?;
@@ -362,27 +351,20 @@ async fn session(
 
 impl Session<'_> {
     fn handle_events(&mut self) {
-        for e in self.consumer.context().take() {
-            match e {
-                Event::Assigned(parts) => {
-                    // The ODS is read again on each partition's first message.
-                    for tp in parts {
-                        self.parts.remove(&tp);
-                    }
-                }
-                Event::Revoked(parts) => {
-                    for tp in parts {
-                        self.parts.remove(&tp);
-                    }
-                }
-            }
-            let n = self
-                .consumer
-                .assignment()
-                .map(|a| a.count())
-                .unwrap_or_default();
-            self.metrics.assigned.store(n as u64, Ordering::Relaxed);
+        let changed = self.consumer.context().take();
+        if changed.is_empty() {
+            return;
         }
+        // The ODS is read again on each partition's first message.
+        for tp in changed {
+            self.parts.remove(&tp);
+        }
+        let n = self
+            .consumer
+            .assignment()
+            .map(|a| a.count())
+            .unwrap_or_default();
+        self.metrics.assigned.store(n as u64, Ordering::Relaxed);
     }
 
     /// Takes a message into the batch, in offset order from the ODS's offset.
@@ -390,7 +372,7 @@ impl Session<'_> {
         let tp: Tp = (m.topic().to_string(), m.partition());
         let offset = m.offset();
         if !self.parts.contains_key(&tp) {
-            let stored = self.stored_offset(&tp).await?;
+            let stored = self.ods.offset(&tp.0, tp.1).await?;
             let next = self
                 .batch_parts
                 .get(&tp)
@@ -440,10 +422,6 @@ impl Session<'_> {
         }
         self.batch.push(m);
         Ok(())
-    }
-
-    async fn stored_offset(&self, tp: &Tp) -> Result<Option<i64>, RelayError> {
-        self.ods.offset(&tp.0, tp.1).await
     }
 
     fn seek(&self, tp: &Tp, offset: i64) -> Result<(), RelayError> {
@@ -736,12 +714,6 @@ impl Session<'_> {
             self.subscribed = names;
         }
         Ok(())
-    }
-
-    /// Consumer lag, as the last statistics computed it.
-    fn update_lag(&self) {
-        let lag = self.consumer.context().lag.load(Ordering::Relaxed);
-        self.metrics.lag.store(lag, Ordering::Relaxed);
     }
 }
 

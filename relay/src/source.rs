@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Buf;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -29,7 +29,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::ack::{AckTracker, Ticket};
 use crate::config::{KafkaConfig, SourceConfig};
 use crate::dsn::Dsn;
-use crate::error::{retry_backoff, RelayError};
+use crate::error::{RelayError, Retry};
 use crate::kafka::{Kafka, Outgoing};
 use crate::metrics::SourceMetrics;
 use crate::pg::{PgConn, ReplicationStream};
@@ -124,10 +124,10 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
     let mut kafka = Kafka::new(&rt.kafka, rt.source.max_in_flight)?;
-    let mut attempt: u32 = 0;
+    let mut retry = Retry::new(rt.source.reconnect_backoff_max);
     loop {
         let span = info_span!("source", name = %rt.source.name, slot = %rt.slot);
-        let started = Instant::now();
+        retry.session_started();
         let result = session(&rt, &metrics, &mut kafka, &mut shutdown)
             .instrument(span)
             .await;
@@ -135,16 +135,9 @@ pub async fn run(
         match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
-                if started.elapsed() > Duration::from_secs(60) {
-                    attempt = 0;
-                }
-                attempt += 1;
                 metrics.reconnects.fetch_add(1, Ordering::Relaxed);
-                let backoff = retry_backoff(attempt, rt.source.reconnect_backoff_max);
-                warn!(error = %e, attempt, backoff_ms = backoff.as_millis() as u64, "transient error, retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => return Ok(()),
+                if !retry.wait(&e, &mut shutdown).await {
+                    return Ok(());
                 }
             }
             Err(e) => return Err(e),
