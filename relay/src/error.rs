@@ -135,11 +135,14 @@ impl Retry {
 /// a slot in use by another process, serialization conflicts.
 pub fn server_error_is_transient(code: &str) -> bool {
     // 55006 object_in_use: the slot is active in another process (an old relay still
-    // holding it after a crash, until its walsender notices).
+    // holding it after a crash, until its walsender notices). 55P03 lock_not_available: a
+    // lock timeout, e.g. behind a killed sink's transaction that its backend has not yet
+    // noticed is gone.
     matches!(
         code.get(..2),
         Some("08") | Some("53") | Some("57") | Some("40") | Some("58")
     ) || code == "55006"
+        || code == "55P03"
 }
 
 #[cfg(test)]

@@ -136,6 +136,7 @@ impl Ods {
             config.application_name("saiki-relay sink");
         }
         let target = describe(&config);
+        info!(ods = %target, "connecting to the ODS");
         let (client, conn) = config
             .connect(NoTls)
             .await
@@ -174,10 +175,30 @@ impl Ods {
     }
 
     async fn bootstrap(&self) -> Result<(), RelayError> {
-        // The advisory lock keeps two sinks starting at once from racing on CREATE.
+        // Usually everything exists: then no DDL, and no lock to wait for behind another
+        // sink's (or a killed sink's lingering) transaction.
+        let present: bool = self
+            .client
+            .query_one(
+                "SELECT to_regclass('saiki_sink.offsets') IS NOT NULL
+                    AND to_regclass('saiki_sink.tombstones') IS NOT NULL
+                    AND to_regclass('saiki_sink.truncations') IS NOT NULL
+                    AND to_regclass('saiki_sink.watermarks') IS NOT NULL
+                    AND to_regnamespace($1) IS NOT NULL",
+                &[&ident(&self.schema)],
+            )
+            .await
+            .map_err(|e| self.err(&e))?
+            .get(0);
+        if present {
+            return Ok(());
+        }
+        // The advisory lock keeps two sinks starting at once from racing on CREATE; the lock
+        // timeout turns a long wait into a logged, retried error.
         let sql = format!(
             "BEGIN;
              SET LOCAL client_min_messages = warning;
+             SET LOCAL lock_timeout = '10s';
              SELECT pg_advisory_xact_lock(hashtext('saiki_sink.ddl'));
              CREATE SCHEMA IF NOT EXISTS saiki_sink;
              CREATE TABLE IF NOT EXISTS saiki_sink.offsets (
