@@ -96,6 +96,9 @@ pub struct SinkRecord<'a> {
     pub commit_lsn: Option<Lsn>,
     #[serde(default)]
     pub seq: Option<i64>,
+    /// With the plugin's `include-timestamp`: the source commit time, for freshness.
+    #[serde(default, borrow)]
+    pub commit_ts: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     pub schema: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
@@ -251,6 +254,8 @@ pub enum Outcome {
 pub struct Planner<'a> {
     key_includes_source: bool,
     pub tables: IndexMap<String, TablePlan<'a>>,
+    /// Source commit times (µs since the Unix epoch) of the planned changes that carry one.
+    pub commit_times: Vec<i64>,
 }
 
 impl<'a> Planner<'a> {
@@ -258,6 +263,7 @@ impl<'a> Planner<'a> {
         Planner {
             key_includes_source,
             tables: IndexMap::new(),
+            commit_times: Vec::new(),
         }
     }
 
@@ -275,8 +281,17 @@ impl<'a> Planner<'a> {
             // B, C, M and stream markers carry nothing to materialize.
             _ => return Outcome::Skipped,
         }
+        let ts = rec
+            .commit_ts
+            .as_deref()
+            .and_then(saiki_core::time::parse_rfc3339_utc_micros);
         match self.change(idx, msg, rec) {
-            Ok(o) => o,
+            Ok(o) => {
+                if let (Outcome::Planned, Some(ts)) = (&o, ts) {
+                    self.commit_times.push(ts);
+                }
+                o
+            }
             Err(reason) => Outcome::DeadLetter(reason),
         }
     }

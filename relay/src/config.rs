@@ -23,6 +23,7 @@ max_in_flight = 100000           # messages produced but not yet acknowledged by
 batch_bytes = 65536              # plugin batch-bytes: records per replication message
 tombstones = false               # a null-value message after each delete (log compaction)
 include_types = true             # plugin include-types: the sink creates ODS tables from them
+include_timestamp = true         # plugin include-timestamp: commit_ts, the sink's freshness metric
 reconnect_backoff_max = "30s"    # cap of the exponential backoff between attempts
 shutdown_grace = "30s"           # SIGTERM: time to drain in-flight messages before exiting
 
@@ -98,6 +99,8 @@ pub struct SourceConfig {
     pub tombstones: bool,
     #[serde(default = "d_true")]
     pub include_types: bool,
+    #[serde(default = "d_true")]
+    pub include_timestamp: bool,
     #[serde(default = "d_30s", with = "duration")]
     pub reconnect_backoff_max: Duration,
     #[serde(default = "d_30s", with = "duration")]

@@ -188,3 +188,50 @@ impl Kafka {
             .map_err(|e| RelayError::Kafka(format!("flush: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(props: &[(&str, &str)]) -> Result<Kafka, RelayError> {
+        let mut cfg = KafkaConfig {
+            brokers: "127.0.0.1:9".into(),
+            ..Default::default()
+        };
+        for (k, v) in props {
+            cfg.properties.insert(k.to_string(), v.to_string());
+        }
+        Kafka::new(&cfg, 10)
+    }
+
+    /// What docs/operations.md says of this build's librdkafka (no OpenSSL).
+    #[test]
+    fn sasl_plain_is_accepted_and_tls_is_refused_as_a_configuration_error() {
+        assert!(with(&[
+            ("security.protocol", "SASL_PLAINTEXT"),
+            ("sasl.mechanism", "PLAIN"),
+            ("sasl.username", "u"),
+            ("sasl.password", "p"),
+        ])
+        .is_ok());
+        for p in ["SSL", "SASL_SSL"] {
+            match with(&[("security.protocol", p)]) {
+                Err(RelayError::KafkaConfig(m)) => assert!(m.contains("kafka.properties"), "{m}"),
+                Err(e) => panic!("{p}: {e}"),
+                Ok(_) => panic!("{p} accepted by a build without OpenSSL"),
+            }
+        }
+        assert!(
+            with(&[
+                ("security.protocol", "SASL_PLAINTEXT"),
+                ("sasl.mechanism", "SCRAM-SHA-256"),
+            ])
+            .is_err(),
+            "SCRAM needs OpenSSL"
+        );
+        assert!(matches!(
+            with(&[("no.such.property", "1")]),
+            Err(RelayError::KafkaConfig(_))
+        ));
+    }
+}

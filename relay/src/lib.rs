@@ -4,7 +4,7 @@
 //! - [`wire`], [`pg`]: the replication protocol client (pure codec, async connection).
 //! - [`route`]: topics, keys, values, headers.
 //! - [`sink`]: Kafka → ODS, with the pure planner [`apply`] and the ODS side [`ods`].
-//! - [`config`], [`dsn`], [`error`], [`metrics`], [`http`]: operations.
+//! - [`config`], [`dsn`], [`error`], [`metrics`], [`http`], [`status`]: operations.
 
 pub mod ack;
 pub mod apply;
@@ -19,4 +19,5 @@ pub mod pg;
 pub mod route;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod wire;

@@ -70,14 +70,22 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
-    /// Print the slot table of saiki.slot_status() for source.dsn.
+    /// The slots of a source database (saiki.slot_status()) and the health, lag and freshness
+    /// of running relays (their /health, /ready, /metrics).
     Status {
-        /// source.dsn (or --config)
+        /// A source database (default: source.dsn of --config).
         #[arg(long)]
         dsn: Option<String>,
-        /// JSON instead of a table.
+        /// A relay's HTTP address (http://host:port); repeat for several. Default: http.listen
+        /// of --config, if the config names a source or a sink.
+        #[arg(long = "relay")]
+        relays: Vec<String>,
+        /// JSON ({"slots": [...], "relays": [...]}) instead of tables.
         #[arg(long)]
         json: bool,
+        /// Exit 1 unless every relay asked is healthy and ready (for health checks).
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -147,11 +155,22 @@ fn main() -> ExitCode {
                 if let Some(v) = listen { cfg.http.listen = v; }
                 run_sink(sink, cfg).await
             }
-            Command::Status { dsn, json } => {
-                let dsn = dsn
-                    .or_else(|| cfg.source.as_ref().map(|s| s.dsn.clone()))
-                    .ok_or_else(|| RelayError::Config("status needs --dsn or source.dsn".into()))?;
-                status(&dsn, json).await
+            Command::Status { mut dsn, mut relays, json, check } => {
+                // Nothing named on the command line: what the config describes.
+                if dsn.is_none() && relays.is_empty() {
+                    dsn = cfg.source.as_ref().map(|s| s.dsn.clone());
+                    if (cfg.source.is_some() || cfg.sink.is_some()) && !cfg.http.listen.is_empty() {
+                        relays.push(format!("http://{}", cfg.http.listen));
+                    }
+                }
+                if dsn.is_none() && relays.is_empty() {
+                    return Err(RelayError::Config("status needs a source database (--dsn, or source.dsn in --config) or a relay (--relay http://host:port)".into()));
+                }
+                if status(dsn.as_deref(), &relays, json).await? || !check {
+                    Ok(())
+                } else {
+                    std::process::exit(1)
+                }
             }
         }
     });
@@ -232,83 +251,19 @@ fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
     rx
 }
 
-async fn status(dsn: &str, json: bool) -> Result<(), RelayError> {
-    let d =
-        saiki_relay::dsn::Dsn::parse(dsn).map_err(|e| RelayError::Config(format!("dsn: {e}")))?;
-    let mut conn = saiki_relay::pg::PgConn::connect(&d, false, "").await?;
-    let has_ext = !conn
-        .simple_query("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'saiki'")
-        .await?
-        .is_empty();
-    let sql = if has_ext {
-        "SELECT slot_name, plugin, database, active, active_pid, confirmed_flush_lsn, lag_bytes, retained_bytes, wal_status, lag_pretty FROM saiki.slot_status()"
-    } else {
-        "SELECT slot_name, plugin, database, active, active_pid, confirmed_flush_lsn, pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, wal_status, pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)) FROM pg_replication_slots WHERE slot_type = 'logical' ORDER BY slot_name"
+/// Prints the status; true when every relay is healthy and ready.
+async fn status(dsn: Option<&str>, relays: &[String], json: bool) -> Result<bool, RelayError> {
+    use saiki_relay::status::{render, slots, RelayStatus};
+    let slots = match dsn {
+        Some(d) => Some(slots(d).await?),
+        None => None,
     };
-    let rows = conn.simple_query(sql).await?;
-    let cols = [
-        "slot",
-        "plugin",
-        "database",
-        "active",
-        "pid",
-        "confirmed_lsn",
-        "lag_bytes",
-        "retained_bytes",
-        "wal_status",
-        "lag",
-    ];
+    let relays = futures::future::join_all(relays.iter().map(|r| RelayStatus::fetch(r))).await;
     if json {
-        let arr: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|r| {
-                serde_json::Value::Object(
-                    cols.iter()
-                        .zip(r.iter())
-                        .map(|(c, v)| {
-                            (
-                                c.to_string(),
-                                v.clone()
-                                    .map(serde_json::Value::String)
-                                    .unwrap_or(serde_json::Value::Null),
-                            )
-                        })
-                        .collect(),
-                )
-            })
-            .collect();
-        println!("{}", serde_json::Value::Array(arr));
+        let v = serde_json::json!({ "slots": slots, "relays": relays });
+        println!("{v}");
     } else {
-        let cells: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| r.iter().map(|v| v.clone().unwrap_or_default()).collect())
-            .collect();
-        let widths: Vec<usize> = cols
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                cells
-                    .iter()
-                    .map(|r| r.get(i).map_or(0, |v| v.len()))
-                    .max()
-                    .unwrap_or(0)
-                    .max(c.len())
-            })
-            .collect();
-        let line = |vals: Vec<&str>| {
-            vals.iter()
-                .zip(&widths)
-                .map(|(v, w)| format!("{v:<w$}"))
-                .collect::<Vec<_>>()
-                .join("  ")
-        };
-        println!("{}", line(cols.to_vec()));
-        for r in &cells {
-            println!("{}", line(r.iter().map(String::as_str).collect()));
-        }
-        if cells.is_empty() {
-            println!("(no logical replication slots)");
-        }
+        print!("{}", render(slots.as_deref(), &relays));
     }
-    Ok(())
+    Ok(relays.iter().all(|r| r.healthy && r.ready))
 }

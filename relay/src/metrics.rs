@@ -21,6 +21,31 @@ pub const SINK_DEAD_LETTERS_TOTAL: &str = "saiki_sink_dead_letters_total";
 pub const SINK_FENCED_BATCHES_TOTAL: &str = "saiki_sink_fenced_batches_total";
 pub const SINK_RETRIES_TOTAL: &str = "saiki_sink_retries_total";
 pub const SINK_ASSIGNED_PARTITIONS: &str = "saiki_sink_assigned_partitions";
+pub const SINK_FRESHNESS_SECONDS: &str = "saiki_sink_freshness_seconds";
+
+/// Every metric name, for the reference in docs/metrics.md and the dashboard (both checked
+/// against this list by the tests).
+pub const ALL: &[&str] = &[
+    SOURCE_LAG_BYTES,
+    SOURCE_CHANGES_TOTAL,
+    SOURCE_MESSAGES_PRODUCED_TOTAL,
+    SOURCE_IN_FLIGHT_MESSAGES,
+    SOURCE_CONFIRMED_LSN,
+    SOURCE_SERVER_WAL_END,
+    SOURCE_DELIVERY_ERRORS_TOTAL,
+    SOURCE_RECONNECTS_TOTAL,
+    SOURCE_HEARTBEATS_TOTAL,
+    SINK_RECORDS_CONSUMED_TOTAL,
+    SINK_ROWS_APPLIED_TOTAL,
+    SINK_BATCHES_TOTAL,
+    SINK_APPLY_SECONDS,
+    SINK_CONSUMER_LAG_MESSAGES,
+    SINK_DEAD_LETTERS_TOTAL,
+    SINK_FENCED_BATCHES_TOTAL,
+    SINK_RETRIES_TOTAL,
+    SINK_ASSIGNED_PARTITIONS,
+    SINK_FRESHNESS_SECONDS,
+];
 
 /// What `/metrics` and `/ready` show: the source's or the sink's metrics.
 pub trait Exporter: Send + Sync + 'static {
@@ -58,9 +83,65 @@ fn label(name: &str, value: &str) -> String {
 }
 
 /// Upper bounds (seconds) of the apply-latency histogram buckets.
-pub const APPLY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+pub const APPLY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+/// Upper bounds (seconds) of the commit → ODS freshness histogram buckets: fine around the
+/// 100 ms that issue #5 asks of p99.
+pub const FRESHNESS_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 
-#[derive(Default)]
+/// A Prometheus histogram of seconds, lock-free.
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Counts per bucket of `bounds`, +Inf last (not cumulative).
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        let seconds = seconds.max(0.0);
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// Appends the histogram in Prometheus text format, `label` being one `name="value"`.
+    fn write(&self, out: &mut String, name: &str, help: &str, label: (&str, &str)) {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        let mut cum = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            cum += c.load(Ordering::Relaxed);
+            let le = self
+                .bounds
+                .get(i)
+                .map_or("+Inf".to_string(), f64::to_string);
+            out.push_str(&format!(
+                "{name}_bucket{} {cum}\n",
+                label_pair(label.0, label.1, "le", &le)
+            ));
+        }
+        let l = self::label(label.0, label.1);
+        out.push_str(&format!(
+            "{name}_sum{l} {}\n{name}_count{l} {cum}\n",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        ));
+    }
+}
+
 pub struct SinkMetrics {
     pub group: String,
     pub consumed: AtomicU64,
@@ -71,31 +152,31 @@ pub struct SinkMetrics {
     pub retries: AtomicU64,
     pub lag: AtomicU64,
     pub assigned: AtomicU64,
-    /// Apply latency histogram: counts per bucket of [`APPLY_BUCKETS`] (+Inf last), and the
-    /// sum in microseconds.
-    pub apply_buckets: [AtomicU64; 11],
-    pub apply_sum_micros: AtomicU64,
+    /// Time to apply and commit one batch.
+    pub apply: Histogram,
+    /// Per applied change: ODS commit time minus the source's commit time.
+    pub freshness: Histogram,
     /// Consuming and applying: what /ready reports.
     pub ready: AtomicBool,
 }
 
 impl SinkMetrics {
     pub fn new(group: &str) -> Self {
+        let z = || AtomicU64::new(0);
         SinkMetrics {
             group: group.to_string(),
-            ..Default::default()
+            consumed: z(),
+            rows_applied: z(),
+            batches: z(),
+            dead_letters: z(),
+            fenced: z(),
+            retries: z(),
+            lag: z(),
+            assigned: z(),
+            apply: Histogram::new(APPLY_BUCKETS),
+            freshness: Histogram::new(FRESHNESS_BUCKETS),
+            ready: AtomicBool::new(false),
         }
-    }
-
-    pub fn observe_apply(&self, d: std::time::Duration) {
-        let s = d.as_secs_f64();
-        let i = APPLY_BUCKETS
-            .iter()
-            .position(|b| s <= *b)
-            .unwrap_or(APPLY_BUCKETS.len());
-        self.apply_buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.apply_sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 }
 
@@ -150,28 +231,19 @@ impl Exporter for SinkMetrics {
             "Partitions assigned to this instance.",
             g(&self.assigned),
         );
-        let name = SINK_APPLY_SECONDS;
-        out.push_str(&format!(
-            "# HELP {name} Time to apply and commit one batch.\n# TYPE {name} histogram\n"
-        ));
-        let group = &self.group;
-        let mut cum = 0;
-        for (i, b) in APPLY_BUCKETS.iter().enumerate() {
-            cum += g(&self.apply_buckets[i]);
-            out.push_str(&format!(
-                "{name}_bucket{} {cum}\n",
-                label_pair("group", group, "le", &b.to_string())
-            ));
-        }
-        cum += g(&self.apply_buckets[APPLY_BUCKETS.len()]);
-        out.push_str(&format!(
-            "{name}_bucket{} {cum}\n",
-            label_pair("group", group, "le", "+Inf")
-        ));
-        out.push_str(&format!(
-            "{name}_sum{l} {}\n{name}_count{l} {cum}\n",
-            g(&self.apply_sum_micros) as f64 / 1e6
-        ));
+        let l = ("group", self.group.as_str());
+        self.apply.write(
+            &mut out,
+            SINK_APPLY_SECONDS,
+            "Time to apply and commit one batch.",
+            l,
+        );
+        self.freshness.write(
+            &mut out,
+            SINK_FRESHNESS_SECONDS,
+            "Per applied change: ODS commit time minus the source commit time (needs source.include_timestamp).",
+            l,
+        );
         out
     }
     fn ready(&self) -> bool {

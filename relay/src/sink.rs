@@ -431,7 +431,17 @@ impl Session<'_> {
         })
         .map_err(|e| RelayError::Kafka(format!("seek {}[{}] to {offset}: {e}", tp.0, tp.1)))
     }
+}
 
+/// What a committed batch did.
+struct Applied {
+    written: u64,
+    dead: usize,
+    /// Source commit times of the applied changes (µs since the Unix epoch).
+    commit_times: Vec<i64>,
+}
+
+impl Session<'_> {
     /// Applies and commits the batch in hand (if any).
     async fn apply_batch(&mut self) -> Result<(), RelayError> {
         if self.batch.is_empty() {
@@ -451,7 +461,11 @@ impl Session<'_> {
             .collect();
         let result = self.try_apply(&offsets).await;
         match result {
-            Ok((written, dead)) => {
+            Ok(Applied {
+                written,
+                dead,
+                commit_times,
+            }) => {
                 let pos = &self.consumer.context().positions;
                 let mut pos = pos.lock().unwrap_or_else(|p| p.into_inner());
                 for o in &offsets {
@@ -468,7 +482,13 @@ impl Session<'_> {
                 m.consumed
                     .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
                 m.dead_letters.fetch_add(dead as u64, Ordering::Relaxed);
-                m.observe_apply(started.elapsed());
+                m.apply.observe(started.elapsed().as_secs_f64());
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as i64);
+                for ts in commit_times {
+                    m.freshness.observe((now - ts) as f64 / 1e6);
+                }
                 debug!(
                     messages = self.batch.len(),
                     rows = written,
@@ -535,11 +555,8 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Plans, applies, dead-letters and commits. Returns (rows written, dead letters).
-    async fn try_apply(
-        &mut self,
-        offsets: &[PartitionOffsets],
-    ) -> Result<(u64, usize), ApplyError> {
+    /// Plans, applies, dead-letters and commits.
+    async fn try_apply(&mut self, offsets: &[PartitionOffsets]) -> Result<Applied, ApplyError> {
         let kis = self.rt.sink.key_includes_source;
         let msgs: Vec<Msg<'_>> = self.batch.iter().map(msg_of).collect();
         let mut planner = Planner::new(kis);
@@ -624,9 +641,16 @@ impl Session<'_> {
                 }
             }
         }
+        let commit_times = std::mem::take(&mut planner.commit_times);
+        drop(planner);
+        drop(msgs);
         self.send_dead_letters(&dead).await?;
         self.ods.commit().await?;
-        Ok((written, dead.len()))
+        Ok(Applied {
+            written,
+            dead: dead.len(),
+            commit_times,
+        })
     }
 
     /// Produces the dead letters and waits for Kafka's acknowledgement of each.

@@ -98,6 +98,10 @@ impl SourceRuntime {
         let mut opts = vec![
             ("include-transaction", "true".to_string()),
             ("include-types", self.source.include_types.to_string()),
+            (
+                "include-timestamp",
+                self.source.include_timestamp.to_string(),
+            ),
             ("skip-empty-xacts", "true".to_string()),
             ("batch-bytes", self.source.batch_bytes.to_string()),
         ];

@@ -146,6 +146,31 @@ fn changes_materialize_in_the_ods_with_bookkeeping_new_columns_and_resume_after_
         Some(1.0),
         "only the new change is read again:\n{m}"
     );
+    // Its freshness (ODS commit − source commit) was observed once, and it is not negative
+    // nor absurd: both clocks are this machine's.
+    assert_eq!(
+        metric(&m, "saiki_sink_freshness_seconds_count"),
+        Some(1.0),
+        "{m}"
+    );
+    let fresh = metric(&m, "saiki_sink_freshness_seconds_sum").unwrap();
+    assert!((0.0..30.0).contains(&fresh), "freshness {fresh} s:\n{m}");
+    // `saiki-relay status` reads the same from the sink's HTTP endpoint.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "status",
+            "--json",
+            "--relay",
+            &format!("http://127.0.0.1:{}", sink.http_port),
+        ])
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let r = &st["relays"][0];
+    assert_eq!(r["role"], "sink", "{st}");
+    assert_eq!(r["healthy"], true, "{st}");
+    assert!(r["freshness_p50"].as_f64().is_some(), "{st}");
+    assert!(st["slots"].is_null(), "no database asked: {st}");
     // Everything applied: the consumer lag (high watermarks − ODS offsets) comes to 0.
     wait_until(Duration::from_secs(30), &sink, || {
         let m = sink.http_get("/metrics").unwrap_or_default();

@@ -196,13 +196,16 @@ fn headers_can_be_switched_off_without_changing_keys_or_values() {
     }
 }
 
-fn status_json(pg: &PgCluster) -> serde_json::Value {
+/// `saiki-relay status --json` for the test slot's database and the relay at `http_port`.
+fn status_json(pg: &PgCluster, http_port: u16) -> serde_json::Value {
     let out = std::process::Command::new(BIN)
         .args([
             "status",
             "--json",
             "--dsn",
             &format!("host=127.0.0.1 port={} user=postgres dbname=shop", pg.port),
+            "--relay",
+            &format!("http://127.0.0.1:{http_port}"),
         ])
         .output()
         .unwrap();
@@ -214,15 +217,32 @@ fn status_json(pg: &PgCluster) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
 }
 
-fn slot_lag(status: &serde_json::Value) -> i64 {
-    status
+/// The exit code of `saiki-relay status --check` (the container health check) for a relay.
+fn status_check(http_port: u16) -> Option<i32> {
+    std::process::Command::new(BIN)
+        .args([
+            "status",
+            "--check",
+            "--relay",
+            &format!("127.0.0.1:{http_port}"),
+        ])
+        .output()
+        .unwrap()
+        .status
+        .code()
+}
+
+fn test_slot(status: &serde_json::Value) -> &serde_json::Value {
+    status["slots"]
         .as_array()
         .unwrap()
         .iter()
         .find(|s| s["slot"] == "saiki_test")
-        .and_then(|s| s["lag_bytes"].as_str())
-        .and_then(|l| l.parse().ok())
         .expect("saiki_test in the status")
+}
+
+fn slot_lag(status: &serde_json::Value) -> i64 {
+    test_slot(status)["lag_bytes"].as_i64().expect("lag_bytes")
 }
 
 #[test]
@@ -246,20 +266,24 @@ fn status_shows_the_slot_lag_growing_while_the_relay_is_stopped_and_shrinking_af
         &mut db,
         &["INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g"],
     );
-    let stopped = status_json(&pg);
+    let stopped = status_json(&pg, port);
     let lag_stopped = slot_lag(&stopped);
     assert!(
         lag_stopped > 1_000_000,
         "lag grows while the relay is stopped: {stopped}"
     );
-    let slot = stopped
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["slot"] == "saiki_test")
-        .unwrap();
-    assert_eq!(slot["active"], "f");
+    let slot = test_slot(&stopped);
+    assert_eq!(slot["active"], false);
     assert_eq!(slot["plugin"], "saiki");
+    // The stopped relay is reported down, with a hint, not as an error of the command.
+    let relay_down = &stopped["relays"][0];
+    assert_eq!(relay_down["healthy"], false, "{stopped}");
+    assert!(
+        relay_down["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unreachable")),
+        "{stopped}"
+    );
 
     // The table form, for a terminal.
     let out = std::process::Command::new(BIN)
@@ -267,6 +291,8 @@ fn status_shows_the_slot_lag_growing_while_the_relay_is_stopped_and_shrinking_af
             "status",
             "--dsn",
             &format!("host=127.0.0.1 port={} user=postgres dbname=shop", pg.port),
+            "--relay",
+            &format!("127.0.0.1:{port}"),
         ])
         .output()
         .unwrap();
@@ -274,6 +300,17 @@ fn status_shows_the_slot_lag_growing_while_the_relay_is_stopped_and_shrinking_af
     assert!(
         table.lines().next().unwrap().starts_with("slot") && table.contains("saiki_test"),
         "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("127.0.0.1:") && l.contains("DOWN")),
+        "{table}"
+    );
+    assert_eq!(
+        status_check(port),
+        Some(1),
+        "--check fails on a stopped relay"
     );
 
     let relay = Relay::start(&pg.dir, &cfg, port);
@@ -285,9 +322,23 @@ fn status_shows_the_slot_lag_growing_while_the_relay_is_stopped_and_shrinking_af
         Duration::from_secs(120),
         &relay,
     );
-    let lag_after = slot_lag(&status_json(&pg));
+    let after = status_json(&pg, port);
+    let lag_after = slot_lag(&after);
     assert!(
         lag_after < lag_stopped / 10,
         "lag shrinks once the relay runs: {lag_stopped} then {lag_after}"
+    );
+    // The running relay: healthy, streaming, named, with its own view of the lag.
+    let r = &after["relays"][0];
+    assert_eq!(r["healthy"], true, "{after}");
+    assert_eq!(r["ready"], true, "{after}");
+    assert_eq!(r["role"], "source", "{after}");
+    assert_eq!(r["name"], "shard1", "{after}");
+    assert!(r["changes_total"].as_u64().unwrap() >= 20_000, "{after}");
+    assert!(r["lag_bytes"].is_u64(), "{after}");
+    assert_eq!(
+        status_check(port),
+        Some(0),
+        "--check passes on a ready relay"
     );
 }

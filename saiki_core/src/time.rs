@@ -58,6 +58,46 @@ fn pad(buf: &mut Vec<u8>, v: u64, width: usize) {
     buf.extend_from_slice(&tmp[start..]);
 }
 
+/// Parses what [`write_timestamptz`] writes (unquoted: `YYYY-MM-DDTHH:MM:SS.ffffffZ`, years
+/// 0000-9999) back to microseconds since the Unix epoch. `None` for anything else, including
+/// the infinities: a reader that wants a point in time has none there.
+pub fn parse_rfc3339_utc_micros(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() != 27 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    if b[16] != b':' || b[19] != b'.' || b[26] != b'Z' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        b[r].iter().try_fold(0i64, |acc, c| {
+            c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0'))
+        })
+    };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss, us) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..26)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 59 {
+        return None;
+    }
+    let days = days_from_civil(y, m as u32, d as u32);
+    if civil_from_days(days) != (y, m as u32, d as u32) {
+        return None; // 31 February and the like
+    }
+    Some((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000 + us)
+}
+
+/// A proleptic Gregorian date to days since 1970-01-01: the inverse of [`civil_from_days`],
+/// after the same source.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from(if m > 2 { m - 3 } else { m + 9 });
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Days since 1970-01-01 to a proleptic Gregorian (year, month, day).
 /// The algorithm is Howard Hinnant's `civil_from_days`
 /// (<https://howardhinnant.github.io/date_algorithms.html>), rewritten here.
@@ -102,5 +142,47 @@ mod tests {
             ts((unix - PG_EPOCH_UNIX_SECS) * 1_000_000),
             "\"2000-02-29T00:00:00.000000Z\""
         );
+    }
+
+    #[test]
+    fn parsing_reads_back_what_was_written() {
+        for v in [
+            0i64,
+            -1,
+            1,
+            123_456_789_012_345,
+            -63_000_000_000_000_000 / 1000,
+            820_000_000_000_000,
+        ] {
+            let text = ts(v);
+            let unix = parse_rfc3339_utc_micros(text.trim_matches('"')).unwrap();
+            assert_eq!(unix, v + PG_EPOCH_UNIX_SECS * 1_000_000, "{text}");
+        }
+    }
+
+    #[test]
+    fn parsing_refuses_what_is_not_a_written_timestamp() {
+        for bad in [
+            "infinity",
+            "2026-11-27 05:19:58.123456Z",
+            "2026-11-27T05:19:58Z",
+            "2026-02-30T00:00:00.000000Z",
+            "2026-13-01T00:00:00.000000Z",
+            "2026-11-27T24:00:00.000000Z",
+            "2026-11-27T05:19:58.12345xZ",
+        ] {
+            assert_eq!(parse_rfc3339_utc_micros(bad), None, "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_timestamp_of_years_0_to_9999_round_trips(v in -63_082_281_600_000_000i64..252_455_615_999_999_999) {
+            let text = ts(v);
+            proptest::prop_assert_eq!(
+                parse_rfc3339_utc_micros(text.trim_matches('"')),
+                Some(v + PG_EPOCH_UNIX_SECS * 1_000_000)
+            );
+        }
     }
 }
