@@ -62,6 +62,7 @@ cleanup() {
     echo "[demo] left running (the database; relays and broker stopped)."
     echo "[demo] source: psql 'host=127.0.0.1 port=$PORT user=postgres dbname=shop'"
     echo "[demo]   try: SELECT * FROM saiki.slot_status();  SELECT * FROM saiki.peek('saiki_demo', 5);"
+    echo "[demo]   or:  $RELAY status --dsn 'host=127.0.0.1 port=$PORT user=postgres dbname=shop'"
     echo "[demo] ODS:    psql 'host=127.0.0.1 port=$PORT user=postgres dbname=ods'"
     echo "[demo]   try: SELECT status, count(*) FROM ods.orders GROUP BY 1;  SELECT * FROM saiki_sink.offsets;"
     echo "[demo] stop with: runuser -u postgres -- $PG_BIN/pg_ctl -D $DIR/data stop"

@@ -46,7 +46,8 @@ topics = "^saiki\\..*"            # regex over topic names; default: every {topi
 key_includes_source = true       # primary key (_saiki_source, key...): shards whose keys collide
 batch_max_rows = 10000           # messages per ODS transaction
 batch_max_bytes = 33554432       # message bytes per ODS transaction
-batch_linger = "50ms"            # wait this long for a batch to fill
+batch_linger = "50ms"            # the longest a batch takes in messages already there; a batch
+                                 # is applied as soon as the consumer has no more ready
 dead_letter_topic = "saiki.dead-letter"   # default {topic_prefix}.dead-letter
 topic_refresh = "5s"             # how often new matching topics are picked up
 tombstone_retention = "24h"      # how long a deleted row's (lsn, seq) is kept against replays

@@ -11,7 +11,7 @@ pub struct Dsn {
     pub user: String,
     pub password: Option<String>,
     pub dbname: String,
-    pub sslmode: String,
+    pub tls: crate::tls::TlsOptions,
     pub application_name: String,
 }
 
@@ -121,7 +121,14 @@ impl Dsn {
             password: kv
                 .remove("password")
                 .or_else(|| std::env::var("PGPASSWORD").ok()),
-            sslmode: kv.remove("sslmode").unwrap_or_else(|| "prefer".into()),
+            tls: crate::tls::TlsOptions {
+                mode: crate::tls::SslMode::parse(
+                    kv.remove("sslmode").as_deref().unwrap_or("prefer"),
+                )?,
+                rootcert: kv.remove("sslrootcert").map(Into::into),
+                cert: kv.remove("sslcert").map(Into::into),
+                key: kv.remove("sslkey").map(Into::into),
+            },
             application_name: kv
                 .remove("application_name")
                 .unwrap_or_else(|| "saiki-relay".into()),
@@ -130,12 +137,6 @@ impl Dsn {
         kv.remove("connect_timeout");
         if let Some(k) = kv.keys().next() {
             return Err(format!("unsupported connection parameter '{k}'"));
-        }
-        if !matches!(dsn.sslmode.as_str(), "disable" | "allow" | "prefer") {
-            return Err(format!(
-                "sslmode={} needs TLS, which this build of saiki-relay does not have yet; use sslmode=disable or prefer on a trusted network",
-                dsn.sslmode
-            ));
         }
         Ok(dsn)
     }
@@ -204,8 +205,26 @@ mod tests {
             .unwrap_err()
             .contains("port"));
         assert!(Dsn::parse("host=h bogus=1").unwrap_err().contains("bogus"));
-        assert!(Dsn::parse("postgres://h/db?sslmode=verify-full")
+        assert!(Dsn::parse("postgres://h/db?sslmode=verify_full")
             .unwrap_err()
-            .contains("TLS"));
+            .contains("verify-full"));
+    }
+
+    #[test]
+    fn tls_parameters_parse_as_libpq_names_them() {
+        let d = Dsn::parse(
+            "postgres://h/db?sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c.pem&sslkey=/k.pem",
+        )
+        .unwrap();
+        assert_eq!(d.tls.mode, crate::tls::SslMode::VerifyFull);
+        assert_eq!(
+            d.tls.rootcert.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert_eq!(d.tls.key.as_deref(), Some(std::path::Path::new("/k.pem")));
+        assert_eq!(
+            Dsn::parse("host=h").unwrap().tls.mode,
+            crate::tls::SslMode::Prefer
+        );
     }
 }

@@ -39,6 +39,8 @@ pub enum RelayError {
     },
     #[error("authentication: {0}")]
     Auth(String),
+    #[error("TLS to {target}: {message}")]
+    Tls { target: String, message: String },
     #[error("Kafka: {0}")]
     Kafka(String),
     #[error("Kafka configuration: {0}")]

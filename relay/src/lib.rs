@@ -1,7 +1,8 @@
 //! Saiki's relay as a library, so that the binary and the tests share it.
 //!
 //! - [`source`]: slot → Kafka, with the ack discipline of [`ack`].
-//! - [`wire`], [`pg`]: the replication protocol client (pure codec, async connection).
+//! - [`wire`], [`pg`], [`tls`]: the replication protocol client (pure codec, async
+//!   connection, TLS with libpq's sslmode).
 //! - [`route`]: topics, keys, values, headers.
 //! - [`sink`]: Kafka → ODS, with the pure planner [`apply`] and the ODS side [`ods`].
 //! - [`config`], [`dsn`], [`error`], [`metrics`], [`http`], [`status`]: operations.
@@ -20,4 +21,5 @@ pub mod route;
 pub mod sink;
 pub mod source;
 pub mod status;
+pub mod tls;
 pub mod wire;

@@ -121,26 +121,48 @@ impl Ods {
         group: &str,
         key_includes_source: bool,
     ) -> Result<Ods, RelayError> {
-        let mut config: tokio_postgres::Config = dsn
-            .parse()
+        let dsn = crate::dsn::Dsn::parse(dsn)
             .map_err(|e| RelayError::Config(format!("sink.dsn: {e}")))?;
-        if matches!(
-            config.get_ssl_mode(),
-            tokio_postgres::config::SslMode::Require
-        ) {
-            return Err(RelayError::Config(
-                "sink.dsn asks for sslmode=require: TLS to the ODS is not in this build; use sslmode=disable or prefer on a trusted network".into(),
-            ));
-        }
-        if config.get_application_name().is_none() {
-            config.application_name("saiki-relay sink");
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&dsn.host)
+            .port(dsn.port)
+            .user(&dsn.user)
+            .dbname(&dsn.dbname)
+            // TLS is negotiated by crate::tls before tokio-postgres sees the stream.
+            .ssl_mode(tokio_postgres::config::SslMode::Disable)
+            .application_name(if dsn.application_name == "saiki-relay" {
+                "saiki-relay sink"
+            } else {
+                &dsn.application_name
+            });
+        if let Some(pw) = &dsn.password {
+            config.password(pw);
         }
         let target = describe(&config);
         info!(ods = %target, "connecting to the ODS");
+        let stream = crate::tls::connect(&dsn.host, dsn.port, &dsn.tls, &target)
+            .await
+            .map_err(|e| match e {
+                // A certificate refused or TLS refused: definite, like a wrong password.
+                RelayError::Tls { target, message } => RelayError::Ods {
+                    target,
+                    code: Some("28000".into()),
+                    message: format!("TLS: {message}"),
+                },
+                RelayError::Connect { target, source } => RelayError::Ods {
+                    target,
+                    code: None,
+                    message: format!("cannot connect: {source}"),
+                },
+                other => other,
+            })?;
+        let tls = stream.is_tls();
         let (client, conn) = config
-            .connect(NoTls)
+            .connect_raw(stream, NoTls)
             .await
             .map_err(|e| pg_error(&target, &e))?;
+        info!(ods = %target, tls, "connected to the ODS");
         let t2 = target.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -5,16 +5,15 @@
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::{md5_hash, sasl};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::dsn::Dsn;
 use crate::error::RelayError;
+use crate::tls::Stream;
 use crate::wire::{self, Auth, Backend};
 
 pub struct PgConn {
-    stream: TcpStream,
+    stream: Stream,
     rbuf: BytesMut,
     wbuf: BytesMut,
     target: String,
@@ -32,13 +31,7 @@ impl PgConn {
         options: &str,
     ) -> Result<PgConn, RelayError> {
         let target = dsn.to_string();
-        let stream = TcpStream::connect((dsn.host.as_str(), dsn.port))
-            .await
-            .map_err(|source| RelayError::Connect {
-                target: target.clone(),
-                source,
-            })?;
-        stream.set_nodelay(true).ok();
+        let stream = crate::tls::connect(&dsn.host, dsn.port, &dsn.tls, &target).await?;
         let mut c = PgConn {
             stream,
             rbuf: BytesMut::with_capacity(64 * 1024),
@@ -146,9 +139,17 @@ impl PgConn {
     }
 
     async fn flush(&mut self) -> Result<(), RelayError> {
-        let r = self.stream.write_all(&self.wbuf).await;
+        let mut r = self.stream.write_all(&self.wbuf).await;
+        if r.is_ok() {
+            r = self.stream.flush().await; // TLS buffers records until flushed
+        }
         self.wbuf.clear();
         r.map_err(|e| self.io(e))
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
     }
 
     async fn read(&mut self) -> Result<Backend, RelayError> {
@@ -209,7 +210,7 @@ impl PgConn {
                 _ => {}
             }
         }
-        let (r, w) = self.stream.into_split();
+        let (r, w) = tokio::io::split(self.stream);
         Ok(ReplicationStream {
             read: r,
             write: w,
@@ -226,8 +227,8 @@ impl PgConn {
 
 /// The copy-both stream after START_REPLICATION: read and write sides used concurrently.
 pub struct ReplicationStream {
-    pub read: OwnedReadHalf,
-    pub write: OwnedWriteHalf,
+    pub read: ReadHalf<Stream>,
+    pub write: WriteHalf<Stream>,
     pub rbuf: BytesMut,
     pub wbuf: BytesMut,
     pub target: String,
@@ -243,7 +244,10 @@ impl ReplicationStream {
 
     /// Writes what `wbuf` holds.
     pub async fn flush(&mut self) -> Result<(), RelayError> {
-        let r = self.write.write_all(&self.wbuf).await;
+        let mut r = self.write.write_all(&self.wbuf).await;
+        if r.is_ok() {
+            r = self.write.flush().await; // TLS buffers records until flushed
+        }
         self.wbuf.clear();
         r.map_err(|e| RelayError::Io {
             target: self.target.clone(),

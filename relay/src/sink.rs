@@ -266,6 +266,10 @@ async fn session(
         // A sink that died (kill -9) holds its partitions until the session times out:
         // 10 s instead of librdkafka's 45 s, so that its restart takes over quickly.
         .set("session.timeout.ms", "10000")
+        // librdkafka's 500 ms is how long a fetch may wait for data. Kafka answers as soon as
+        // data arrives; a broker that waits out the whole time (tansu 0.6.0) puts that wait
+        // into commit → ODS freshness: 50 ms gave p99 119 ms in bench/e2e, 20 ms 58 ms.
+        .set("fetch.wait.max.ms", "20")
         .set(
             "statistics.interval.ms",
             rt.sink.topic_refresh.as_millis().max(100).to_string(),
@@ -306,7 +310,6 @@ async fn session(
     let mut last_gc: Option<Instant> = None;
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let linger_at = s.batch_started.map(|t| t + rt.sink.batch_linger);
         tokio::select! {
             biased;
             _ = shutdown.changed() => {
@@ -320,18 +323,35 @@ async fn session(
                     return Ok(());
                 }
             }
-            _ = async { tokio::time::sleep_until(linger_at.unwrap_or_else(tokio::time::Instant::now)).await }, if linger_at.is_some() => {
-                s.apply_batch().await?;
-            }
             m = s.consumer.recv() => {
                 match m {
                     Ok(m) => {
                         let m = m.detach();
                         s.handle_events();
                         s.accept(m).await?;
-                        if s.batch.len() >= rt.sink.batch_max_rows || s.batch_bytes >= rt.sink.batch_max_bytes {
-                            s.apply_batch().await?;
+                        // Take what the consumer already holds, without waiting, up to the
+                        // batch limits or batch_linger. The batch is then applied at once:
+                        // under load, messages pile up while a batch applies and the next
+                        // one is larger; at low rates, nothing waits for a linger.
+                        let full = |s: &Session<'_>| {
+                            s.batch.len() >= rt.sink.batch_max_rows
+                                || s.batch_bytes >= rt.sink.batch_max_bytes
+                                || s.batch_started.is_some_and(|t| t.elapsed() >= rt.sink.batch_linger)
+                        };
+                        while !full(&s) {
+                            match tokio::time::timeout(Duration::ZERO, s.consumer.recv()).await {
+                                Ok(Ok(m)) => {
+                                    let m = m.detach();
+                                    s.accept(m).await?;
+                                }
+                                Ok(Err(e)) => {
+                                    warn!(error = %e, "consume");
+                                    break;
+                                }
+                                Err(_) => break, // nothing ready
+                            }
                         }
+                        s.apply_batch().await?;
                     }
                     Err(e) => warn!(error = %e, "consume"),
                 }

@@ -222,8 +222,9 @@ async fn session(
 ) -> Result<(), RelayError> {
     let mut conn = PgConn::connect(&rt.dsn, true, SESSION_OPTIONS).await?;
     ensure_slot(&mut conn, rt).await?;
+    let tls = conn.is_tls();
     let mut stream = conn.start_replication(&rt.start_command()).await?;
-    info!(dsn = %rt.dsn, "streaming from the slot");
+    info!(dsn = %rt.dsn, tls, "streaming from the slot");
     metrics.ready.store(true, Ordering::Relaxed);
 
     let mut source_json = Vec::new();

@@ -2,7 +2,8 @@
 //!
 //! - the logical decoding output plugin `saiki` ([`plugin`]), loaded by the walsender by
 //!   library name, with or without `CREATE EXTENSION`;
-//! - the DBA functions of `CREATE EXTENSION saiki` in schema `saiki` ([`dba`]).
+//! - the DBA functions of `CREATE EXTENSION saiki` in schema `saiki` ([`dba`]), and the
+//!   chunk reader of the relay's snapshots ([`snapshot`]).
 //!
 //! The record format, options and JSON encoding live in `saiki_core`, which does not link
 //! PostgreSQL; this crate is the unsafe shell that feeds it from the WAL.
@@ -10,6 +11,7 @@
 mod dba;
 mod plugin;
 mod relation;
+mod snapshot;
 mod value;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -1,0 +1,312 @@
+#!/usr/bin/env python3
+"""bench/e2e: the whole pipeline at fixed rates: a pgbench order workload on a source database
+-> `saiki-relay source` -> the broker -> `saiki-relay sink` -> the ODS, all on this machine.
+
+1. The peer: the same workload unthrottled on a copy of the schema with no slot and no relay:
+   the database's own ceiling in transactions/s on this machine.
+2. The highest rate (transactions/s, 3 changes each) at which the pipeline keeps up: pgbench
+   reaches the rate, the slot's lag and the sink's consumer lag do not grow over the second
+   half of the run (least-squares slope under 5 % of the rate at which they are fed), and the
+   ODS has every order within 15 s of the end. Rates double from --start until one fails,
+   then two bisection steps.
+3. At half that rate, commit -> ODS freshness p50/p99 per order: the source's commit time
+   and the ODS's commit time, both read with pg_xact_commit_timestamp() (track_commit_timestamp
+   on; the source's is the commit_ts the records carry), compared with the sink's own
+   saiki_sink_freshness_seconds histogram. Goal: p99 <= 100 ms.
+4. The ODS against the source: row counts and a checksum of every column of both tables.
+
+Run through bench/e2e/run.sh (setup, release builds)."""
+import argparse, os, re, shutil, subprocess, sys, time, urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "decode"))
+import run as decode  # the throw-away cluster of bench/decode
+import importlib.util
+spec = importlib.util.spec_from_file_location("relay_bench", os.path.join(os.path.dirname(__file__), "..", "relay", "run.py"))
+relay_bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(relay_bench)
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+RELAY = os.path.join(ROOT, "target", "release", "saiki-relay")
+
+SCHEMA = """
+CREATE TABLE articles (id int PRIMARY KEY, name text NOT NULL, price numeric(10,2) NOT NULL);
+CREATE TABLE orders (id bigserial PRIMARY KEY, customer int NOT NULL,
+                     created timestamptz NOT NULL DEFAULT now(), status text NOT NULL DEFAULT 'new');
+CREATE TABLE order_items (order_id bigint NOT NULL REFERENCES orders, article_id int NOT NULL
+                          REFERENCES articles, qty int NOT NULL, PRIMARY KEY (order_id, article_id));
+INSERT INTO articles SELECT g, 'article ' || g, 10 + g % 90 FROM generate_series(1, 100) g;
+"""
+ORDER = r"""\set customer random(1, 10000)
+\set article random(1, 100)
+BEGIN;
+INSERT INTO orders (customer) VALUES (:customer) RETURNING id \gset
+INSERT INTO order_items VALUES (:id, :article, 1 + :customer % 3);
+UPDATE orders SET status = 'paid' WHERE id = :id;
+COMMIT;
+"""
+CHECKSUMS = {
+    "orders": "SELECT count(*), coalesce(sum(hashtext(concat_ws('|', id, customer, created, status))), 0) FROM {t}",
+    "order_items": "SELECT count(*), coalesce(sum(hashtext(concat_ws('|', order_id, article_id, qty))), 0) FROM {t}",
+}
+
+
+def metrics(port):
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return ""
+
+
+def metric(text, name):
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def buckets(text, name):
+    out = []
+    for line in text.splitlines():
+        m = re.match(name + r'_bucket\{.*le="([^"]+)"\} (\S+)', line)
+        if m:
+            out.append((float("inf") if m.group(1) == "+Inf" else float(m.group(1)), float(m.group(2))))
+    return sorted(out)
+
+
+def quantile(q, bk):
+    """histogram_quantile over cumulative (le, count) buckets, as Prometheus computes it."""
+    total = bk[-1][1] if bk else 0
+    if total <= 0:
+        return None
+    rank, prev = q * total, (0.0, 0.0)
+    for le, c in bk:
+        if c >= rank:
+            if le == float("inf"):
+                return prev[0]
+            return prev[0] + (le - prev[0]) * ((rank - prev[1]) / (c - prev[1]) if c > prev[1] else 1)
+        prev = (le, c)
+    return prev[0]
+
+
+def slope(samples):
+    """Least-squares slope of (t, v) samples."""
+    n = len(samples)
+    if n < 3:
+        return 0.0
+    mt = sum(t for t, _ in samples) / n
+    mv = sum(v for _, v in samples) / n
+    den = sum((t - mt) ** 2 for t, _ in samples)
+    return sum((t - mt) * (v - mv) for t, v in samples) / den if den else 0.0
+
+
+def pct(values, q):
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+class Pipeline:
+    def __init__(self, args):
+        self.args = args
+        self.c = decode.Cluster()
+        self.broker, self.bdir, self.brokers = relay_bench.start_broker()
+        self.procs = []
+        c = self.c
+        c.psql("ALTER SYSTEM SET track_commit_timestamp = on", db="postgres")
+        data = os.path.join(c.dir, "data")
+        decode.sh(decode.as_postgres([f"{decode.PG_BIN}/pg_ctl", "-D", data, "-l", os.path.join(c.dir, "log"),
+                                      "-w", "restart"]), stdout=subprocess.DEVNULL)
+        for db in ("shop", "ceiling", "ods"):
+            c.psql(f"CREATE DATABASE {db}", db="postgres")
+        for db in ("shop", "ceiling"):
+            c.psql(SCHEMA, db=db)
+        c.psql("CREATE EXTENSION saiki", db="shop")
+        self.script = os.path.join(c.dir, "order.sql")
+        with open(self.script, "w") as f:
+            f.write(ORDER)
+        self.src_http, self.sink_http = relay_bench.free_port(), relay_bench.free_port()
+
+    def pgbench(self, db, seconds, rate=None):
+        cmd = [f"{decode.PG_BIN}/pgbench", "-n", "-c", str(self.args.clients), "-j", "2", "-T", str(seconds),
+               "-f", self.script, db]
+        if rate:
+            cmd[1:1] = ["-R", str(rate)]
+        return subprocess.Popen(cmd, env=self.c.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    @staticmethod
+    def tps(p):
+        out = p.communicate()[0]
+        m = re.search(r"tps = ([\d.]+)", out)
+        if not m:
+            sys.exit(f"pgbench failed:\n{out}")
+        return float(m.group(1))
+
+    def start_relays(self):
+        c = self.c
+        src = os.path.join(c.dir, "source.toml")
+        with open(src, "w") as f:
+            f.write(f'[source]\nname = "shop"\ndsn = "host=127.0.0.1 port={c.port} user=postgres dbname=shop"\n'
+                    f'slot = "saiki_e2e"\n[kafka]\nbrokers = "{self.brokers}"\n'
+                    f'headers = {str(self.args.headers).lower()}\n'
+                    f'[http]\nlisten = "127.0.0.1:{self.src_http}"\n[log]\nlevel = "warn"\n')
+        sink = os.path.join(c.dir, "sink.toml")
+        with open(sink, "w") as f:
+            f.write(f'[sink]\ndsn = "host=127.0.0.1 port={c.port} user=postgres dbname=ods"\n'
+                    f'instance_id = "e2e-sink"\nbatch_linger = "{self.args.linger}"\n'
+                    f'[kafka]\nbrokers = "{self.brokers}"\n'
+                    + ("[kafka.properties]\n" if self.args.sink_property else "")
+                    + "".join('"{}" = "{}"\n'.format(*kv.split("=", 1)) for kv in self.args.sink_property)
+                    + f'[http]\nlisten = "127.0.0.1:{self.sink_http}"\n[log]\nlevel = "warn"\n')
+        for cfg, cmd in ((src, "source"), (sink, "sink")):
+            log = open(os.path.join(c.dir, f"{cmd}.log"), "w")
+            self.procs.append(subprocess.Popen([RELAY, "--config", cfg, cmd], stdout=subprocess.DEVNULL, stderr=log))
+        # The slot exists and both relays are ready before the first measured change.
+        for port in (self.src_http, self.sink_http):
+            for _ in range(600):
+                try:
+                    if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1).status == 200:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.1)
+            else:
+                sys.exit(f"relay on {port} not ready; logs in {c.dir}")
+
+    def slot_lag(self):
+        v = self.c.psql("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) FROM pg_replication_slots "
+                        "WHERE slot_name = 'saiki_e2e'", db="shop")
+        return float(v or 0)
+
+    def caught_up(self, within):
+        deadline = time.time() + within
+        while time.time() < deadline:
+            src = self.c.psql("SELECT count(*) FROM orders", db="shop")
+            try:
+                ods = self.c.psql("SELECT count(*) FROM ods.orders WHERE status = 'paid'", db="ods")
+            except subprocess.CalledProcessError:
+                ods = "0"
+            if src == ods and self.slot_lag() < 1 << 20:
+                return True
+            time.sleep(0.2)
+        return False
+
+    def run_rate(self, rate, seconds):
+        """One fixed-rate run: (kept up?, achieved tps, lag slopes, samples)."""
+        wal0 = self.c.psql("SELECT pg_current_wal_lsn()", db="shop")
+        p = self.pgbench("shop", seconds, rate)
+        t0, samples = time.time(), []
+        while p.poll() is None:
+            t = time.time() - t0
+            samples.append((t, self.slot_lag(), metric(metrics(self.sink_http), "saiki_sink_consumer_lag_messages") or 0))
+            time.sleep(0.5)
+        tps = self.tps(p)
+        wal_rate = float(self.c.psql(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{wal0}')", db="shop")) / seconds
+        half = [s for s in samples if s[0] >= seconds / 2]
+        wal_slope = slope([(t, l) for t, l, _ in half])
+        msg_slope = slope([(t, m) for t, _, m in half])
+        caught = self.caught_up(15)
+        ok = (tps >= 0.95 * rate and wal_slope < 0.05 * wal_rate and msg_slope < 0.05 * 3 * rate and caught)
+        print(f"  {rate:>6} tx/s: pgbench {tps:>8.1f} tx/s, slot lag max {max(s[1] for s in samples) / 1024:>8.0f} kB "
+              f"slope {wal_slope / 1024:>7.1f} kB/s (WAL {wal_rate / 1024:.0f} kB/s), sink lag max "
+              f"{max(s[2] for s in samples):>6.0f} msgs slope {msg_slope:>7.1f}/s, caught up {caught}: "
+              f"{'kept up' if ok else 'FELL BEHIND'}", flush=True)
+        return ok, tps
+
+    def stop(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(40)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.broker.kill(); self.broker.wait(); shutil.rmtree(self.bdir, ignore_errors=True)
+        self.c.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=20, help="length of each fixed-rate run")
+    ap.add_argument("--fresh-seconds", type=int, default=30, help="length of the freshness run")
+    ap.add_argument("--start", type=int, default=100, help="first rate, transactions/s")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--linger", default="50ms", help="sink.batch_linger")
+    ap.add_argument("--headers", action=argparse.BooleanOptionalAction, default=True, help="kafka.headers")
+    ap.add_argument("--max-rate", type=int, help="skip the search: take this as the highest rate kept up with")
+    ap.add_argument("--sink-property", action="append", default=[], metavar="K=V",
+                    help="a [kafka.properties] entry for the sink (repeatable)")
+    args = ap.parse_args()
+    pl = Pipeline(args)
+    try:
+        print(f"# e2e: pgbench order workload (3 changes per transaction, {args.clients} clients); PostgreSQL 15 "
+              f"(fsync off) holding source and ODS, tansu 0.6.0 (SQLite), both relays release builds "
+              f"(kafka.headers {'on' if args.headers else 'off'}, sink.batch_linger {args.linger}); "
+              f"{os.cpu_count()} cores", flush=True)
+        ceiling = pl.tps(pl.pgbench("ceiling", 15))
+        print(f"peer: the database alone, unthrottled, no slot: {ceiling:,.0f} tx/s", flush=True)
+
+        pl.start_relays()
+        # Warm-up: the topics appear with the first changes and the sink picks them up within
+        # its topic_refresh; none of that belongs in a measurement.
+        pl.tps(pl.pgbench("shop", 5, 50))
+        if not pl.caught_up(60):
+            sys.exit(f"the pipeline did not catch up with the warm-up; logs in {pl.c.dir}")
+        print("fixed-rate runs:")
+        ok_rate, bad_rate, rate = None, None, args.start
+        if args.max_rate:
+            ok_rate, rate = args.max_rate, float("inf")
+            print(f"  (skipped: --max-rate {ok_rate})")
+        while rate <= ceiling * 1.2:
+            ok, _ = pl.run_rate(rate, args.seconds)
+            if not ok:
+                bad_rate = rate
+                break
+            ok_rate, rate = rate, rate * 2
+        if ok_rate is None:
+            sys.exit(f"the pipeline did not keep up with {args.start} tx/s; logs in {pl.c.dir}")
+        if bad_rate:
+            for _ in range(2):
+                mid = (ok_rate + bad_rate) // 2
+                ok, _ = pl.run_rate(mid, args.seconds)
+                ok_rate, bad_rate = (mid, bad_rate) if ok else (ok_rate, mid)
+        print(f"highest rate kept up with: {ok_rate} tx/s ({3 * ok_rate} changes/s) = "
+              f"{ok_rate / ceiling:.2f}x the database's own unthrottled rate", flush=True)
+
+        half = ok_rate // 2
+        before_ids = int(pl.c.psql("SELECT coalesce(max(id), 0) FROM orders", db="shop"))
+        before = buckets(metrics(pl.sink_http), "saiki_sink_freshness_seconds")
+        p = pl.pgbench("shop", args.fresh_seconds, half)
+        tps = pl.tps(p)
+        pl.caught_up(30)
+        after = buckets(metrics(pl.sink_http), "saiki_sink_freshness_seconds")
+        window = [(le, a - b) for (le, a), (_, b) in zip(after, before)]
+        src = dict(line.split("|") for line in pl.c.psql(
+            f"SELECT id, extract(epoch FROM pg_xact_commit_timestamp(xmin)) FROM orders WHERE id > {before_ids}",
+            db="shop").splitlines())
+        ods = dict(line.split("|") for line in pl.c.psql(
+            f"SELECT id, extract(epoch FROM pg_xact_commit_timestamp(xmin)) FROM ods.orders WHERE id > {before_ids}",
+            db="ods").splitlines())
+        fresh = [float(ods[i]) - float(src[i]) for i in src if i in ods]
+        print(f"\nfreshness at half that rate ({half} tx/s asked, {tps:.1f} achieved, {args.fresh_seconds} s, "
+              f"{len(fresh)} orders):")
+        p50, p99 = pct(fresh, 0.5), pct(fresh, 0.99)
+        print(f"  commit -> ODS commit (pg_xact_commit_timestamp): p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
+              f"max {max(fresh) * 1000:.0f} ms (goal p99 <= 100 ms: {'met' if p99 <= 0.1 else 'NOT met'})")
+        h50, h99 = quantile(0.5, window), quantile(0.99, window)
+        if h50 is not None:
+            print(f"  the sink's histogram over the same window (per change, bucket-interpolated): "
+                  f"p50 {h50 * 1000:.0f} ms, p99 {h99 * 1000:.0f} ms")
+
+        print("\nODS against the source:")
+        equal = True
+        for table, sql in CHECKSUMS.items():
+            s = pl.c.psql(sql.format(t=table), db="shop")
+            o = pl.c.psql(sql.format(t=f"ods.{table}"), db="ods")
+            equal &= s == o
+            print(f"  {table:<12} source {s:<30} ODS {o:<30} {'equal' if s == o else 'DIFFERENT'}")
+        if not equal:
+            sys.exit(f"the ODS differs from the source; logs in {pl.c.dir}")
+    finally:
+        pl.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+//! TLS to PostgreSQL with libpq's sslmode semantics, on both of the relay's connections: the
+//! source's replication stream and the sink's ODS connection. Certificates are made for each
+//! run with the openssl command-line tool: a test CA, a server certificate for 127.0.0.1, and a
+//! second CA that signed nothing the server shows.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use saiki_tests::{exec, loopback_port, Broker, PgCluster};
+
+struct Certs {
+    dir: PathBuf,
+}
+
+impl Certs {
+    fn make() -> Certs {
+        let dir = PathBuf::from(format!(
+            "/tmp/saiki-test-tls-{}-{}",
+            std::process::id(),
+            loopback_port()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for ca in ["ca", "other-ca"] {
+            let (key, pem, subj) = (
+                format!("{ca}.key"),
+                format!("{ca}.pem"),
+                format!("/CN=saiki test {ca}"),
+            );
+            let mut a = vec!["req", "-x509"];
+            a.extend(ec);
+            a.extend(["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]);
+            ssl(&a);
+        }
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=saiki-test-server",
+        ]);
+        ssl(&a);
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        ssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        for f in ["server.crt", "server.key"] {
+            let p = dir.join(f);
+            Command::new("chown")
+                .args(["postgres:postgres", p.to_str().unwrap()])
+                .status()
+                .unwrap();
+        }
+        Command::new("chmod")
+            .args(["0600", dir.join("server.key").to_str().unwrap()])
+            .status()
+            .unwrap();
+        Command::new("chmod")
+            .args(["0755", dir.to_str().unwrap()])
+            .status()
+            .unwrap();
+        Certs { dir }
+    }
+
+    fn path(&self, f: &str) -> String {
+        self.dir.join(f).display().to_string()
+    }
+
+    fn server_conf(&self) -> Vec<String> {
+        vec![
+            "ssl = on".into(),
+            format!("ssl_cert_file = '{}'", self.path("server.crt")),
+            format!("ssl_key_file = '{}'", self.path("server.key")),
+        ]
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_tls_cluster(certs: &Certs) -> PgCluster {
+    let conf = certs.server_conf();
+    PgCluster::start(&conf.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// The exit status and log of a relay that must stop by itself within `within`.
+fn exits_within(mut r: Relay, within: Duration) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = r.child.try_wait().unwrap() {
+            return (s, r.log_text());
+        }
+        if Instant::now() > deadline {
+            let log = r.log_text();
+            r.kill9();
+            panic!("still running after {within:?}:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn first_row(db: &mut saiki_tests::postgres::Client, sql: &str) -> Vec<Option<String>> {
+    text_rows(db, sql).into_iter().next().unwrap_or_default()
+}
+
+#[test]
+fn the_pipeline_runs_over_verified_tls_to_the_source_and_the_ods() {
+    let certs = Certs::make();
+    let pg = start_tls_cluster(&certs);
+    let broker = Broker::start();
+    let mut db = pg.create_db("shop");
+    let mut ods = pg.create_db("ods");
+    exec(
+        &mut db,
+        &[
+            "CREATE EXTENSION saiki",
+            "CREATE TABLE orders (id int PRIMARY KEY, qty int)",
+        ],
+    );
+    let tls = format!("sslmode=verify-full sslrootcert={}", certs.path("ca.pem"));
+    let port = loopback_port();
+    let cfg = relay_config(&pg, "shop", &broker, port, "")
+        .replace("dbname=shop", &format!("dbname=shop {tls}"));
+    let relay = Relay::start(&pg.dir, &cfg, port);
+    wait_slot_active(&mut db, &relay);
+    let sport = loopback_port();
+    let scfg = sink_config(&pg, "ods", &broker, sport, "")
+        .replace("dbname=ods", &format!("dbname=ods {tls}"));
+    let sink = Relay::start_sink(&pg.dir, &scfg, sport);
+    exec(
+        &mut db,
+        &["INSERT INTO orders SELECT g, g FROM generate_series(1, 100) g"],
+    );
+    wait_until(Duration::from_secs(90), &sink, || {
+        let got = ods
+            .query("SELECT count(*)::int FROM ods.orders", &[])
+            .ok()
+            .map(|r| r[0].get::<_, i32>(0));
+        (got != Some(100)).then(|| format!("ODS has {got:?} rows"))
+    });
+    // Both connections are encrypted, as the server sees them.
+    assert_eq!(
+        first_row(
+            &mut db,
+            "SELECT s.ssl::text FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)"
+        ),
+        vec![Some("true".to_string())],
+        "the walsender's connection"
+    );
+    assert_eq!(
+        first_row(
+            &mut ods,
+            "SELECT bool_and(s.ssl)::text, count(*)::text FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'saiki-relay sink'"
+        ),
+        vec![Some("true".to_string()), Some("1".to_string())],
+        "the sink's ODS connection"
+    );
+    assert!(
+        relay.log_text().contains("tls=true"),
+        "{}",
+        relay.log_text()
+    );
+}
+
+#[test]
+fn a_certificate_the_root_did_not_sign_stops_both_relays_with_a_clear_error() {
+    let certs = Certs::make();
+    let pg = start_tls_cluster(&certs);
+    let broker = Broker::start();
+    let mut db = pg.create_db("shop");
+    pg.create_db("ods");
+    exec(&mut db, &["CREATE EXTENSION saiki"]);
+    let wrong = format!(
+        "sslmode=verify-ca sslrootcert={}",
+        certs.path("other-ca.pem")
+    );
+    let port = loopback_port();
+    let cfg = relay_config(&pg, "shop", &broker, port, "")
+        .replace("dbname=shop", &format!("dbname=shop {wrong}"));
+    let (status, log) = exits_within(Relay::start(&pg.dir, &cfg, port), Duration::from_secs(30));
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(
+        log.contains("TLS to") && log.contains("sslrootcert"),
+        "{log}"
+    );
+    let sport = loopback_port();
+    let scfg = sink_config(&pg, "ods", &broker, sport, "")
+        .replace("dbname=ods", &format!("dbname=ods {wrong}"));
+    let (status, log) = exits_within(
+        Relay::start_sink(&pg.dir, &scfg, sport),
+        Duration::from_secs(30),
+    );
+    assert_eq!(status.code(), Some(6), "{log}");
+    assert!(log.contains("TLS"), "{log}");
+    // No slot was created by the refused relay.
+    assert!(text_rows(&mut db, "SELECT slot_name FROM pg_replication_slots").is_empty());
+}
+
+#[test]
+fn verify_ca_ignores_the_host_name_and_verify_full_does_not() {
+    let certs = Certs::make();
+    let pg = start_tls_cluster(&certs);
+    let broker = Broker::start();
+    let mut db = pg.create_db("shop");
+    exec(&mut db, &["CREATE EXTENSION saiki"]);
+    // The certificate names 127.0.0.1; "localhost" reaches the same server by another name.
+    let by_name = |mode: &str| {
+        relay_config(&pg, "shop", &broker, 0, "")
+            .replace("host=127.0.0.1", "host=localhost")
+            .replace(
+                "dbname=shop",
+                &format!(
+                    "dbname=shop sslmode={mode} sslrootcert={}",
+                    certs.path("ca.pem")
+                ),
+            )
+    };
+    let port = loopback_port();
+    let cfg = fix_listen(&by_name("verify-full"), port);
+    let (status, log) = exits_within(Relay::start(&pg.dir, &cfg, port), Duration::from_secs(30));
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "verify-full refuses the name:\n{log}"
+    );
+    assert!(
+        log.contains("NotValidForName") || log.contains("not valid for name"),
+        "{log}"
+    );
+
+    let port = loopback_port();
+    let cfg = fix_listen(&by_name("verify-ca"), port);
+    let mut relay = Relay::start(&pg.dir, &cfg, port);
+    wait_slot_active(&mut db, &relay);
+    assert!(relay.terminate(Duration::from_secs(20)).success());
+}
+
+/// Points the config's http.listen at `port`.
+fn fix_listen(cfg: &str, port: u16) -> String {
+    cfg.lines()
+        .map(|l| {
+            if l.starts_with("listen = ") {
+                format!("listen = \"127.0.0.1:{port}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn sslmode_require_refuses_a_server_without_tls_and_prefer_falls_back() {
+    let pg = PgCluster::start(&[]);
+    let broker = Broker::start();
+    let mut db = pg.create_db("shop");
+    exec(&mut db, &["CREATE EXTENSION saiki"]);
+    let port = loopback_port();
+    let cfg = relay_config(&pg, "shop", &broker, port, "")
+        .replace("dbname=shop", "dbname=shop sslmode=require");
+    let (status, log) = exits_within(Relay::start(&pg.dir, &cfg, port), Duration::from_secs(30));
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(log.contains("does not accept TLS"), "{log}");
+
+    let port = loopback_port();
+    let cfg = relay_config(&pg, "shop", &broker, port, "")
+        .replace("dbname=shop", "dbname=shop sslmode=prefer");
+    let mut relay = Relay::start(&pg.dir, &cfg, port);
+    wait_slot_active(&mut db, &relay);
+    assert!(
+        relay.log_text().contains("tls=false"),
+        "{}",
+        relay.log_text()
+    );
+    assert!(relay.terminate(Duration::from_secs(20)).success());
+}
