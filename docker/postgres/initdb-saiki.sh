@@ -13,6 +13,10 @@ CREATE ROLE saiki_relay LOGIN REPLICATION PASSWORD :'pw';
 GRANT CONNECT ON DATABASE :"db" TO saiki_relay;
 GRANT USAGE ON SCHEMA saiki TO saiki_relay;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA saiki TO saiki_relay;
+-- Snapshots (issue #6): progress in saiki.snapshots, and reading the captured tables.
+GRANT SELECT, INSERT, UPDATE ON saiki.snapshots TO saiki_relay;
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO saiki_relay;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO saiki_relay;
 -- A logical replication connection (replication=database) is matched by pg_hba.conf lines of
 -- its database, not by "replication" lines; the image's "host all all all scram-sha-256"
 -- admits it. Table privileges are not needed: decoding reads the WAL, not the tables.

@@ -18,7 +18,8 @@ slot = "saiki_shard1"            # created with plugin saiki if missing (never d
 tables = ["public.*"]            # add-tables patterns; empty = all tables
 heartbeat_interval = "10s"       # pg_logical_emit_message on a side connection; "0s" = off
 status_interval = "1s"           # standby status updates (keep well under wal_sender_timeout)
-snapshot = "never"               # "initial" or "never" (initial snapshots arrive with issue #6)
+snapshot = "never"               # "initial": snapshot the captured tables when the slot is created
+snapshot_chunk_rows = 10000      # rows per snapshot chunk (one read between two watermarks)
 max_in_flight = 100000           # messages produced but not yet acknowledged by Kafka
 batch_bytes = 65536              # plugin batch-bytes: records per replication message
 tombstones = false               # a null-value message after each delete (log compaction)
@@ -92,6 +93,8 @@ pub struct SourceConfig {
     pub status_interval: Duration,
     #[serde(default = "d_never")]
     pub snapshot: String,
+    #[serde(default = "d_chunk_rows")]
+    pub snapshot_chunk_rows: usize,
     #[serde(default = "d_in_flight")]
     pub max_in_flight: usize,
     #[serde(default = "d_batch")]
@@ -241,6 +244,9 @@ fn d_batch_bytes() -> usize {
 }
 fn d_true() -> bool {
     true
+}
+fn d_chunk_rows() -> usize {
+    10_000
 }
 fn d_never() -> String {
     "never".into()

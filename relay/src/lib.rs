@@ -19,6 +19,7 @@ pub mod ods;
 pub mod pg;
 pub mod route;
 pub mod sink;
+pub mod snapshot;
 pub mod source;
 pub mod status;
 pub mod tls;

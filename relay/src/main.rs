@@ -70,6 +70,19 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Asks the source relay of this config (its slot) to snapshot tables, now, while it runs:
+    /// rows that exist are brought into Kafka and the ODS (again), consistent with the stream.
+    Snapshot {
+        /// A table to snapshot (schema.table); repeat for several.
+        #[arg(long = "table", required = true)]
+        tables: Vec<String>,
+        /// source.dsn
+        #[arg(long)]
+        dsn: Option<String>,
+        /// source.slot (default saiki_<source.name>)
+        #[arg(long)]
+        slot: Option<String>,
+    },
     /// The slots of a source database (saiki.slot_status()) and the health, lag and freshness
     /// of running relays (their /health, /ready, /metrics).
     Status {
@@ -96,7 +109,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let Some(command) = cli.command else {
-        eprintln!("saiki-relay: name a command: source, sink or status (see --help)");
+        eprintln!("saiki-relay: name a command: source, sink, snapshot or status (see --help)");
         return ExitCode::from(2);
     };
     let mut cfg = match Config::load(cli.config.as_deref(), std::env::vars()) {
@@ -154,6 +167,17 @@ fn main() -> ExitCode {
                 if let Some(v) = brokers { cfg.kafka.brokers = v; }
                 if let Some(v) = listen { cfg.http.listen = v; }
                 run_sink(sink, cfg).await
+            }
+            Command::Snapshot { tables, dsn, slot } => {
+                let dsn = dsn
+                    .or_else(|| cfg.source.as_ref().map(|s| s.dsn.clone()))
+                    .ok_or_else(|| RelayError::Config("snapshot needs the source database: --dsn, or source.dsn in --config".into()))?;
+                let slot = match (slot, cfg.source.take()) {
+                    (Some(s), _) => s,
+                    (None, Some(src)) => saiki_relay::source::SourceRuntime::new(src, cfg.kafka.clone())?.slot,
+                    (None, None) => return Err(RelayError::Config("snapshot needs the relay's slot: --slot, or [source] in --config".into())),
+                };
+                request_snapshots(&dsn, &slot, &tables).await
             }
             Command::Status { mut dsn, mut relays, json, check } => {
                 // Nothing named on the command line: what the config describes.
@@ -251,19 +275,39 @@ fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
     rx
 }
 
+async fn request_snapshots(dsn: &str, slot: &str, tables: &[String]) -> Result<(), RelayError> {
+    use saiki_relay::wire::quote_literal;
+    let d =
+        saiki_relay::dsn::Dsn::parse(dsn).map_err(|e| RelayError::Config(format!("dsn: {e}")))?;
+    let mut conn = saiki_relay::pg::PgConn::connect(&d, false, "").await?;
+    for t in tables {
+        conn.simple_query(&format!(
+            "SELECT saiki.request_snapshot({}, {}::regclass)",
+            quote_literal(slot),
+            quote_literal(t)
+        ))
+        .await?;
+        println!("snapshot of {t} requested for slot {slot}; progress: saiki-relay status");
+    }
+    Ok(())
+}
+
 /// Prints the status; true when every relay is healthy and ready.
 async fn status(dsn: Option<&str>, relays: &[String], json: bool) -> Result<bool, RelayError> {
     use saiki_relay::status::{render, slots, RelayStatus};
-    let slots = match dsn {
-        Some(d) => Some(slots(d).await?),
-        None => None,
+    let (slots, snapshots) = match dsn {
+        Some(d) => {
+            let (s, n) = slots(d).await?;
+            (Some(s), n)
+        }
+        None => (None, Vec::new()),
     };
     let relays = futures::future::join_all(relays.iter().map(|r| RelayStatus::fetch(r))).await;
     if json {
-        let v = serde_json::json!({ "slots": slots, "relays": relays });
+        let v = serde_json::json!({ "slots": slots, "snapshots": snapshots, "relays": relays });
         println!("{v}");
     } else {
-        print!("{}", render(slots.as_deref(), &relays));
+        print!("{}", render(slots.as_deref(), &snapshots, &relays));
     }
     Ok(relays.iter().all(|r| r.healthy && r.ready))
 }

@@ -11,6 +11,9 @@ pub const SOURCE_SERVER_WAL_END: &str = "saiki_source_server_wal_end_lsn";
 pub const SOURCE_DELIVERY_ERRORS_TOTAL: &str = "saiki_source_delivery_errors_total";
 pub const SOURCE_RECONNECTS_TOTAL: &str = "saiki_source_reconnects_total";
 pub const SOURCE_HEARTBEATS_TOTAL: &str = "saiki_source_heartbeats_total";
+pub const SOURCE_SNAPSHOT_ROWS_TOTAL: &str = "saiki_source_snapshot_rows_total";
+pub const SOURCE_SNAPSHOT_TABLE_ROWS: &str = "saiki_source_snapshot_table_rows";
+pub const SOURCE_SNAPSHOT_TABLE_ROWS_ESTIMATED: &str = "saiki_source_snapshot_table_rows_estimated";
 
 pub const SINK_RECORDS_CONSUMED_TOTAL: &str = "saiki_sink_records_consumed_total";
 pub const SINK_ROWS_APPLIED_TOTAL: &str = "saiki_sink_rows_applied_total";
@@ -35,6 +38,9 @@ pub const ALL: &[&str] = &[
     SOURCE_DELIVERY_ERRORS_TOTAL,
     SOURCE_RECONNECTS_TOTAL,
     SOURCE_HEARTBEATS_TOTAL,
+    SOURCE_SNAPSHOT_ROWS_TOTAL,
+    SOURCE_SNAPSHOT_TABLE_ROWS,
+    SOURCE_SNAPSHOT_TABLE_ROWS_ESTIMATED,
     SINK_RECORDS_CONSUMED_TOTAL,
     SINK_ROWS_APPLIED_TOTAL,
     SINK_BATCHES_TOTAL,
@@ -267,11 +273,22 @@ pub struct SourceMetrics {
     pub delivery_errors: AtomicU64,
     pub reconnects: AtomicU64,
     pub heartbeats: AtomicU64,
+    pub snapshot_rows: AtomicU64,
+    /// Per table of this relay's snapshots since it started: (rows done, rows estimated).
+    pub snapshot_tables: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
     /// Streaming from the slot and producing: what /ready reports.
     pub ready: AtomicBool,
 }
 
 impl SourceMetrics {
+    pub fn snapshot_progress(&self, table: &str, done: u64, estimated: u64) {
+        let mut t = self
+            .snapshot_tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        t.insert(table.to_string(), (done, estimated));
+    }
+
     pub fn render(&self, source: &str) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let lag = g(&self.server_wal_end).saturating_sub(g(&self.confirmed_lsn));
@@ -334,6 +351,41 @@ impl SourceMetrics {
             "Heartbeat messages written to the source.",
             g(&self.heartbeats),
         );
+        metric(
+            SOURCE_SNAPSHOT_ROWS_TOTAL,
+            "counter",
+            "Snapshot rows produced as R records (chunk rows whose key did not change while the chunk was read).",
+            g(&self.snapshot_rows),
+        );
+        let tables = self
+            .snapshot_tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (name, help, pick) in [
+            (
+                SOURCE_SNAPSHOT_TABLE_ROWS,
+                "Rows of the table read by its snapshot so far (finished chunks).",
+                0,
+            ),
+            (
+                SOURCE_SNAPSHOT_TABLE_ROWS_ESTIMATED,
+                "Rows of the table as estimated when its snapshot was asked for.",
+                1,
+            ),
+        ] {
+            if tables.is_empty() {
+                continue;
+            }
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+            for (t, (done, est)) in &tables {
+                let v = if pick == 0 { done } else { est };
+                out.push_str(&format!(
+                    "{name}{} {v}\n",
+                    label_pair("source", source, "table", t)
+                ));
+            }
+        }
         out
     }
 }

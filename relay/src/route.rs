@@ -35,6 +35,17 @@ pub struct RecordView<'a> {
     pub prefix: Option<Cow<'a, str>>,
     #[serde(default)]
     pub transactional: Option<bool>,
+    /// A message's content (a JSON string, or `{"base64": …}`).
+    #[serde(default, borrow)]
+    pub content: Option<&'a RawValue>,
+    #[serde(default)]
+    pub truncate: Option<TruncateView>,
+}
+
+/// The `truncate` member of a `T` record.
+#[derive(Debug, Deserialize)]
+pub struct TruncateView {
+    pub tables: Vec<(String, String)>,
 }
 
 /// Why a record could not be routed: the plugin wrote something this relay does not read.

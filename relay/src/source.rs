@@ -34,6 +34,7 @@ use crate::kafka::{Kafka, Outgoing};
 use crate::metrics::SourceMetrics;
 use crate::pg::{PgConn, ReplicationStream};
 use crate::route::{self, RecordView, TopicTemplate};
+use crate::snapshot::{self, Chunk, Mark, Watermark, Window, SNAPSHOT_PREFIX};
 use crate::wire::{self, Backend, Replication};
 
 /// Prefix of the heartbeat messages the relay writes; they are not produced to Kafka.
@@ -44,6 +45,35 @@ pub const SESSION_OPTIONS: &str =
     "-c datestyle=ISO -c timezone=UTC -c intervalstyle=postgres -c extra_float_digits=3";
 
 type Delivery = futures::future::BoxFuture<'static, (Ticket, Result<(), String>)>;
+
+/// How often the relay looks for requested snapshots while none runs.
+const SNAPSHOT_POLL: Duration = Duration::from_secs(1);
+
+/// What a chunk-reading task gives back: its connection (if still usable) and the chunk.
+type ChunkRead = (Option<PgConn>, Result<Option<Chunk>, RelayError>);
+
+/// Where the session's snapshot is (see [`crate::snapshot`]).
+enum SnapState {
+    /// Nothing running; the next poll looks for a requested table.
+    Idle,
+    /// A chunk is read between watermarks `id`; the window opens at the low watermark.
+    Reading {
+        id: String,
+        window: Option<Window>,
+        chunk: Option<Chunk>,
+    },
+    /// The chunk's rows are produced at the high watermark (`commit_lsn`); once the slot can
+    /// be confirmed past it, the progress is written.
+    Acking {
+        table: String,
+        commit_lsn: Lsn,
+        last_key: Option<Vec<Option<String>>>,
+        rows: usize,
+        done: bool,
+    },
+    /// The source database has no saiki extension: no snapshots in this session.
+    Unavailable,
+}
 
 /// Everything `run` needs, checked once.
 pub struct SourceRuntime {
@@ -62,11 +92,16 @@ impl SourceRuntime {
                 "source.name is empty: name the source (e.g. the shard)".into(),
             ));
         }
-        if source.snapshot != "never" {
+        if !matches!(source.snapshot.as_str(), "never" | "initial") {
             return Err(RelayError::Config(format!(
-                "source.snapshot = \"{}\": initial snapshots are not in this build yet (issue #6); set snapshot = \"never\"",
+                "source.snapshot = \"{}\": use \"initial\" (snapshot the captured tables when the slot is created) or \"never\"",
                 source.snapshot
             )));
+        }
+        if source.snapshot_chunk_rows == 0 {
+            return Err(RelayError::Config(
+                "source.snapshot_chunk_rows must be at least 1".into(),
+            ));
         }
         if source.max_in_flight == 0 {
             return Err(RelayError::Config(
@@ -104,6 +139,8 @@ impl SourceRuntime {
             ),
             ("skip-empty-xacts", "true".to_string()),
             ("batch-bytes", self.source.batch_bytes.to_string()),
+            // The extension's own tables (snapshot progress) are bookkeeping, not data.
+            ("filter-tables", "saiki.*".to_string()),
         ];
         if !self.source.tables.is_empty() {
             opts.push(("add-tables", self.source.tables.join(",")));
@@ -150,7 +187,8 @@ pub async fn run(
 }
 
 /// Checks the slot, creating it with plugin saiki if it is missing (never dropping one).
-async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<(), RelayError> {
+/// Returns whether it was created.
+async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<bool, RelayError> {
     let rows = conn
         .simple_query(&format!(
             "SELECT plugin, database FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
@@ -177,7 +215,7 @@ async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<(), RelayE
                 actual: db,
             });
         }
-        return Ok(());
+        return Ok(false);
     }
     info!(slot = %rt.slot, "creating replication slot with plugin saiki");
     let created = conn
@@ -187,7 +225,7 @@ async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<(), RelayE
         ))
         .await;
     match created {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(true),
         Err(RelayError::Server { target, mut error }) => {
             if error
                 .message
@@ -201,6 +239,69 @@ async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<(), RelayE
     }
 }
 
+/// `snapshot = "initial"`: on a new slot (or a slot that never had a snapshot, e.g. when a
+/// crash came between creating the slot and asking), asks for a snapshot of every captured
+/// table.
+async fn request_initial_snapshots(
+    conn: &mut PgConn,
+    rt: &SourceRuntime,
+    created: bool,
+) -> Result<(), RelayError> {
+    let has_ext = !conn
+        .simple_query("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'saiki'")
+        .await?
+        .is_empty();
+    if !has_ext {
+        return Err(RelayError::Config(format!(
+            "source.snapshot = \"initial\" needs the saiki extension in database {}: run CREATE EXTENSION saiki there (or set snapshot = \"never\")",
+            rt.dsn.dbname
+        )));
+    }
+    if !created
+        && !conn
+            .simple_query(&format!(
+                "SELECT 1 FROM saiki.snapshots WHERE slot_name = {} LIMIT 1",
+                wire::quote_literal(&rt.slot)
+            ))
+            .await?
+            .is_empty()
+    {
+        return Ok(());
+    }
+    let patterns = (!rt.source.tables.is_empty()).then(|| rt.source.tables.join(","));
+    let opts =
+        saiki_core::options::Options::parse(patterns.as_deref().map(|p| ("add-tables", Some(p))))
+            .map_err(|e| RelayError::Config(format!("source.tables: {e}")))?;
+    let rows = conn
+        .simple_query(
+            "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'saiki') \
+             AND n.nspname NOT LIKE 'pg\\_%' ORDER BY 1, 2",
+        )
+        .await?;
+    let mut n = 0;
+    for r in rows {
+        let (Some(schema), Some(table)) =
+            (r.first().cloned().flatten(), r.get(1).cloned().flatten())
+        else {
+            continue;
+        };
+        if !opts.table_included(&schema, &table) {
+            continue;
+        }
+        conn.simple_query(&format!(
+            "SELECT saiki.request_snapshot({}, format('%I.%I', {}, {})::regclass)",
+            wire::quote_literal(&rt.slot),
+            wire::quote_literal(&schema),
+            wire::quote_literal(&table)
+        ))
+        .await?;
+        n += 1;
+    }
+    info!(tables = n, "initial snapshot requested (progress: saiki-relay status, or SELECT * FROM saiki.snapshot_progress)");
+    Ok(())
+}
+
 struct Session<'a> {
     rt: &'a SourceRuntime,
     metrics: &'a SourceMetrics,
@@ -212,6 +313,25 @@ struct Session<'a> {
     deliveries: FuturesUnordered<Delivery>,
     /// Changes per table of the open transaction, for its C record.
     counts: BTreeMap<String, u64>,
+    snap: SnapState,
+    snap_task: Option<tokio::task::JoinHandle<ChunkRead>>,
+    snap_conn: Option<PgConn>,
+    snap_seq: u64,
+}
+
+/// Waits for the task if there is one (never resolves otherwise).
+async fn join_task(t: &mut Option<tokio::task::JoinHandle<ChunkRead>>) -> ChunkRead {
+    let r = match t {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    };
+    *t = None;
+    r.unwrap_or_else(|e| {
+        (
+            None,
+            Err(RelayError::Record(format!("snapshot task failed: {e}"))),
+        )
+    })
 }
 
 async fn session(
@@ -221,7 +341,10 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
     let mut conn = PgConn::connect(&rt.dsn, true, SESSION_OPTIONS).await?;
-    ensure_slot(&mut conn, rt).await?;
+    let created = ensure_slot(&mut conn, rt).await?;
+    if rt.source.snapshot == "initial" {
+        request_initial_snapshots(&mut conn, rt, created).await?;
+    }
     let tls = conn.is_tls();
     let mut stream = conn.start_replication(&rt.start_command()).await?;
     info!(dsn = %rt.dsn, tls, "streaming from the slot");
@@ -246,7 +369,13 @@ async fn session(
         tracker: AckTracker::new(),
         deliveries: FuturesUnordered::new(),
         counts: BTreeMap::new(),
+        snap: SnapState::Idle,
+        snap_task: None,
+        snap_conn: None,
+        snap_seq: 0,
     };
+    let mut snap_tick = tokio::time::interval(SNAPSHOT_POLL);
+    snap_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut status = tokio::time::interval(rt.source.status_interval);
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -272,15 +401,27 @@ async fn session(
                 if reply {
                     send_status(&mut stream, &s, &mut confirmed_sent, true).await?;
                 }
+                if s.chunk_confirmable() {
+                    s.snapshot_step().await;
+                }
             }
             Some((ticket, result)) = s.deliveries.next() => {
                 s.delivered(ticket, result)?;
+                if s.chunk_confirmable() {
+                    s.snapshot_step().await; // the next chunk at once, not at the next poll
+                }
             }
             _ = status.tick() => {
                 send_status(&mut stream, &s, &mut confirmed_sent, false).await?;
             }
             _ = heartbeat.tick() => {
                 send_heartbeat(rt, metrics, &mut hb_conn).await;
+            }
+            _ = snap_tick.tick() => {
+                s.snapshot_step().await;
+            }
+            out = join_task(&mut s.snap_task) => {
+                s.chunk_read(out);
             }
             _ = shutdown.changed() => {
                 return s.drain(&mut stream, &mut confirmed_sent).await;
@@ -436,6 +577,24 @@ impl Session<'_> {
                 let topic = self.topics.table_topic(schema, table);
                 let partitions = self.kafka.ensure_topic(&topic).await?;
                 *self.counts.entry(format!("{schema}.{table}")).or_default() += 1;
+                if let SnapState::Reading {
+                    window: Some(w), ..
+                } = &mut self.snap
+                {
+                    match &view.truncate {
+                        Some(t) => w.observe_truncate(
+                            &t.tables
+                                .iter()
+                                .map(|(s, t)| format!("{s}.{t}"))
+                                .collect::<Vec<_>>(),
+                        ),
+                        None => w.observe(
+                            &format!("{schema}.{table}"),
+                            view.key_json().as_deref(),
+                            view.old_key_json().as_deref(),
+                        ),
+                    }
+                }
                 self.metrics.changes.fetch_add(1, Ordering::Relaxed);
                 let value = route::value_with_source(bytes, &self.source_json);
                 if view.action == Action::Truncate {
@@ -467,6 +626,12 @@ impl Session<'_> {
                     }
                 }
             }
+            Action::Message if view.prefix.as_deref() == Some(SNAPSHOT_PREFIX) => {
+                self.watermark(&view, ticket).await?;
+                if view.transactional != Some(true) {
+                    self.tracker.complete(ticket);
+                }
+            }
             Action::Message => {
                 if view.prefix.as_deref() != Some(HEARTBEAT_PREFIX) {
                     let topic = self.topics.messages_topic();
@@ -483,6 +648,241 @@ impl Session<'_> {
                     "unexpected {other:?} record at {}",
                     view.lsn
                 )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks for snapshot work (when idle) or records a finished chunk (when Kafka has all of
+    /// it). Errors of the side connection are logged and retried at the next poll: the
+    /// stream never stops for a snapshot.
+    async fn snapshot_step(&mut self) {
+        if let SnapState::Acking { commit_lsn, .. } = &self.snap {
+            if self.tracker.confirmable() < *commit_lsn {
+                return;
+            }
+            let SnapState::Acking {
+                table,
+                last_key,
+                rows,
+                done,
+                ..
+            } = std::mem::replace(&mut self.snap, SnapState::Idle)
+            else {
+                return;
+            };
+            let r = async {
+                let conn = match self.snap_conn.take() {
+                    Some(c) => c,
+                    None => PgConn::connect(&self.rt.dsn, false, SESSION_OPTIONS).await?,
+                };
+                let conn = self.snap_conn.insert(conn);
+                snapshot::record_progress(
+                    conn,
+                    &self.rt.slot,
+                    &table,
+                    last_key.as_deref(),
+                    rows,
+                    done,
+                )
+                .await
+            }
+            .await;
+            match r {
+                Ok((rows_done, estimated)) => {
+                    self.metrics
+                        .snapshot_progress(&table, rows_done, estimated.max(rows_done));
+                    let percent = if done {
+                        100.0
+                    } else if estimated > 0 {
+                        (100.0 * rows_done as f64 / estimated as f64).min(100.0)
+                    } else {
+                        0.0
+                    };
+                    info!(
+                        table,
+                        rows_done,
+                        estimated,
+                        percent = format!("{percent:.1}"),
+                        done,
+                        "snapshot progress"
+                    );
+                }
+                Err(e) => {
+                    // The chunk is read again: duplicates, never a gap.
+                    warn!(table, error = %e, "could not record snapshot progress; the chunk will be read again");
+                    self.snap_conn = None;
+                }
+            }
+        }
+        if !matches!(self.snap, SnapState::Idle) || self.snap_task.is_some() {
+            return;
+        }
+        self.snap_seq += 1;
+        let id = format!(
+            "{}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros()),
+            self.snap_seq
+        );
+        let conn = self.snap_conn.take();
+        let dsn = self.rt.dsn.clone();
+        let slot = self.rt.slot.clone();
+        let max_rows = self.rt.source.snapshot_chunk_rows;
+        let task_id = id.clone();
+        self.snap_task = Some(tokio::spawn(async move {
+            let mut conn = match conn {
+                Some(c) => c,
+                None => match PgConn::connect(&dsn, false, SESSION_OPTIONS).await {
+                    Ok(c) => c,
+                    Err(e) => return (None, Err(e)),
+                },
+            };
+            let r = async {
+                let Some((table, after)) = snapshot::next_table(&mut conn, &slot).await? else {
+                    return Ok(None);
+                };
+                snapshot::read_chunk(
+                    &mut conn,
+                    &slot,
+                    &task_id,
+                    &table,
+                    after.as_deref(),
+                    max_rows,
+                )
+                .await
+            }
+            .await;
+            match r {
+                Ok(c) => (Some(conn), Ok(c)),
+                Err(e) => (None, Err(e)),
+            }
+        }));
+        self.snap = SnapState::Reading {
+            id,
+            window: None,
+            chunk: None,
+        };
+    }
+
+    /// Whether the chunk produced last is acknowledged up to its high watermark.
+    fn chunk_confirmable(&self) -> bool {
+        matches!(&self.snap, SnapState::Acking { commit_lsn, .. } if self.tracker.confirmable() >= *commit_lsn)
+    }
+
+    /// The chunk task finished.
+    fn chunk_read(&mut self, (conn, result): ChunkRead) {
+        self.snap_conn = conn;
+        match result {
+            Ok(Some(c)) => {
+                if let SnapState::Reading { chunk, .. } = &mut self.snap {
+                    *chunk = Some(c);
+                }
+            }
+            Ok(None) => self.snap = SnapState::Idle,
+            Err(RelayError::Server { error, .. })
+                if error.code == "42P01" || error.code == "42883" =>
+            {
+                debug!("no saiki extension in the source database: snapshots are off");
+                self.snap = SnapState::Unavailable;
+            }
+            Err(e) => {
+                warn!(error = %e, "reading a snapshot chunk failed; trying again");
+                self.snap = SnapState::Idle;
+            }
+        }
+    }
+
+    /// A `saiki.snapshot` watermark from the stream. The high watermark of the chunk being
+    /// read produces the chunk's standing rows, as `R` records of the watermark's transaction.
+    async fn watermark(&mut self, view: &RecordView<'_>, ticket: Ticket) -> Result<(), RelayError> {
+        let wm: Option<Watermark> = view
+            .content
+            .and_then(|c| serde_json::from_str::<String>(c.get()).ok())
+            .and_then(|c| serde_json::from_str(&c).ok());
+        let Some(wm) = wm else {
+            return Ok(());
+        };
+        let SnapState::Reading { id, .. } = &self.snap else {
+            return Ok(()); // a watermark of an earlier session or relay: nothing to do
+        };
+        if *id != wm.id {
+            return Ok(());
+        }
+        match wm.mark {
+            Mark::Low => {
+                if let SnapState::Reading { window, .. } = &mut self.snap {
+                    let mut w = Window::new(wm.id.clone(), wm.table.clone());
+                    w.low_seen = true;
+                    *window = Some(w);
+                }
+            }
+            Mark::High => {
+                if self.snap_task.is_some() {
+                    // The task wrote this watermark as its last step: it is about to finish.
+                    let out = join_task(&mut self.snap_task).await;
+                    self.chunk_read(out);
+                }
+                let SnapState::Reading {
+                    window: Some(window),
+                    chunk: Some(chunk),
+                    ..
+                } = std::mem::replace(&mut self.snap, SnapState::Idle)
+                else {
+                    return Ok(());
+                };
+                let commit_lsn = view.commit_lsn.unwrap_or(view.lsn);
+                let (schema, table) = chunk.table.split_once('.').unwrap_or(("", &chunk.table));
+                let topic = self.topics.table_topic(schema, table);
+                self.kafka.ensure_topic(&topic).await?;
+                let (mut seq, mut kept) = (0u64, 0usize);
+                for row in &chunk.rows {
+                    seq += 1;
+                    let rec = snapshot::r_record(
+                        &row.body,
+                        view.xid,
+                        &view.lsn.to_string(),
+                        &commit_lsn.to_string(),
+                        seq,
+                    );
+                    let r =
+                        RecordView::parse(&rec).map_err(|e| RelayError::Record(e.to_string()))?;
+                    let key = r.key_json();
+                    if !key.as_deref().is_some_and(|k| window.keeps(k)) {
+                        continue;
+                    }
+                    let all_headers;
+                    let headers: &[(&'static str, String)] = if self.rt.kafka.headers {
+                        all_headers = route::headers(&self.rt.source.name, &r);
+                        &all_headers
+                    } else {
+                        &[]
+                    };
+                    let value = route::value_with_source(&rec, &self.source_json);
+                    self.produce(
+                        ticket,
+                        &topic,
+                        None,
+                        key.as_ref().map(|k| k.as_bytes()),
+                        Some(&value),
+                        headers,
+                    )
+                    .await?;
+                    kept += 1;
+                }
+                self.metrics
+                    .snapshot_rows
+                    .fetch_add(kept as u64, Ordering::Relaxed);
+                debug!(table = %chunk.table, read = chunk.rows.len(), kept, changed_in_window = window.changed.len(), "snapshot chunk produced");
+                self.snap = SnapState::Acking {
+                    table: chunk.table.clone(),
+                    commit_lsn,
+                    last_key: chunk.rows.last().map(|r| r.key_text.clone()),
+                    rows: chunk.rows.len(),
+                    done: chunk.last,
+                };
             }
         }
         Ok(())

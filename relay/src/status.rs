@@ -32,6 +32,18 @@ pub struct SlotStatus {
     pub lag: Option<String>,
 }
 
+/// One table's snapshot (`saiki.snapshot_progress`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotStatus {
+    pub slot: String,
+    pub table: String,
+    pub state: String,
+    pub rows_done: Option<i64>,
+    pub rows_estimated: Option<i64>,
+    pub percent: Option<f64>,
+    pub error: Option<String>,
+}
+
 /// What one relay reports about itself.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RelayStatus {
@@ -209,8 +221,8 @@ async fn get(addr: &str, path: &str) -> Result<(u16, String), String> {
         .unwrap_or_else(|_| Err(format!("{path}: no answer within {RELAY_TIMEOUT:?}")))
 }
 
-/// The slots of the database at `dsn`.
-pub async fn slots(dsn: &str) -> Result<Vec<SlotStatus>, RelayError> {
+/// The slots of the database at `dsn`, and its snapshots (with the extension).
+pub async fn slots(dsn: &str) -> Result<(Vec<SlotStatus>, Vec<SnapshotStatus>), RelayError> {
     let d = crate::dsn::Dsn::parse(dsn).map_err(|e| RelayError::Config(format!("dsn: {e}")))?;
     let mut conn = crate::pg::PgConn::connect(&d, false, "").await?;
     let has_ext = !conn
@@ -223,7 +235,28 @@ pub async fn slots(dsn: &str) -> Result<Vec<SlotStatus>, RelayError> {
         "SELECT slot_name, plugin, database, active, active_pid, confirmed_flush_lsn, pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, wal_status, pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)) FROM pg_replication_slots WHERE slot_type = 'logical' ORDER BY slot_name"
     };
     let rows = conn.simple_query(sql).await?;
-    Ok(rows
+    let snapshots = if has_ext {
+        conn.simple_query("SELECT slot_name, table_name, state, rows_done, rows_estimated, percent, error FROM saiki.snapshot_progress")
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| {
+                let text = |i: usize| r.get(i).cloned().flatten();
+                SnapshotStatus {
+                    slot: text(0).unwrap_or_default(),
+                    table: text(1).unwrap_or_default(),
+                    state: text(2).unwrap_or_default(),
+                    rows_done: text(3).and_then(|v| v.parse().ok()),
+                    rows_estimated: text(4).and_then(|v| v.parse().ok()),
+                    percent: text(5).and_then(|v| v.parse().ok()),
+                    error: text(6),
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let slots = rows
         .into_iter()
         .map(|r| {
             let text = |i: usize| r.get(i).cloned().flatten();
@@ -241,7 +274,8 @@ pub async fn slots(dsn: &str) -> Result<Vec<SlotStatus>, RelayError> {
                 lag: text(9),
             }
         })
-        .collect())
+        .collect();
+    Ok((slots, snapshots))
 }
 
 /// Columns padded to their widest cell, two spaces apart.
@@ -292,8 +326,13 @@ fn millis(s: Option<f64>) -> String {
     s.map_or("-".into(), |s| format!("{:.0} ms", s * 1000.0))
 }
 
-/// The terminal form: the slot table (when a database was asked), then the relay table.
-pub fn render(slots: Option<&[SlotStatus]>, relays: &[RelayStatus]) -> String {
+/// The terminal form: the slot table (when a database was asked), its snapshots, then the
+/// relay table.
+pub fn render(
+    slots: Option<&[SlotStatus]>,
+    snapshots: &[SnapshotStatus],
+    relays: &[RelayStatus],
+) -> String {
     let mut out = String::new();
     if let Some(slots) = slots {
         let opt = |v: &Option<String>| v.clone().unwrap_or_default();
@@ -332,6 +371,36 @@ pub fn render(slots: Option<&[SlotStatus]>, relays: &[RelayStatus]) -> String {
         if slots.is_empty() {
             out.push_str("(no logical replication slots)\n");
         }
+    }
+    if !snapshots.is_empty() {
+        out.push('\n');
+        let num = |v: Option<i64>| v.map_or(String::new(), |n| n.to_string());
+        let rows: Vec<Vec<String>> = snapshots
+            .iter()
+            .map(|s| {
+                vec![
+                    s.slot.clone(),
+                    s.table.clone(),
+                    s.state.clone(),
+                    num(s.rows_done),
+                    num(s.rows_estimated),
+                    s.percent.map_or(String::new(), |p| format!("{p:.1} %")),
+                    s.error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "snapshot of slot",
+                "table",
+                "state",
+                "rows",
+                "estimated",
+                "done",
+                "error",
+            ],
+            &rows,
+        ));
     }
     if !relays.is_empty() {
         if !out.is_empty() {
@@ -436,7 +505,7 @@ mod tests {
         assert_eq!(s.name.as_deref(), Some("shard1"));
         assert_eq!(s.lag_bytes, Some(4000));
         assert_eq!(s.freshness_p50, None);
-        let text = render(None, &[s]);
+        let text = render(None, &[], &[s]);
         assert!(text.starts_with("relay"), "{text}");
         assert!(text.contains("3.9 kB"), "{text}");
     }

@@ -245,3 +245,85 @@ unsafe fn name(p: *const std::ffi::c_char) -> String {
     // SAFETY: per the contract.
     unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
+
+unsafe extern "C-unwind" {
+    // replication/message.h (PostgreSQL 15), not in pgrx's bindings.
+    fn LogLogicalMessage(
+        prefix: *const std::ffi::c_char,
+        message: *const std::ffi::c_char,
+        size: usize,
+        transactional: bool,
+    ) -> pg_sys::XLogRecPtr;
+}
+
+/// Writes a transactional `saiki.snapshot` message: a watermark around a snapshot chunk. It
+/// reaches the stream at its transaction's commit, in commit order with the changes; the
+/// relay reads a chunk between a low and a high watermark (issue #6, after DBLog).
+#[pg_extern(volatile)]
+fn snapshot_watermark(content: &str) -> i64 {
+    // SAFETY: valid C string and length; the call may raise an ERROR, guarded as pg_sys
+    // calls are.
+    unsafe {
+        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            LogLogicalMessage(
+                c"saiki.snapshot".as_ptr(),
+                content.as_ptr() as *const std::ffi::c_char,
+                content.len(),
+                true,
+            )
+        }) as i64
+    }
+}
+
+extension_sql!(
+    r#"
+-- Snapshots of the relays' slots: one row per slot and table. A DBA asks for one with
+-- saiki.request_snapshot(); the relay of that slot takes requested tables one chunk at a
+-- time and records its progress here after Kafka has every row of a chunk, so that a
+-- restarted relay continues from its last finished chunk.
+CREATE TABLE saiki.snapshots (
+    slot_name     name        NOT NULL,
+    table_name    text        NOT NULL,   -- schema.table, unquoted
+    state         text        NOT NULL DEFAULT 'requested'
+                  CHECK (state IN ('requested', 'running', 'done', 'failed')),
+    after_key     text[],                 -- text output of the last finished chunk's last key
+    chunks_done   bigint      NOT NULL DEFAULT 0,
+    rows_done     bigint      NOT NULL DEFAULT 0,
+    rows_estimated bigint,
+    error         text,
+    requested_at  timestamptz NOT NULL DEFAULT now(),
+    started_at    timestamptz,
+    finished_at   timestamptz,
+    PRIMARY KEY (slot_name, table_name)
+);
+SELECT pg_catalog.pg_extension_config_dump('saiki.snapshots', '');
+
+-- Asks the relay of slot `slot` to snapshot `tbl` (again, if it was done): harmless while the
+-- table is written, since the sink never lets a snapshot row overwrite a newer change.
+CREATE FUNCTION saiki.request_snapshot(slot name, tbl regclass) RETURNS void
+LANGUAGE sql VOLATILE AS $fn$
+    INSERT INTO saiki.snapshots AS s (slot_name, table_name, rows_estimated)
+    SELECT slot, n.nspname || '.' || c.relname, greatest(c.reltuples, 0)::bigint
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = tbl
+    ON CONFLICT (slot_name, table_name) DO UPDATE
+    SET state = 'requested', after_key = NULL, chunks_done = 0, rows_done = 0, error = NULL,
+        rows_estimated = excluded.rows_estimated, requested_at = now(),
+        started_at = NULL, finished_at = NULL;
+$fn$;
+
+-- Progress of every snapshot, for DBAs and `saiki-relay status`.
+CREATE VIEW saiki.snapshot_progress AS
+SELECT slot_name, table_name, state, rows_done, rows_estimated,
+       CASE WHEN state = 'done' THEN 100.0
+            WHEN rows_estimated > 0 THEN round(least(100.0, 100.0 * rows_done / rows_estimated), 1)
+       END AS percent,
+       chunks_done, error, requested_at, started_at, finished_at
+FROM saiki.snapshots ORDER BY slot_name, table_name;
+
+-- Watermarks are the relay's: a role that could write them could confuse a running snapshot.
+REVOKE EXECUTE ON FUNCTION saiki.snapshot_watermark(text) FROM PUBLIC;
+"#,
+    name = "snapshot_objects",
+    requires = ["dba_functions", snapshot_watermark],
+);
