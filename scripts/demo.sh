@@ -113,6 +113,7 @@ cat > "$DIR/relay.toml" <<TOML
 name = "demo"
 dsn = "host=127.0.0.1 port=$PORT user=postgres dbname=shop"
 slot = "saiki_demo"
+snapshot = "initial"
 [kafka]
 brokers = "127.0.0.1:$KAFKA_PORT"
 [http]

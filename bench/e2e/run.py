@@ -228,7 +228,7 @@ def main():
     ap.add_argument("--fresh-seconds", type=int, default=30, help="length of the freshness run")
     ap.add_argument("--start", type=int, default=100, help="first rate, transactions/s")
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--linger", default="50ms", help="sink.batch_linger")
+    ap.add_argument("--linger", default="10ms", help="sink.batch_linger")
     ap.add_argument("--headers", action=argparse.BooleanOptionalAction, default=True, help="kafka.headers")
     ap.add_argument("--max-rate", type=int, help="skip the search: take this as the highest rate kept up with")
     ap.add_argument("--sink-property", action="append", default=[], metavar="K=V",

@@ -47,8 +47,7 @@ topics = "^saiki\\..*"            # regex over topic names; default: every {topi
 key_includes_source = true       # primary key (_saiki_source, key...): shards whose keys collide
 batch_max_rows = 10000           # messages per ODS transaction
 batch_max_bytes = 33554432       # message bytes per ODS transaction
-batch_linger = "50ms"            # the longest a batch takes in messages already there; a batch
-                                 # is applied as soon as the consumer has no more ready
+batch_linger = "10ms"            # how long a batch waits to fill after its first message
 dead_letter_topic = "saiki.dead-letter"   # default {topic_prefix}.dead-letter
 topic_refresh = "5s"             # how often new matching topics are picked up
 tombstone_retention = "24h"      # how long a deleted row's (lsn, seq) is kept against replays
@@ -166,7 +165,7 @@ pub struct SinkConfig {
     pub batch_max_rows: usize,
     #[serde(default = "d_batch_bytes")]
     pub batch_max_bytes: usize,
-    #[serde(default = "d_50ms", with = "duration")]
+    #[serde(default = "d_10ms", with = "duration")]
     pub batch_linger: Duration,
     /// `None` = `{topic_prefix}.dead-letter`.
     #[serde(default)]
@@ -227,8 +226,8 @@ fn d_24h() -> Duration {
 fn d_5s() -> Duration {
     Duration::from_secs(5)
 }
-fn d_50ms() -> Duration {
-    Duration::from_millis(50)
+fn d_10ms() -> Duration {
+    Duration::from_millis(10)
 }
 fn d_ods() -> String {
     "ods".into()
@@ -397,7 +396,7 @@ mod tests {
         assert_eq!(s.heartbeat_interval, Duration::from_secs(10));
         assert_eq!(cfg.kafka.topic_template, "{prefix}.{schema}.{table}");
         let sink = cfg.sink.unwrap();
-        assert_eq!(sink.batch_linger, Duration::from_millis(50));
+        assert_eq!(sink.batch_linger, Duration::from_millis(10));
         assert_eq!(sink.topics.as_deref(), Some("^saiki\\..*"));
     }
 

@@ -310,6 +310,7 @@ async fn session(
     let mut last_gc: Option<Instant> = None;
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let linger_at = s.batch_started.map(|t| t + rt.sink.batch_linger);
         tokio::select! {
             biased;
             _ = shutdown.changed() => {
@@ -323,35 +324,18 @@ async fn session(
                     return Ok(());
                 }
             }
+            _ = async { tokio::time::sleep_until(linger_at.unwrap_or_else(tokio::time::Instant::now)).await }, if linger_at.is_some() => {
+                s.apply_batch().await?;
+            }
             m = s.consumer.recv() => {
                 match m {
                     Ok(m) => {
                         let m = m.detach();
                         s.handle_events();
                         s.accept(m).await?;
-                        // Take what the consumer already holds, without waiting, up to the
-                        // batch limits or batch_linger. The batch is then applied at once:
-                        // under load, messages pile up while a batch applies and the next
-                        // one is larger; at low rates, nothing waits for a linger.
-                        let full = |s: &Session<'_>| {
-                            s.batch.len() >= rt.sink.batch_max_rows
-                                || s.batch_bytes >= rt.sink.batch_max_bytes
-                                || s.batch_started.is_some_and(|t| t.elapsed() >= rt.sink.batch_linger)
-                        };
-                        while !full(&s) {
-                            match tokio::time::timeout(Duration::ZERO, s.consumer.recv()).await {
-                                Ok(Ok(m)) => {
-                                    let m = m.detach();
-                                    s.accept(m).await?;
-                                }
-                                Ok(Err(e)) => {
-                                    warn!(error = %e, "consume");
-                                    break;
-                                }
-                                Err(_) => break, // nothing ready
-                            }
+                        if s.batch.len() >= rt.sink.batch_max_rows || s.batch_bytes >= rt.sink.batch_max_bytes {
+                            s.apply_batch().await?;
                         }
-                        s.apply_batch().await?;
                     }
                     Err(e) => warn!(error = %e, "consume"),
                 }
