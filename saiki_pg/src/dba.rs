@@ -25,16 +25,6 @@ fn plugin_hint() -> String {
     }
 }
 
-unsafe extern "C-unwind" {
-    // replication/message.h (PostgreSQL 15), not in pgrx's bindings.
-    fn LogLogicalMessage(
-        prefix: *const std::ffi::c_char,
-        message: *const std::ffi::c_char,
-        size: usize,
-        transactional: bool,
-    ) -> pg_sys::XLogRecPtr;
-}
-
 /// Writes a non-transactional `saiki.heartbeat` message and flushes the WAL up to it, so that
 /// a decoding session sees it at once (a read-only transaction's commit does not flush).
 /// Returns the message's end LSN as a number; `saiki.heartbeat()` turns it into a pg_lsn.
@@ -45,20 +35,10 @@ fn heartbeat_raw() -> i64 {
         .map(|d| d.as_micros())
         .unwrap_or(0);
     let content = format!("{{\"unix_micros\":{now}}}");
-    // SAFETY: valid C strings and length; XLogFlush of a position we just inserted.
-    // The foreign call may raise a PostgreSQL ERROR (longjmp): guard it as pg_sys calls are.
-    unsafe {
-        let lsn = pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            LogLogicalMessage(
-                c"saiki.heartbeat".as_ptr(),
-                content.as_ptr() as *const std::ffi::c_char,
-                content.len(),
-                false,
-            )
-        });
-        pg_sys::XLogFlush(lsn);
-        lsn as i64
-    }
+    let lsn = crate::wal::log_logical_message(c"saiki.heartbeat", content.as_bytes(), false);
+    // SAFETY: flushing the WAL up to a position just inserted.
+    unsafe { pg_sys::XLogFlush(lsn) };
+    lsn as i64
 }
 
 fn setting() -> Option<String> {

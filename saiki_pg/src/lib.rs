@@ -13,6 +13,7 @@ mod plugin;
 mod relation;
 mod snapshot;
 mod value;
+mod wal;
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -125,7 +125,9 @@ unsafe fn spi_chunk(
     types: &mut TypeCache,
     key_types: &[(pg_sys::Oid, i32)],
 ) -> Vec<(Vec<Option<String>>, String)> {
-    let csql = CString::new(sql).expect("no NUL in a query built from identifiers");
+    let Ok(csql) = CString::new(sql) else {
+        error!("saiki.snapshot_chunk: a name holds a NUL byte");
+    };
     let args: Vec<CString> = after
         .unwrap_or_default()
         .iter()
@@ -246,33 +248,12 @@ unsafe fn name(p: *const std::ffi::c_char) -> String {
     unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
 
-unsafe extern "C-unwind" {
-    // replication/message.h (PostgreSQL 15), not in pgrx's bindings.
-    fn LogLogicalMessage(
-        prefix: *const std::ffi::c_char,
-        message: *const std::ffi::c_char,
-        size: usize,
-        transactional: bool,
-    ) -> pg_sys::XLogRecPtr;
-}
-
 /// Writes a transactional `saiki.snapshot` message: a watermark around a snapshot chunk. It
 /// reaches the stream at its transaction's commit, in commit order with the changes; the
 /// relay reads a chunk between a low and a high watermark (issue #6, after DBLog).
 #[pg_extern(volatile)]
 fn snapshot_watermark(content: &str) -> i64 {
-    // SAFETY: valid C string and length; the call may raise an ERROR, guarded as pg_sys
-    // calls are.
-    unsafe {
-        pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            LogLogicalMessage(
-                c"saiki.snapshot".as_ptr(),
-                content.as_ptr() as *const std::ffi::c_char,
-                content.len(),
-                true,
-            )
-        }) as i64
-    }
+    crate::wal::log_logical_message(c"saiki.snapshot", content.as_bytes(), true) as i64
 }
 
 extension_sql!(
