@@ -266,10 +266,6 @@ async fn session(
         // A sink that died (kill -9) holds its partitions until the session times out:
         // 10 s instead of librdkafka's 45 s, so that its restart takes over quickly.
         .set("session.timeout.ms", "10000")
-        // librdkafka's 500 ms is how long a fetch may wait for data. Kafka answers as soon as
-        // data arrives; a broker that waits out the whole time (tansu 0.6.0) puts that wait
-        // into commit → ODS freshness: 50 ms gave p99 119 ms in bench/e2e, 20 ms 58 ms.
-        .set("fetch.wait.max.ms", "20")
         .set(
             "statistics.interval.ms",
             rt.sink.topic_refresh.as_millis().max(100).to_string(),
