@@ -125,6 +125,9 @@ dsn = "host=127.0.0.1 port=$PORT user=postgres dbname=ods"
 instance_id = "demo-sink"
 [kafka]
 brokers = "127.0.0.1:$KAFKA_PORT"
+[kafka.properties]
+# tansu holds a fetch for the whole fetch.wait.max.ms (Kafka answers when data arrives).
+"fetch.wait.max.ms" = "20"
 [http]
 listen = "127.0.0.1:$SINK_HTTP_PORT"
 TOML

@@ -231,14 +231,16 @@ def main():
     ap.add_argument("--linger", default="10ms", help="sink.batch_linger")
     ap.add_argument("--headers", action=argparse.BooleanOptionalAction, default=True, help="kafka.headers")
     ap.add_argument("--max-rate", type=int, help="skip the search: take this as the highest rate kept up with")
-    ap.add_argument("--sink-property", action="append", default=[], metavar="K=V",
-                    help="a [kafka.properties] entry for the sink (repeatable)")
+    ap.add_argument("--sink-property", action="append", default=["fetch.wait.max.ms=20"], metavar="K=V",
+                    help="a [kafka.properties] entry for the sink (repeatable; fetch.wait.max.ms=20 is always "
+                         "there: tansu holds every fetch for the whole wait, Kafka answers when data arrives)")
     args = ap.parse_args()
     pl = Pipeline(args)
     try:
         print(f"# e2e: pgbench order workload (3 changes per transaction, {args.clients} clients); PostgreSQL 15 "
               f"(fsync off) holding source and ODS, tansu 0.6.0 (SQLite), both relays release builds "
-              f"(kafka.headers {'on' if args.headers else 'off'}, sink.batch_linger {args.linger}); "
+              f"(kafka.headers {'on' if args.headers else 'off'}, sink.batch_linger {args.linger}, "
+              f"sink [kafka.properties] {', '.join(args.sink_property)}); "
               f"{os.cpu_count()} cores", flush=True)
         ceiling = pl.tps(pl.pgbench("ceiling", 15))
         print(f"peer: the database alone, unthrottled, no slot: {ceiling:,.0f} tx/s", flush=True)
