@@ -276,17 +276,11 @@ fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
 }
 
 async fn request_snapshots(dsn: &str, slot: &str, tables: &[String]) -> Result<(), RelayError> {
-    use saiki_relay::wire::quote_literal;
     let d =
         saiki_relay::dsn::Dsn::parse(dsn).map_err(|e| RelayError::Config(format!("dsn: {e}")))?;
     let mut conn = saiki_relay::pg::PgConn::connect(&d, false, "").await?;
     for t in tables {
-        conn.simple_query(&format!(
-            "SELECT saiki.request_snapshot({}, {}::regclass)",
-            quote_literal(slot),
-            quote_literal(t)
-        ))
-        .await?;
+        saiki_relay::snapshot::request(&mut conn, slot, t).await?;
         println!("snapshot of {t} requested for slot {slot}; progress: saiki-relay status");
     }
     Ok(())

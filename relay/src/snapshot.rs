@@ -77,14 +77,12 @@ pub struct Chunk {
     pub rows: Vec<ChunkRow>,
     /// Fewer rows than asked: the table is done after this chunk.
     pub last: bool,
-    pub estimated: Option<i64>,
 }
 
 /// The chunk window of one watermark pair: what changed between the low and the high
 /// watermark.
 #[derive(Debug)]
 pub struct Window {
-    pub id: String,
     pub table: String,
     pub low_seen: bool,
     /// Keys (as Kafka key JSON) changed inside the window.
@@ -94,9 +92,8 @@ pub struct Window {
 }
 
 impl Window {
-    pub fn new(id: String, table: String) -> Window {
+    pub fn new(table: String) -> Window {
         Window {
-            id,
             table,
             low_seen: false,
             changed: HashSet::new(),
@@ -135,6 +132,17 @@ pub fn r_record(body: &str, xid: u64, lsn: &str, commit_lsn: &str, seq: u64) -> 
         "{{\"action\":\"R\",\"xid\":{xid},\"lsn\":\"{lsn}\",\"commit_lsn\":\"{commit_lsn}\",\"seq\":{seq},{members}"
     )
     .into_bytes()
+}
+
+/// Asks for a snapshot of `table` (any text `regclass` accepts) by the relay of `slot`.
+pub async fn request(conn: &mut PgConn, slot: &str, table: &str) -> Result<(), RelayError> {
+    conn.simple_query(&format!(
+        "SELECT saiki.request_snapshot({}, {}::regclass)",
+        quote_literal(slot),
+        quote_literal(table)
+    ))
+    .await?;
+    Ok(())
 }
 
 /// The next table to snapshot for `slot`, and where to continue: `(table, after_key)`.
@@ -234,7 +242,6 @@ pub async fn read_chunk(
         table: table.to_string(),
         last: rows.len() < max_rows,
         rows,
-        estimated: None,
     }))
 }
 
@@ -336,7 +343,7 @@ mod tests {
 
     #[test]
     fn only_changes_between_the_watermarks_drop_chunk_rows() {
-        let mut w = Window::new("1".into(), "public.t".into());
+        let mut w = Window::new("public.t".into());
         w.observe("public.t", Some(r#"{"id":1}"#), None); // before the low watermark
         w.low_seen = true;
         w.observe("public.t", Some(r#"{"id":2}"#), Some(r#"{"id":3}"#));

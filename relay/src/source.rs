@@ -289,13 +289,12 @@ async fn request_initial_snapshots(
         if !opts.table_included(&schema, &table) {
             continue;
         }
-        conn.simple_query(&format!(
-            "SELECT saiki.request_snapshot({}, format('%I.%I', {}, {})::regclass)",
-            wire::quote_literal(&rt.slot),
-            wire::quote_literal(&schema),
-            wire::quote_literal(&table)
-        ))
-        .await?;
+        let qualified = format!(
+            "{}.{}",
+            wire::quote_ident(&schema),
+            wire::quote_ident(&table)
+        );
+        snapshot::request(conn, &rt.slot, &qualified).await?;
         n += 1;
     }
     info!(tables = n, "initial snapshot requested (progress: saiki-relay status, or SELECT * FROM saiki.snapshot_progress)");
@@ -576,7 +575,12 @@ impl Session<'_> {
                 );
                 let topic = self.topics.table_topic(schema, table);
                 let partitions = self.kafka.ensure_topic(&topic).await?;
-                *self.counts.entry(format!("{schema}.{table}")).or_default() += 1;
+                let qualified = format!("{schema}.{table}");
+                // The keys, once: for the snapshot window and for the messages.
+                let (key, old_key) = match view.action {
+                    Action::Truncate => (None, None),
+                    _ => (view.key_json(), view.old_key_json()),
+                };
                 if let SnapState::Reading {
                     window: Some(w), ..
                 } = &mut self.snap
@@ -588,13 +592,10 @@ impl Session<'_> {
                                 .map(|(s, t)| format!("{s}.{t}"))
                                 .collect::<Vec<_>>(),
                         ),
-                        None => w.observe(
-                            &format!("{schema}.{table}"),
-                            view.key_json().as_deref(),
-                            view.old_key_json().as_deref(),
-                        ),
+                        None => w.observe(&qualified, key.as_deref(), old_key.as_deref()),
                     }
                 }
+                *self.counts.entry(qualified).or_default() += 1;
                 self.metrics.changes.fetch_add(1, Ordering::Relaxed);
                 let value = route::value_with_source(bytes, &self.source_json);
                 if view.action == Action::Truncate {
@@ -604,11 +605,10 @@ impl Session<'_> {
                             .await?;
                     }
                 } else {
-                    let key = view.key_json();
                     let key = key.as_ref().map(|k| k.as_bytes());
                     self.produce(ticket, &topic, None, key, Some(&value), headers)
                         .await?;
-                    if let Some(old) = view.old_key_json() {
+                    if let Some(old) = old_key {
                         // The key changed: the old key's partition gets the update too.
                         self.produce(
                             ticket,
@@ -814,7 +814,7 @@ impl Session<'_> {
         match wm.mark {
             Mark::Low => {
                 if let SnapState::Reading { window, .. } = &mut self.snap {
-                    let mut w = Window::new(wm.id.clone(), wm.table.clone());
+                    let mut w = Window::new(wm.table.clone());
                     w.low_seen = true;
                     *window = Some(w);
                 }
