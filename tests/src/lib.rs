@@ -403,6 +403,19 @@ pub fn add_tansu_header_index(db: &Path) {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.stop();
+        if std::thread::panicking() {
+            // A failed test keeps the broker's directory and shows the end of its log.
+            let log = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- broker log tail ({}) ---",
+                self.dir.join("broker.log").display()
+            );
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
