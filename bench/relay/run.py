@@ -70,6 +70,8 @@ def start_broker():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--relay-property", action="append", default=[], metavar="KEY=VALUE",
+                    help="a librdkafka property for saiki-relay's [kafka.properties] (repeatable)")
     args = ap.parse_args()
     c = decode.Cluster()
     broker, bdir, brokers = start_broker()
@@ -101,6 +103,11 @@ def main():
                         f'slot = "{slot}"\nstatus_interval = "100ms"\n[kafka]\nbrokers = "{brokers}"\n'
                         f'topic_prefix = "relay{int(headers)}"\nheaders = {str(headers).lower()}\n'
                         f'[http]\nlisten = "127.0.0.1:{http}"\n[log]\nlevel = "warn"\n')
+                if args.relay_property:
+                    f.write("[kafka.properties]\n")
+                    for kv in args.relay_property:
+                        k, v = kv.split("=", 1)
+                        f.write(f'"{k}" = "{v}"\n')
             t0 = time.perf_counter()
             rp = subprocess.Popen([RELAY, "--config", cfg, "source"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             w = ProcWatch(rp.pid)

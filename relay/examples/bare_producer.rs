@@ -1,6 +1,7 @@
 //! A bare idempotent producer: N messages of SIZE bytes into TOPIC, as fast as librdkafka
-//! takes them. Used to tell the broker's ceiling and librdkafka's own CPU from the relay's.
-//! `cargo run --release -p saiki-relay --example bare_producer -- BROKERS TOPIC N SIZE [headers]`
+//! takes them. Used to tell the broker's ceiling and librdkafka's own CPU from the relay's
+//! (vendor/README.md measures the librdkafka fix with it).
+//! `cargo run --release -p saiki-relay --example bare_producer -- BROKERS TOPIC N SIZE [headers] [PROPERTY=VALUE...]`
 
 use std::time::{Duration, Instant};
 
@@ -16,14 +17,17 @@ fn main() {
         a[3].parse::<usize>().unwrap(),
         a[4].parse::<usize>().unwrap(),
     );
-    let headers = a.get(5).is_some_and(|h| h == "headers");
-    let p: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let headers = a[5..].iter().any(|h| h == "headers");
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "200000")
-        .create()
-        .unwrap();
+        .set("queue.buffering.max.messages", "200000");
+    // Any `key=value` argument is a librdkafka property.
+    for (k, v) in a[5..].iter().filter_map(|kv| kv.split_once('=')) {
+        cc.set(k, v);
+    }
+    let p: BaseProducer = cc.create().unwrap();
     let payload = vec![b'x'; size];
     let t = Instant::now();
     for i in 0..n {

@@ -199,6 +199,36 @@ fn the_dockerfiles_pin_the_workspace_toolchain_and_pgrx() {
 }
 
 #[test]
+fn the_dockerfiles_copy_every_directory_the_workspace_manifest_names() {
+    // Members and `[patch]` paths: cargo reads them all, whatever it builds.
+    let workspace = read("Cargo.toml");
+    let mut dirs: Vec<String> = Vec::new();
+    for line in workspace.lines() {
+        if let Some(list) = line.strip_prefix("members = ") {
+            dirs.extend(
+                list.trim_matches(['[', ']'])
+                    .split(',')
+                    .map(|m| m.trim().trim_matches('"').to_string()),
+            );
+        }
+        if let Some((_, rest)) = line.split_once("path = \"") {
+            let path = rest.split('"').next().unwrap();
+            dirs.push(path.split('/').next().unwrap().to_string());
+        }
+    }
+    assert!(dirs.iter().any(|d| d == "vendor"), "{dirs:?}");
+    for f in ["docker/relay/Dockerfile", "docker/postgres/Dockerfile"] {
+        let text = read(f);
+        for d in &dirs {
+            assert!(
+                text.lines().any(|l| l.trim() == format!("COPY {d} {d}")),
+                "{f} does not copy {d}/, which Cargo.toml names"
+            );
+        }
+    }
+}
+
+#[test]
 fn the_dashboard_and_the_metrics_reference_name_exactly_the_exported_metrics() {
     let exported: std::collections::BTreeSet<String> = saiki_relay::metrics::ALL
         .iter()
