@@ -17,7 +17,7 @@ PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 
 PKGS=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo
       postgresql-15-wal2json postgresql-15-decoderbufs pkg-config libssl-dev cmake
-      python3 procps curl docker-compose)
+      python3 procps curl docker-compose stunnel4)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -3,12 +3,13 @@
 //! many clusters, the local test broker among them, do not auto-create topics.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
@@ -18,9 +19,56 @@ use crate::error::RelayError;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The first authentication or TLS verification failure librdkafka reported in this process.
+/// librdkafka retries those by itself forever, and to the relay they look like a broker that
+/// does not answer; but a wrong password or an untrusted certificate does not heal by
+/// retrying, so [`refused`] turns the next Kafka error into a definite one.
+static REFUSED: Mutex<Option<String>> = Mutex::new(None);
+
+/// Records `error` if it says that the broker refused the relay's credentials or that the
+/// broker's certificate failed verification. Called from every client's error callback.
+pub fn note_client_error(error: &KafkaError, reason: &str) {
+    let what = match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+            "the broker refused the relay's credentials: check sasl.mechanism, sasl.username and sasl.password in [kafka.properties]"
+        }
+        Some(RDKafkaErrorCode::SSL) if reason.contains("certificate verify failed") => {
+            "the broker's TLS certificate failed verification: check ssl.ca.location in [kafka.properties] (and that the broker's certificate names the host in [kafka] brokers)"
+        }
+        _ => return,
+    };
+    let mut r = REFUSED.lock().unwrap_or_else(|p| p.into_inner());
+    if r.is_none() {
+        *r = Some(format!("{reason}: {what}"));
+    }
+}
+
+/// A transient Kafka error after the broker refused the relay (see [`note_client_error`])
+/// becomes a definite configuration error (exit 4); any other error is returned as it is.
+pub fn refused(e: RelayError) -> RelayError {
+    if !matches!(e, RelayError::Kafka(_)) {
+        return e;
+    }
+    match REFUSED.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        Some(why) => RelayError::KafkaConfig(why.clone()),
+        None => e,
+    }
+}
+
+/// The context of the relay's producers and admin clients: librdkafka's global errors go to
+/// the log and through [`note_client_error`].
+pub struct KafkaContext;
+
+impl ClientContext for KafkaContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        note_client_error(&error, reason);
+        tracing::error!(%error, reason, "librdkafka");
+    }
+}
+
 pub struct Kafka {
-    producer: FutureProducer,
-    admin: AdminClient<DefaultClientContext>,
+    producer: FutureProducer<KafkaContext>,
+    admin: AdminClient<KafkaContext>,
     /// Known topics and their partition counts.
     topics: HashMap<String, i32>,
     cfg: KafkaConfig,
@@ -54,11 +102,11 @@ impl Kafka {
         for (k, v) in &cfg.properties {
             cc.set(k, v);
         }
-        let producer: FutureProducer = cc
-            .create()
+        let producer: FutureProducer<KafkaContext> = cc
+            .create_with_context(KafkaContext)
             .map_err(|e| RelayError::KafkaConfig(format!("{e}: check [kafka.properties]")))?;
-        let admin: AdminClient<DefaultClientContext> = cc
-            .create()
+        let admin: AdminClient<KafkaContext> = cc
+            .create_with_context(KafkaContext)
             .map_err(|e| RelayError::KafkaConfig(format!("{e}: check [kafka.properties]")))?;
         Ok(Kafka {
             producer,
@@ -204,34 +252,64 @@ mod tests {
         Kafka::new(&cfg, 10)
     }
 
-    /// What docs/operations.md says of this build's librdkafka (no OpenSSL).
+    /// What docs/operations.md says of this build's librdkafka (OpenSSL, no Kerberos).
     #[test]
-    fn sasl_plain_is_accepted_and_tls_is_refused_as_a_configuration_error() {
-        assert!(with(&[
-            ("security.protocol", "SASL_PLAINTEXT"),
-            ("sasl.mechanism", "PLAIN"),
-            ("sasl.username", "u"),
-            ("sasl.password", "p"),
-        ])
-        .is_ok());
-        for p in ["SSL", "SASL_SSL"] {
-            match with(&[("security.protocol", p)]) {
-                Err(RelayError::KafkaConfig(m)) => assert!(m.contains("kafka.properties"), "{m}"),
-                Err(e) => panic!("{p}: {e}"),
-                Ok(_) => panic!("{p} accepted by a build without OpenSSL"),
+    fn tls_and_scram_are_accepted_and_kerberos_is_refused_as_a_configuration_error() {
+        for (protocol, mechanism) in [
+            ("SASL_PLAINTEXT", "PLAIN"),
+            ("SASL_PLAINTEXT", "SCRAM-SHA-256"),
+            ("SASL_SSL", "SCRAM-SHA-512"),
+            ("SSL", ""),
+        ] {
+            let mut props = vec![("security.protocol", protocol)];
+            if !mechanism.is_empty() {
+                props.extend([
+                    ("sasl.mechanism", mechanism),
+                    ("sasl.username", "u"),
+                    ("sasl.password", "p"),
+                ]);
+            }
+            if let Err(e) = with(&props) {
+                panic!("{protocol} {mechanism}: {e}");
             }
         }
-        assert!(
-            with(&[
-                ("security.protocol", "SASL_PLAINTEXT"),
-                ("sasl.mechanism", "SCRAM-SHA-256"),
-            ])
-            .is_err(),
-            "SCRAM needs OpenSSL"
-        );
+        match with(&[
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "GSSAPI"),
+        ]) {
+            Err(RelayError::KafkaConfig(m)) => assert!(m.contains("kafka.properties"), "{m}"),
+            Err(e) => panic!("GSSAPI: {e}"),
+            Ok(_) => panic!("GSSAPI accepted by a build without Kerberos"),
+        }
         assert!(matches!(
             with(&[("no.such.property", "1")]),
             Err(RelayError::KafkaConfig(_))
         ));
+    }
+
+    /// One test, because what it checks is process-wide.
+    #[test]
+    fn a_refused_login_turns_the_next_kafka_error_definite_and_nothing_else_does() {
+        let kafka = || RelayError::Kafka("metadata: timed out".into());
+        let transport = KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
+        note_client_error(&transport, "connection refused");
+        let ssl = KafkaError::Global(RDKafkaErrorCode::SSL);
+        note_client_error(&ssl, "SSL handshake failed: unexpected eof");
+        assert!(refused(kafka()).is_transient(), "nothing refused yet");
+        let auth = KafkaError::Global(RDKafkaErrorCode::Authentication);
+        note_client_error(&auth, "SASL authentication error: invalid-proof");
+        match refused(kafka()) {
+            RelayError::KafkaConfig(m) => {
+                assert!(m.starts_with("SASL authentication error: invalid-proof"), "{m}");
+                assert!(m.contains("sasl.password"), "{m}");
+            }
+            e => panic!("{e:?}"),
+        }
+        // Errors of other parts stay what they are.
+        let connect = RelayError::Connect {
+            target: "db:5432".into(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        assert!(matches!(refused(connect), RelayError::Connect { .. }));
     }
 }

@@ -114,7 +114,7 @@ pub async fn run(
         retry.session_started();
         let result = session(&rt, &metrics, &mut shutdown).instrument(span).await;
         metrics.ready.store(false, Ordering::Relaxed);
-        match result {
+        match result.map_err(crate::kafka::refused) {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
                 metrics.retries.fetch_add(1, Ordering::Relaxed);
@@ -140,6 +140,11 @@ struct SinkContext {
 }
 
 impl ClientContext for SinkContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        crate::kafka::note_client_error(&error, reason);
+        tracing::error!(%error, reason, "librdkafka");
+    }
+
     /// librdkafka's statistics (every `topic_refresh`) carry each assigned partition's high
     /// watermark, so the lag costs no broker round trip of the loop's own.
     fn stats(&self, stats: rdkafka::Statistics) {
@@ -714,6 +719,12 @@ impl Session<'_> {
         }) {
             Ok(md) => md,
             Err(e) => {
+                // The broker refusing the relay's credentials or certificate is definite;
+                // anything else is retried at the next refresh.
+                let e = crate::kafka::refused(RelayError::Kafka(format!("listing topics: {e}")));
+                if !e.is_transient() {
+                    return Err(e);
+                }
                 warn!(error = %e, "listing topics");
                 return Ok(());
             }

@@ -173,7 +173,7 @@ pub async fn run(
             .instrument(span)
             .await;
         metrics.ready.store(false, Ordering::Relaxed);
-        match result {
+        match result.map_err(crate::kafka::refused) {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
                 metrics.reconnects.fetch_add(1, Ordering::Relaxed);

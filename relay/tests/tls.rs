@@ -1,7 +1,9 @@
 //! TLS to PostgreSQL with libpq's sslmode semantics, on both of the relay's connections: the
 //! source's replication stream and the sink's ODS connection. Certificates are made for each
 //! run with the openssl command-line tool: a test CA, a server certificate for 127.0.0.1, and a
-//! second CA that signed nothing the server shows.
+//! second CA that signed nothing the server shows. The same certificates serve Kafka over
+//! SASL_SSL: tansu 0.6.0 requiring SCRAM-SHA-512, behind stunnel for TLS (tansu accepts
+//! --cert and --key but serves plain TCP).
 
 mod common;
 
@@ -316,4 +318,194 @@ fn sslmode_require_refuses_a_server_without_tls_and_prefer_falls_back() {
         relay.log_text()
     );
     assert!(relay.terminate(Duration::from_secs(20)).success());
+}
+
+/// stunnel terminating TLS (the test server certificate) in front of a broker.
+struct TlsProxy {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl TlsProxy {
+    fn start(certs: &Certs, port: u16, backend: u16) -> TlsProxy {
+        let conf = certs.dir.join(format!("stunnel-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{backend}\ncert = {}\nkey = {}\n",
+                certs.path("server.crt"),
+                certs.path("server.key")
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(certs.dir.join(format!("stunnel-{port}.log"))).unwrap();
+        let child = Command::new("stunnel4")
+            .arg(&conf)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("stunnel4 (scripts/setup.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "stunnel did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        TlsProxy { child, port }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A broker that requires SCRAM-SHA-512 (user `saiki`, password `kafka-s3cret`) behind TLS.
+fn secure_broker(certs: &Certs) -> (Broker, TlsProxy) {
+    let port = loopback_port();
+    let mut broker = Broker::start_advertising(Some(port));
+    broker.require_authentication(&[("saiki", "kafka-s3cret")]);
+    let proxy = TlsProxy::start(certs, port, broker.port);
+    (broker, proxy)
+}
+
+/// A relay config pointed at the proxy, with the client security properties.
+fn over_sasl_ssl(cfg: &str, broker: &Broker, proxy: &TlsProxy, password: &str, ca: &str) -> String {
+    format!(
+        "{}\n[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"saiki\"\n\"sasl.password\" = \"{password}\"\n\"ssl.ca.location\" = \"{ca}\"\n",
+        cfg.replace(&broker.addr(), &proxy.addr())
+    )
+}
+
+#[test]
+fn the_pipeline_runs_over_sasl_ssl_with_scram_to_kafka() {
+    let certs = Certs::make();
+    let (broker, proxy) = secure_broker(&certs);
+    let pg = PgCluster::start(&[]);
+    let mut db = pg.create_db("shop");
+    let mut ods = pg.create_db("ods");
+    exec(
+        &mut db,
+        &["CREATE TABLE orders (id int PRIMARY KEY, qty int)"],
+    );
+    let ca = certs.path("ca.pem");
+    let port = loopback_port();
+    let cfg = over_sasl_ssl(
+        &relay_config(&pg, "shop", &broker, port, ""),
+        &broker,
+        &proxy,
+        "kafka-s3cret",
+        &ca,
+    );
+    let relay = Relay::start(&pg.dir, &cfg, port);
+    wait_slot_active(&mut db, &relay);
+    let sport = loopback_port();
+    let scfg = over_sasl_ssl(
+        &sink_config(&pg, "ods", &broker, sport, ""),
+        &broker,
+        &proxy,
+        "kafka-s3cret",
+        &ca,
+    );
+    let sink = Relay::start_sink(&pg.dir, &scfg, sport);
+    exec(
+        &mut db,
+        &[
+            "INSERT INTO orders SELECT g, g FROM generate_series(1, 100) g",
+            "UPDATE orders SET qty = qty * 10 WHERE id <= 10",
+            "DELETE FROM orders WHERE id > 90",
+        ],
+    );
+    wait_until(Duration::from_secs(90), &sink, || {
+        let got = ods
+            .query("SELECT count(*)::int, sum(qty)::int FROM ods.orders", &[])
+            .ok()
+            .map(|r| (r[0].get::<_, i32>(0), r[0].get::<_, i32>(1)));
+        // 90 rows: 1..90, the first ten times ten.
+        let want = (90, (1..=90).sum::<i32>() + 9 * (1..=10).sum::<i32>());
+        (got != Some(want)).then(|| format!("ODS has {got:?}, want {want:?}"))
+    });
+    // Nothing reached the broker but through the proxy: its plain port refuses a client
+    // without credentials.
+    let plain = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .create::<rdkafka::producer::BaseProducer>()
+        .unwrap();
+    use rdkafka::producer::Producer;
+    assert!(plain
+        .client()
+        .fetch_metadata(None, Duration::from_secs(3))
+        .is_err());
+}
+
+#[test]
+fn a_wrong_kafka_password_or_an_untrusted_broker_certificate_stops_the_relays_with_exit_4() {
+    let certs = Certs::make();
+    let (broker, proxy) = secure_broker(&certs);
+    let pg = PgCluster::start(&[]);
+    let mut db = pg.create_db("shop");
+    pg.create_db("ods");
+    // A change waits in the slot, so the relay has something to produce.
+    exec(
+        &mut db,
+        &[
+            "CREATE TABLE orders (id int PRIMARY KEY, qty int)",
+            "SELECT pg_create_logical_replication_slot('saiki_test', 'saiki')",
+            "INSERT INTO orders VALUES (1, 1)",
+        ],
+    );
+    let port = loopback_port();
+    let cfg = over_sasl_ssl(
+        &relay_config(&pg, "shop", &broker, port, ""),
+        &broker,
+        &proxy,
+        "not-the-password",
+        &certs.path("ca.pem"),
+    );
+    let (status, log) = exits_within(Relay::start(&pg.dir, &cfg, port), Duration::from_secs(90));
+    assert_eq!(status.code(), Some(4), "{log}");
+    assert!(
+        log.contains("the broker refused the relay's credentials: check sasl.mechanism, sasl.username and sasl.password"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("not-the-password"),
+        "the password is logged:\n{log}"
+    );
+    // Nothing was confirmed past what Kafka has (it has nothing): the insert is still there.
+    let pending = text_rows(
+        &mut db,
+        "SELECT count(*)::text FROM pg_logical_slot_peek_changes('saiki_test', NULL, NULL)",
+    );
+    assert_ne!(
+        pending[0][0].as_deref(),
+        Some("0"),
+        "the slot lost the insert"
+    );
+
+    let sport = loopback_port();
+    let scfg = over_sasl_ssl(
+        &sink_config(&pg, "ods", &broker, sport, ""),
+        &broker,
+        &proxy,
+        "kafka-s3cret",
+        &certs.path("other-ca.pem"),
+    );
+    let (status, log) = exits_within(
+        Relay::start_sink(&pg.dir, &scfg, sport),
+        Duration::from_secs(90),
+    );
+    assert_eq!(status.code(), Some(4), "{log}");
+    assert!(
+        log.contains("the broker's TLS certificate failed verification: check ssl.ca.location"),
+        "{log}"
+    );
 }

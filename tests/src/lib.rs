@@ -298,11 +298,21 @@ pub fn recvlogical(
 pub struct Broker {
     pub dir: PathBuf,
     pub port: u16,
+    /// The port the broker tells clients to use, when that is not its own (a TLS proxy in
+    /// front of it).
+    advertised: Option<u16>,
+    /// Client authentication (SASL) required.
+    authentication: bool,
     child: Option<std::process::Child>,
 }
 
 impl Broker {
     pub fn start() -> Broker {
+        Broker::start_advertising(None)
+    }
+
+    /// A broker that advertises `port` (where a proxy listens) instead of its own.
+    pub fn start_advertising(port: Option<u16>) -> Broker {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let dir = PathBuf::from(format!("{DATA_PREFIX}broker-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -310,28 +320,53 @@ impl Broker {
         let mut b = Broker {
             dir,
             port: free_port(),
+            advertised: port,
+            authentication: false,
             child: None,
         };
         b.spawn();
         b
     }
 
+    /// Creates SCRAM-SHA-512 users (`tansu user create`) and restarts the broker requiring
+    /// SASL authentication from every client.
+    pub fn require_authentication(&mut self, users: &[(&str, &str)]) {
+        let tansu = tansu_path();
+        for (name, password) in users {
+            let out = Command::new(&tansu)
+                .args(["user", "create", "--broker"])
+                .arg(format!("tcp://127.0.0.1:{}", self.port))
+                .args([name, password])
+                .output()
+                .expect("tansu user create");
+            assert!(
+                out.status.success(),
+                "tansu user create {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.authentication = true;
+        self.restart();
+    }
+
     fn spawn(&mut self) {
-        let tansu = std::env::var("TANSU").unwrap_or_else(|_| {
-            let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-            format!("{home}/.cargo/bin/tansu")
-        });
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::File::create(self.dir.join("broker.log")).unwrap();
-        let child = Command::new(tansu)
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised.unwrap_or(self.port));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("broker.log"))
+            .unwrap();
+        let child = Command::new(tansu_path())
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "sqlite://log.db"])
+            .args(self.authentication.then_some("--authentication"))
             .current_dir(&self.dir)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -365,6 +400,13 @@ impl Broker {
         self.stop();
         self.spawn();
     }
+}
+
+fn tansu_path() -> String {
+    std::env::var("TANSU").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        format!("{home}/.cargo/bin/tansu")
+    })
 }
 
 /// tansu 0.6.0's SQLite schema has no index on `header (topition, offset_id)`, and its fetch
