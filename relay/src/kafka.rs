@@ -300,7 +300,10 @@ mod tests {
         note_client_error(&auth, "SASL authentication error: invalid-proof");
         match refused(kafka()) {
             RelayError::KafkaConfig(m) => {
-                assert!(m.starts_with("SASL authentication error: invalid-proof"), "{m}");
+                assert!(
+                    m.starts_with("SASL authentication error: invalid-proof"),
+                    "{m}"
+                );
                 assert!(m.contains("sasl.password"), "{m}");
             }
             e => panic!("{e:?}"),
