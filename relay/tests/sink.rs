@@ -445,7 +445,8 @@ fn a_replayed_change_never_brings_back_a_deleted_or_truncated_row() {
 }
 
 #[test]
-fn two_sinks_in_one_group_share_the_partitions_and_apply_each_change_once() {
+fn two_sinks_in_one_group_share_the_partitions_and_apply_each_change_once_as_one_joins_and_leaves()
+{
     let pg = PgCluster::start(&[]);
     let broker = Broker::start();
     let mut db = pg.create_db("shop");
@@ -460,13 +461,15 @@ fn two_sinks_in_one_group_share_the_partitions_and_apply_each_change_once() {
     let source = Relay::start(&pg.dir, &source_cfg, sport);
     wait_slot_active(&mut db, &source);
     let (pa, pb) = (loopback_port(), loopback_port());
-    let cfg = |port: u16, id: &str| {
+    // The first is a static member (`instance_id`), as docs/sink.md recommends for instances
+    // that restart in place; the second a dynamic one, like an instance added for a while.
+    let cfg = |port: u16, id: Option<&str>| {
         sink_config(&pg, "ods", &broker, port, "batch_max_rows = 200").replace(
             "instance_id = \"test-sink\"",
-            &format!("instance_id = \"{id}\""),
+            &id.map_or(String::new(), |id| format!("instance_id = \"{id}\"")),
         )
     };
-    let mut a = Relay::start_sink(&pg.dir, &cfg(pa, "sink-a"), pa);
+    let a = Relay::start_sink(&pg.dir, &cfg(pa, Some("sink-a")), pa);
     let worker = {
         let mut w = pg.connect("shop");
         std::thread::spawn(move || {
@@ -486,32 +489,26 @@ fn two_sinks_in_one_group_share_the_partitions_and_apply_each_change_once() {
             }
         })
     };
-    // A second instance joins (a rebalance), the first dies and comes back, the second leaves.
+    // A second instance joins (a rebalance), both share the partitions, the second leaves (a
+    // rebalance), all while the workload runs. A sink killed and restarted is the shard and
+    // single-sink tests' business. On tansu 0.6.0 a static member that is gone stays in the
+    // group for good, on Kafka for `session.timeout.ms` (docs/testing.md), so the one that
+    // leaves is dynamic.
     std::thread::sleep(Duration::from_secs(2));
-    let mut b = Relay::start_sink(&pg.dir, &cfg(pb, "sink-b"), pb);
+    let mut b = Relay::start_sink(&pg.dir, &cfg(pb, None), pb);
+    // The second leaves once the group has settled: librdkafka sends LeaveGroup only then.
     wait_until(Duration::from_secs(60), &b, || {
-        let m = b.http_get("/metrics").unwrap_or_default();
-        (metric(&m, "saiki_sink_batches_total").unwrap_or(0.0) < 1.0)
-            .then(|| "the second sink applied nothing yet".to_string())
-    });
-    a.kill9();
-    std::thread::sleep(Duration::from_secs(1));
-    let a = Relay::start_sink(&pg.dir, &cfg(pa, "sink-a"), pa);
-    // The second leaves once the rebalance that brought the first back is over: librdkafka
-    // sends LeaveGroup only from a settled group, and a member that leaves without it is, on
-    // Kafka, expired after the session timeout, but on tansu 0.6.0 never while every other
-    // member is static (docs/testing.md).
-    wait_until(Duration::from_secs(60), &a, || {
-        let assigned = |r: &Relay| {
-            metric(
-                &r.http_get("/metrics").unwrap_or_default(),
-                "saiki_sink_assigned_partitions",
-            )
-            .unwrap_or(0.0)
+        let m = |r: &Relay, name: &str| {
+            metric(&r.http_get("/metrics").unwrap_or_default(), name).unwrap_or(0.0)
         };
-        let (na, nb) = (assigned(&a), assigned(&b));
-        (na < 1.0 || nb < 1.0 || na + nb != 4.0)
-            .then(|| format!("partitions not yet shared after the restart: a {na}, b {nb}"))
+        let (na, nb) = (
+            m(&a, "saiki_sink_assigned_partitions"),
+            m(&b, "saiki_sink_assigned_partitions"),
+        );
+        let applied = m(&b, "saiki_sink_batches_total");
+        (na < 1.0 || nb < 1.0 || na + nb != 4.0 || applied < 1.0).then(|| {
+            format!("partitions not yet shared: a {na}, b {nb}; b applied {applied} batches")
+        })
     });
     let status = b.terminate(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", b.log_text());

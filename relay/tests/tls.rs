@@ -397,25 +397,20 @@ fn the_pipeline_runs_over_sasl_ssl_with_scram_to_kafka() {
         &["CREATE TABLE orders (id int PRIMARY KEY, qty int)"],
     );
     let ca = certs.path("ca.pem");
+    let secure = |cfg: String| over_sasl_ssl(&cfg, &broker, &proxy, "kafka-s3cret", &ca);
     let port = loopback_port();
-    let cfg = over_sasl_ssl(
-        &relay_config(&pg, "shop", &broker, port, ""),
-        &broker,
-        &proxy,
-        "kafka-s3cret",
-        &ca,
+    let relay = Relay::start(
+        &pg.dir,
+        &secure(relay_config(&pg, "shop", &broker, port, "")),
+        port,
     );
-    let relay = Relay::start(&pg.dir, &cfg, port);
     wait_slot_active(&mut db, &relay);
     let sport = loopback_port();
-    let scfg = over_sasl_ssl(
-        &sink_config(&pg, "ods", &broker, sport, ""),
-        &broker,
-        &proxy,
-        "kafka-s3cret",
-        &ca,
+    let sink = Relay::start_sink(
+        &pg.dir,
+        &secure(sink_config(&pg, "ods", &broker, sport, "")),
+        sport,
     );
-    let sink = Relay::start_sink(&pg.dir, &scfg, sport);
     exec(
         &mut db,
         &[
