@@ -25,9 +25,16 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// retrying, so [`refused`] turns the next Kafka error into a definite one.
 static REFUSED: Mutex<Option<String>> = Mutex::new(None);
 
+/// Every client's error callback (producers, admin clients, the sink's consumer): logs the
+/// error and records it for [`refused`].
+pub fn client_error(error: &KafkaError, reason: &str) {
+    note_client_error(error, reason);
+    tracing::error!(%error, reason, "librdkafka");
+}
+
 /// Records `error` if it says that the broker refused the relay's credentials or that the
-/// broker's certificate failed verification. Called from every client's error callback.
-pub fn note_client_error(error: &KafkaError, reason: &str) {
+/// broker's certificate failed verification.
+fn note_client_error(error: &KafkaError, reason: &str) {
     let what = match error.rdkafka_error_code() {
         Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
             "the broker refused the relay's credentials: check sasl.mechanism, sasl.username and sasl.password in [kafka.properties]"
@@ -55,14 +62,13 @@ pub fn refused(e: RelayError) -> RelayError {
     }
 }
 
-/// The context of the relay's producers and admin clients: librdkafka's global errors go to
-/// the log and through [`note_client_error`].
+/// The context of the relay's producers and admin clients: librdkafka's global errors go
+/// through [`client_error`].
 pub struct KafkaContext;
 
 impl ClientContext for KafkaContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        note_client_error(&error, reason);
-        tracing::error!(%error, reason, "librdkafka");
+        client_error(&error, reason);
     }
 }
 

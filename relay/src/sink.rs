@@ -141,8 +141,7 @@ struct SinkContext {
 
 impl ClientContext for SinkContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        crate::kafka::note_client_error(&error, reason);
-        tracing::error!(%error, reason, "librdkafka");
+        crate::kafka::client_error(&error, reason);
     }
 
     /// librdkafka's statistics (every `topic_refresh`) carry each assigned partition's high

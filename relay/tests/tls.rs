@@ -369,26 +369,35 @@ impl Drop for TlsProxy {
 }
 
 /// A broker that requires SCRAM-SHA-512 (user `saiki`, password `kafka-s3cret`) behind TLS.
-fn secure_broker(certs: &Certs) -> (Broker, TlsProxy) {
-    let port = loopback_port();
-    let mut broker = Broker::start_advertising(Some(port));
-    broker.require_authentication(&[("saiki", "kafka-s3cret")]);
-    let proxy = TlsProxy::start(certs, port, broker.port);
-    (broker, proxy)
+struct SecureBroker {
+    broker: Broker,
+    proxy: TlsProxy,
 }
 
-/// A relay config pointed at the proxy, with the client security properties.
-fn over_sasl_ssl(cfg: &str, broker: &Broker, proxy: &TlsProxy, password: &str, ca: &str) -> String {
-    format!(
-        "{}\n[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"saiki\"\n\"sasl.password\" = \"{password}\"\n\"ssl.ca.location\" = \"{ca}\"\n",
-        cfg.replace(&broker.addr(), &proxy.addr())
-    )
+impl SecureBroker {
+    fn start(certs: &Certs) -> SecureBroker {
+        let port = loopback_port();
+        let mut broker = Broker::start_advertising(Some(port));
+        broker.require_authentication(&[("saiki", "kafka-s3cret")]);
+        let proxy = TlsProxy::start(certs, port, broker.port);
+        SecureBroker { broker, proxy }
+    }
+
+    /// `cfg` (made for the plain broker) pointed at the proxy, with the client's security
+    /// properties.
+    fn client_config(&self, cfg: &str, password: &str, ca: &str) -> String {
+        format!(
+            "{}\n[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"saiki\"\n\"sasl.password\" = \"{password}\"\n\"ssl.ca.location\" = \"{ca}\"\n",
+            cfg.replace(&self.broker.addr(), &self.proxy.addr())
+        )
+    }
 }
 
 #[test]
 fn the_pipeline_runs_over_sasl_ssl_with_scram_to_kafka() {
     let certs = Certs::make();
-    let (broker, proxy) = secure_broker(&certs);
+    let kafka = SecureBroker::start(&certs);
+    let broker = &kafka.broker;
     let pg = PgCluster::start(&[]);
     let mut db = pg.create_db("shop");
     let mut ods = pg.create_db("ods");
@@ -397,18 +406,18 @@ fn the_pipeline_runs_over_sasl_ssl_with_scram_to_kafka() {
         &["CREATE TABLE orders (id int PRIMARY KEY, qty int)"],
     );
     let ca = certs.path("ca.pem");
-    let secure = |cfg: String| over_sasl_ssl(&cfg, &broker, &proxy, "kafka-s3cret", &ca);
+    let secure = |cfg: String| kafka.client_config(&cfg, "kafka-s3cret", &ca);
     let port = loopback_port();
     let relay = Relay::start(
         &pg.dir,
-        &secure(relay_config(&pg, "shop", &broker, port, "")),
+        &secure(relay_config(&pg, "shop", broker, port, "")),
         port,
     );
     wait_slot_active(&mut db, &relay);
     let sport = loopback_port();
     let sink = Relay::start_sink(
         &pg.dir,
-        &secure(sink_config(&pg, "ods", &broker, sport, "")),
+        &secure(sink_config(&pg, "ods", broker, sport, "")),
         sport,
     );
     exec(
@@ -444,7 +453,8 @@ fn the_pipeline_runs_over_sasl_ssl_with_scram_to_kafka() {
 #[test]
 fn a_wrong_kafka_password_or_an_untrusted_broker_certificate_stops_the_relays_with_exit_4() {
     let certs = Certs::make();
-    let (broker, proxy) = secure_broker(&certs);
+    let kafka = SecureBroker::start(&certs);
+    let broker = &kafka.broker;
     let pg = PgCluster::start(&[]);
     let mut db = pg.create_db("shop");
     pg.create_db("ods");
@@ -458,10 +468,8 @@ fn a_wrong_kafka_password_or_an_untrusted_broker_certificate_stops_the_relays_wi
         ],
     );
     let port = loopback_port();
-    let cfg = over_sasl_ssl(
-        &relay_config(&pg, "shop", &broker, port, ""),
-        &broker,
-        &proxy,
+    let cfg = kafka.client_config(
+        &relay_config(&pg, "shop", broker, port, ""),
         "not-the-password",
         &certs.path("ca.pem"),
     );
@@ -487,10 +495,8 @@ fn a_wrong_kafka_password_or_an_untrusted_broker_certificate_stops_the_relays_wi
     );
 
     let sport = loopback_port();
-    let scfg = over_sasl_ssl(
-        &sink_config(&pg, "ods", &broker, sport, ""),
-        &broker,
-        &proxy,
+    let scfg = kafka.client_config(
+        &sink_config(&pg, "ods", broker, sport, ""),
         "kafka-s3cret",
         &certs.path("other-ca.pem"),
     );
