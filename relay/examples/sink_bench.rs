@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use futures::SinkExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{OwnedMessage, Timestamp};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
-use saiki_relay::apply::{Msg, Planner};
+use saiki_relay::batch::{self, Applier, Done};
 use saiki_relay::ods::{Ods, PartitionOffsets};
 
 /// One generated change: (action, id, seq, bid, abalance).
@@ -119,57 +120,84 @@ async fn apply(args: &[String], changes: &[Change]) {
         .map(|(i, c)| record(c, i))
         .collect();
 
-    // 1. The sink's apply path.
-    let mut ods = Ods::connect(&dsn, "ods", "bench", true).await.expect("ods");
+    // 1. The sink's apply path, as `saiki-relay sink` runs it: batch N+1 is planned while
+    //    batch N is applied on its own task (relay/src/batch.rs).
+    let batches: Vec<Vec<OwnedMessage>> = records
+        .chunks(batch)
+        .enumerate()
+        .map(|(b, chunk)| {
+            chunk
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    OwnedMessage::new(
+                        Some(r.clone()),
+                        None,
+                        "saiki.public.accounts".into(),
+                        Timestamp::NotAvailable,
+                        0,
+                        (b * batch + i) as i64,
+                        None,
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let ods = Ods::connect(&dsn, "ods", "bench", true).await.expect("ods");
+    let mut applier = Some(Applier {
+        ods,
+        dead_letters: None,
+        dead_letter_topic: "saiki.dead-letter".into(),
+        key_includes_source: true,
+    });
+    let mut inflight: Option<tokio::task::JoinHandle<Done>> = None;
     let started = Instant::now();
     let mut stored: Option<i64> = None;
     let mut planning = Duration::ZERO;
-    for (b, chunk) in records.chunks(batch).enumerate() {
-        let t = Instant::now();
-        let mut planner = Planner::new(true);
-        for (i, r) in chunk.iter().enumerate() {
-            planner.add(
-                i,
-                &Msg {
-                    topic: "saiki.public.accounts",
-                    partition: 0,
-                    offset: (b * batch + i) as i64,
-                    key: None,
-                    payload: Some(r),
-                },
-            );
+    let mut applying = Duration::ZERO;
+    let mut collect = |done: Done| {
+        if let Err(e) = done.result {
+            panic!("the sink's apply path failed: {e:?}");
         }
+        applying += done.elapsed;
+        done.applier
+    };
+    for msgs in batches {
+        let t = Instant::now();
+        let next = msgs.last().map_or(0, |m| m.offset() + 1);
+        let planned = batch::plan(msgs, true);
         planning += t.elapsed();
-        let next = ((b + 1) * batch).min(records.len()) as i64;
-        ods.begin().await.unwrap();
-        ods.write_offsets(&[PartitionOffsets {
+        if let Some(h) = inflight.take() {
+            applier = Some(collect(h.await.expect("apply task")));
+        }
+        let offsets = vec![PartitionOffsets {
             topic: "saiki.public.accounts".into(),
             partition: 0,
             stored,
             next,
-        }])
-        .await
-        .map_err(|e| format!("{e:?}"))
-        .unwrap();
-        for plan in planner.tables.values() {
-            ods.apply_table(plan, false)
-                .await
-                .map_err(|e| format!("{e:?}"))
-                .unwrap();
-        }
-        ods.commit().await.unwrap();
+        }];
+        inflight = Some(applier.take().expect("applier").spawn(planned, offsets));
         stored = Some(next);
+    }
+    if let Some(h) = inflight.take() {
+        collect(h.await.expect("apply task"));
     }
     let sink_s = started.elapsed().as_secs_f64();
     println!(
-        "result engine=sink rows={} seconds={sink_s:.3} batch={batch} planning={:.3}",
+        "result engine=sink rows={} seconds={sink_s:.3} batch={batch} planning={:.3} applying={:.3}",
         records.len(),
-        planning.as_secs_f64()
+        planning.as_secs_f64(),
+        applying.as_secs_f64()
     );
 
     // 2. The ceiling: the same ODS rows (DESIGN.md §5 layout: bookkeeping columns, key
     //    (_saiki_source, aid)) by COPY into a staging table + one merge.
     let c = client(&dsn).await;
+    // Not timed: the sink's dead rows are vacuumed now, so that autovacuum does not clean
+    // them up in the middle of the ceiling's run.
+    for sql in ["VACUUM ods.accounts, saiki_sink.tombstones", "CHECKPOINT"] {
+        c.batch_execute(sql).await.unwrap();
+    }
     c.batch_execute(
         "DROP TABLE IF EXISTS ceiling_accounts;
          CREATE TABLE ceiling_accounts (_saiki_source text NOT NULL, _saiki_commit_lsn pg_lsn NOT NULL,

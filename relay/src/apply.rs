@@ -163,6 +163,9 @@ pub struct NetRow<'a> {
     pub values: Values<'a>,
     /// Indexes of the batch messages folded into this row.
     pub msgs: Vec<usize>,
+    /// The first change of this key in the batch was an insert at the source: the key had
+    /// no row there before, so (replays aside, which the watermark catches) none in the ODS.
+    pub born: bool,
 }
 
 /// A column seen in the batch, with the type its records gave (if they carried `types`).
@@ -495,10 +498,12 @@ impl<'a> Planner<'a> {
             key,
             values,
             msgs: Vec::new(),
+            born: rec.action == Action::Insert,
         };
         match plan.rows.get_mut(&row_key) {
             Some(earlier) => {
                 // The new change replaces the row in place; the message list grows.
+                row.born = earlier.born;
                 row.msgs = std::mem::take(&mut earlier.msgs);
                 row.msgs.push(idx);
                 *earlier = row;
@@ -725,6 +730,33 @@ mod tests {
         assert_eq!(value_of(&p, "a", 1, "v").as_deref(), Some("\"y\""));
         assert_eq!(t.rows[&("a".to_string(), "1".to_string())].msgs, vec![0, 1]);
         assert_eq!(t.columns["v"].type_name.as_deref(), Some("text"));
+    }
+
+    fn upd(src: &str, lsn: u64, seq: i64, id: i64, v: &str) -> Vec<u8> {
+        rec(&format!(
+            r#"{{"action":"U","xid":1,"lsn":"0/{lsn:X}","commit_lsn":"0/{lsn:X}","seq":{seq},"schema":"public","table":"t","key":["id"],"columns":{{"id":{id},"v":{v}}},"source":"{src}"}}"#
+        ))
+    }
+
+    #[test]
+    fn a_row_is_born_in_the_batch_only_if_its_first_change_there_is_an_insert() {
+        let msgs = vec![
+            ins("a", 0x10, 1, 1, "\"x\""),
+            upd("a", 0x20, 1, 1, "\"y\""),
+            upd("a", 0x20, 2, 2, "\"z\""),
+            ins("a", 0x20, 3, 2, "\"w\""),
+            ins("a", 0x30, 1, 3, "\"v\""),
+            del("a", 0x30, 2, 3),
+            ins("a", 0x30, 3, 3, "\"u\""),
+        ];
+        let (p, _) = plan_of(&msgs, true);
+        let born = |id: i64| p.tables["t"].rows[&("a".to_string(), id.to_string())].born;
+        assert!(born(1), "inserted, then updated: still new to the ODS");
+        assert!(
+            !born(2),
+            "updated first: the row was there before the batch"
+        );
+        assert!(born(3), "inserted, deleted, inserted again");
     }
 
     #[test]

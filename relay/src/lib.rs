@@ -9,6 +9,7 @@
 
 pub mod ack;
 pub mod apply;
+pub mod batch;
 pub mod config;
 pub mod dsn;
 pub mod error;

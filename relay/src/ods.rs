@@ -12,6 +12,7 @@
 //! - Unchanged-TOAST columns (absent from a change) keep their ODS value.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 
 use bytes::Bytes;
 use futures::SinkExt;
@@ -47,6 +48,10 @@ pub enum ApplyError {
     Data(String),
     /// Connection lost, server down, or a definite server error.
     Fatal(RelayError),
+    /// A plain INSERT of keys new to the ODS met one that is there (shards whose keys collide
+    /// without `key_includes_source`, a source seeded twice): the transaction is void, and
+    /// the batch is applied again with this table taking upserts only, as it does from now on.
+    KeyTaken(String),
 }
 
 impl From<RelayError> for ApplyError {
@@ -75,6 +80,8 @@ pub struct Ods {
     stages: HashMap<String, (String, Vec<String>)>,
     /// Tables that cannot be created, with the reason (their records are dead-lettered).
     unmaterializable: HashMap<String, String>,
+    /// Tables where a plain INSERT met a key that was there: upserts only, for this session.
+    upserts_only: std::collections::HashSet<String>,
     in_transaction: bool,
 }
 
@@ -178,6 +185,7 @@ impl Ods {
             tables: HashMap::new(),
             stages: HashMap::new(),
             unmaterializable: HashMap::new(),
+            upserts_only: std::collections::HashSet::new(),
             in_transaction: false,
         };
         ods.bootstrap().await?;
@@ -410,6 +418,12 @@ impl Ods {
     }
 
     /// The reason a table cannot be materialized, if creating it failed before.
+    /// Whether a plain insert into this table met an existing key in this session (it takes
+    /// upserts only since).
+    pub fn takes_upserts_only(&self, table: &str) -> bool {
+        self.upserts_only.contains(table)
+    }
+
     pub fn unmaterializable(&self, table: &str) -> Option<&str> {
         self.unmaterializable.get(table).map(String::as_str)
     }
@@ -529,34 +543,48 @@ impl Ods {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let mut buf = Vec::with_capacity(plan.rows.len() * 128);
-        let mut any_absent = false;
-        let (mut n_upsert, mut n_delete) = (0usize, 0usize);
-        for row in plan.rows.values() {
-            let check = marks
-                .get(row.source.as_ref())
-                .is_some_and(|m| (row.lsn, row.seq) <= *m);
-            any_absent |= encode_row(&mut buf, row, check, &cols, &kinds);
-            match row.op {
-                Op::Upsert => n_upsert += 1,
-                Op::Delete => n_delete += 1,
-            }
-        }
+        // Encoded and sent in chunks, so that the ODS parses one while the next is encoded.
+        const CHUNK: usize = 128 << 10;
         let sink = self
             .client
             .copy_in::<_, Bytes>(&copy_sql)
             .await
             .map_err(|e| self.classify(&e))?;
         futures::pin_mut!(sink);
-        let data = Bytes::from(buf);
-        const CHUNK: usize = 1 << 20;
-        let mut at = 0;
-        while at < data.len() {
-            let end = (at + CHUNK).min(data.len());
-            sink.send(data.slice(at..end))
+        let mut buf = Vec::with_capacity(CHUNK + 4096);
+        let mut any_absent = false;
+        let (mut n_insert, mut n_upsert, mut n_delete) = (0usize, 0usize, 0usize);
+        let plain = !isolated && !self.upserts_only.contains(&plan.name);
+        let one_mark = if marks.len() == 1 {
+            marks.iter().next()
+        } else {
+            None
+        };
+        for row in plan.rows.values() {
+            let mark = match one_mark {
+                Some((src, m)) if src.as_str() == row.source.as_ref() => Some(m),
+                Some(_) => None,
+                None => marks.get(row.source.as_ref()),
+            };
+            let check = mark.is_some_and(|m| (row.lsn, row.seq) <= *m);
+            let (op, absent) = encode_row(&mut buf, row, check, plain, &cols, &kinds);
+            any_absent |= absent;
+            match op {
+                StageOp::Insert => n_insert += 1,
+                StageOp::Upsert => n_upsert += 1,
+                StageOp::Delete => n_delete += 1,
+            }
+            if buf.len() >= CHUNK {
+                let full = std::mem::replace(&mut buf, Vec::with_capacity(CHUNK + 4096));
+                sink.send(Bytes::from(full))
+                    .await
+                    .map_err(|e| self.classify(&e))?;
+            }
+        }
+        if !buf.is_empty() {
+            sink.send(Bytes::from(buf))
                 .await
                 .map_err(|e| self.classify(&e))?;
-            at = end;
         }
         sink.finish().await.map_err(|e| self.classify(&e))?;
 
@@ -596,6 +624,24 @@ impl Ods {
             l = ident(LSN_COL),
             q = ident(SEQ_COL)
         );
+        if n_insert > 0 {
+            // Keys new to the ODS: a plain INSERT costs half of a speculative one (ON
+            // CONFLICT). A key that is there after all voids the batch (KeyTaken).
+            let sql = format!(
+                "INSERT INTO {qualified} ({}) SELECT {} FROM {stage} s WHERE s._op = 'I'",
+                insert_cols.join(", "),
+                select_cols.join(", "),
+            );
+            written += match self.client.execute(&sql, &[]).await {
+                Ok(n) => n,
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    warn!(table = %qualified, error = %self.err(&e), "a row inserted at the source has a key the ODS table already holds: this table takes upserts only from now on");
+                    self.upserts_only.insert(plan.name.clone());
+                    return Err(ApplyError::KeyTaken(plan.name.clone()));
+                }
+                Err(e) => return Err(self.classify(&e)),
+            };
+        }
         if n_upsert > 0 {
             let mut sets: Vec<String> = value_cols
                 .iter()
@@ -937,16 +983,26 @@ fn guard_sql(new: &str) -> String {
     )
 }
 
-/// One COPY text line for a net row. Returns whether some batch column is absent.
+/// How a staged row is applied: the `_op` of the staging table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StageOp {
+    /// A plain INSERT: a key new to the ODS (see [`NetRow::born`]), every column present.
+    Insert,
+    /// An upsert guarded by `(commit_lsn, seq)`.
+    Upsert,
+    Delete,
+}
+
+/// One COPY text line for a net row, and whether some batch column is absent from it.
+/// `plain` allows [`StageOp::Insert`] for a born row.
 fn encode_row(
     out: &mut Vec<u8>,
     row: &NetRow<'_>,
     check: bool,
+    plain: bool,
     cols: &[&str],
     kinds: &[ColumnKind],
-) -> bool {
-    out.push(if row.op == Op::Upsert { b'U' } else { b'D' });
-    out.push(b'\t');
+) -> (StageOp, bool) {
     let absent: Vec<&str> = if row.op == Op::Upsert {
         (0..cols.len())
             .filter(|i| !row.values.contains(*i))
@@ -955,6 +1011,17 @@ fn encode_row(
     } else {
         Vec::new()
     };
+    let op = match row.op {
+        Op::Delete => StageOp::Delete,
+        Op::Upsert if plain && row.born && !check && absent.is_empty() => StageOp::Insert,
+        Op::Upsert => StageOp::Upsert,
+    };
+    out.push(match op {
+        StageOp::Insert => b'I',
+        StageOp::Upsert => b'U',
+        StageOp::Delete => b'D',
+    });
+    out.push(b'\t');
     if absent.is_empty() {
         out.extend_from_slice(b"\\N");
     } else {
@@ -977,7 +1044,12 @@ fn encode_row(
         apply::copy_escape(out, &lit);
     }
     out.push(b'\t');
-    apply::copy_escape(out, apply::key_text(&row.key).as_bytes());
+    // The key's text is what tombstones are keyed by: only deletes and replays use it.
+    if op == StageOp::Delete || check {
+        apply::copy_escape(out, apply::key_text(&row.key).as_bytes());
+    } else {
+        out.extend_from_slice(b"\\N");
+    }
     out.push(b'\t');
     out.push(if check { b't' } else { b'f' });
     out.push(b'\t');
@@ -985,7 +1057,7 @@ fn encode_row(
     out.push(b'\t');
     row.lsn.write_to(out);
     out.push(b'\t');
-    out.extend_from_slice(row.seq.to_string().as_bytes());
+    let _ = write!(out, "{}", row.seq);
     for (i, kind) in kinds.iter().enumerate() {
         out.push(b'\t');
         match row.values.get(i) {
@@ -994,7 +1066,7 @@ fn encode_row(
         }
     }
     out.push(b'\n');
-    !absent.is_empty()
+    (op, !absent.is_empty())
 }
 
 fn describe(c: &tokio_postgres::Config) -> String {

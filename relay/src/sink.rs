@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use regex::Regex;
 use tokio::sync::watch;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::apply::{Msg, Outcome, Planner};
+use crate::batch::{self, Applied, Applier, Done};
 use crate::config::{KafkaConfig, SinkConfig};
 use crate::error::{RelayError, Retry};
 use crate::kafka::Kafka;
@@ -231,18 +231,38 @@ struct BatchPart {
     next: i64,
 }
 
+/// The batch being applied on its own task.
+struct Inflight {
+    handle: tokio::task::JoinHandle<Done>,
+    /// Where each of its partitions began (to rewind them if it does not commit).
+    firsts: Vec<(Tp, i64)>,
+}
+
 struct Session<'a> {
     rt: &'a SinkRuntime,
     metrics: &'a SinkMetrics,
-    ods: Ods,
+    /// The ODS connection, here whenever no batch is in flight.
+    applier: Option<Applier>,
+    inflight: Option<Inflight>,
+    /// Partitions (and where their dropped batch began) to rewind to the ODS offsets.
+    rewind_pending: Vec<(Tp, i64)>,
     consumer: StreamConsumer<SinkContext>,
-    dead_letters: Kafka,
     parts: HashMap<Tp, Part>,
     batch: Vec<OwnedMessage>,
     batch_bytes: usize,
     batch_parts: HashMap<Tp, BatchPart>,
     batch_started: Option<tokio::time::Instant>,
     subscribed: Vec<String>,
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        // A session that ends with an error leaves no batch committing behind it: the
+        // aborted task drops its connection, and the ODS rolls the transaction back.
+        if let Some(i) = &self.inflight {
+            i.handle.abort();
+        }
+    }
 }
 
 async fn session(
@@ -294,9 +314,15 @@ async fn session(
     let mut s = Session {
         rt,
         metrics,
-        ods,
+        applier: Some(Applier {
+            ods,
+            dead_letters: Some(dead_letters),
+            dead_letter_topic: rt.dead_letter_topic.clone(),
+            key_includes_source: rt.sink.key_includes_source,
+        }),
+        inflight: None,
+        rewind_pending: Vec::new(),
         consumer,
-        dead_letters,
         parts: HashMap::new(),
         batch: Vec::new(),
         batch_bytes: 0,
@@ -310,14 +336,23 @@ async fn session(
     let mut last_gc: Option<Instant> = None;
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if !s.rewind_pending.is_empty() {
+            s.rewind().await?;
+        }
         let linger_at = s.batch_started.map(|t| t + rt.sink.batch_linger);
+        let busy = s.inflight.is_some();
+        let handle = s.inflight.as_mut().map(|i| &mut i.handle);
         tokio::select! {
             biased;
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
-                    info!(messages = s.batch.len(), "shutdown: committing the batch in hand");
+                    info!(messages = s.batch.len(), in_flight = s.inflight.is_some(), "shutdown: committing the batches in hand");
                     let grace = rt.sink.shutdown_grace;
-                    match tokio::time::timeout(grace, s.apply_batch()).await {
+                    let drain = async {
+                        s.apply_batch().await?;
+                        s.settle().await
+                    };
+                    match tokio::time::timeout(grace, drain).await {
                         Ok(r) => r?,
                         Err(_) => warn!(?grace, "the last batch did not commit within the grace period; it is applied on the next start"),
                     }
@@ -326,6 +361,17 @@ async fn session(
             }
             _ = async { tokio::time::sleep_until(linger_at.unwrap_or_else(tokio::time::Instant::now)).await }, if linger_at.is_some() => {
                 s.apply_batch().await?;
+            }
+            // A batch in flight is collected as soon as it is done, so that its rows are
+            // counted and a fenced one rewinds without waiting for the next batch.
+            done = async move {
+                match handle {
+                    Some(h) => h.await,
+                    None => std::future::pending().await,
+                }
+            }, if busy => {
+                let firsts = s.inflight.take().map(|i| i.firsts).unwrap_or_default();
+                s.finish(firsts, done)?;
             }
             m = s.consumer.recv() => {
                 match m {
@@ -343,13 +389,221 @@ async fn session(
             _ = tick.tick() => {
                 s.handle_events();
                 s.refresh_topics()?;
-                if last_gc.is_none_or(|t| t.elapsed() > TOMBSTONE_GC_INTERVAL) && s.batch.is_empty() {
+                if last_gc.is_none_or(|t| t.elapsed() > TOMBSTONE_GC_INTERVAL) && s.batch.is_empty() && s.inflight.is_none() {
                     last_gc = Some(Instant::now());
-                    let n = s.ods.gc_tombstones(rt.sink.tombstone_retention).await?;
+                    let n = s.ods().await?.gc_tombstones(rt.sink.tombstone_retention).await?;
                     debug!(tombstones = n, "old tombstones removed");
                 }
             }
         }
+    }
+}
+
+impl Session<'_> {
+    /// The ODS connection, once the batch in flight (if any) is collected.
+    async fn ods(&mut self) -> Result<&mut Ods, RelayError> {
+        self.settle().await?;
+        match self.applier.as_mut() {
+            Some(a) => Ok(&mut a.ods),
+            None => Err(RelayError::Record(
+                "the ODS connection was lost with a failed apply task".into(),
+            )),
+        }
+    }
+
+    /// Waits for the batch in flight (if any) and takes in its outcome.
+    async fn settle(&mut self) -> Result<(), RelayError> {
+        match self.inflight.take() {
+            Some(i) => {
+                let done = i.handle.await;
+                self.finish(i.firsts, done)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Takes in a batch back from its apply task: on commit, the partitions' stored offsets
+    /// move on (also in the batch in hand, which continues from it); fenced, its partitions
+    /// rewind; any other failure ends the session.
+    fn finish(
+        &mut self,
+        firsts: Vec<(Tp, i64)>,
+        done: Result<Done, tokio::task::JoinError>,
+    ) -> Result<(), RelayError> {
+        let done = done.map_err(|e| RelayError::Record(format!("the apply task failed: {e}")))?;
+        self.applier = Some(done.applier);
+        let messages = done.batch.len();
+        match done.result {
+            Ok(Applied { written, dead }) => {
+                let pos = &self.consumer.context().positions;
+                let mut pos = pos.lock().unwrap_or_else(|p| p.into_inner());
+                for o in &done.offsets {
+                    let tp = (o.topic.clone(), o.partition);
+                    if let Some(p) = self.parts.get_mut(&tp) {
+                        p.stored = Some(o.next);
+                    }
+                    // The batch in hand took this stored value before this one committed.
+                    if let Some(b) = self.batch_parts.get_mut(&tp) {
+                        if b.stored == o.stored {
+                            b.stored = Some(o.next);
+                        }
+                    }
+                    pos.insert(tp, o.next);
+                }
+                drop(pos);
+                let m = self.metrics;
+                m.rows_applied.fetch_add(written, Ordering::Relaxed);
+                m.batches.fetch_add(1, Ordering::Relaxed);
+                m.consumed.fetch_add(messages as u64, Ordering::Relaxed);
+                m.dead_letters.fetch_add(dead as u64, Ordering::Relaxed);
+                m.apply.observe(done.elapsed.as_secs_f64());
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as i64);
+                for ts in done.batch.commit_times() {
+                    m.freshness.observe((now - ts) as f64 / 1e6);
+                }
+                debug!(
+                    messages,
+                    rows = written,
+                    dead_letters = dead,
+                    ms = done.elapsed.as_millis() as u64,
+                    "batch committed"
+                );
+                Ok(())
+            }
+            Err(ApplyError::Fenced) => {
+                self.metrics.fenced.fetch_add(1, Ordering::Relaxed);
+                warn!(messages, "another sink instance applied these partitions meanwhile (rebalance): batch dropped, partitions rewound to the ODS offsets");
+                self.rewind_pending.extend(firsts);
+                Ok(())
+            }
+            // The apply task isolates data errors; one escaping is a bug: stop, lose nothing.
+            Err(ApplyError::Data(reason)) => Err(RelayError::Record(reason)),
+            Err(ApplyError::KeyTaken(table)) => Err(RelayError::Record(format!(
+                "a plain insert into {table} met an existing key outside of a batch retry"
+            ))),
+            Err(ApplyError::Fatal(e)) => Err(e),
+        }
+    }
+
+    /// Cuts the batch in hand and plans it (while the batch before is still being applied),
+    /// then sends it to be applied once that one is in.
+    async fn apply_batch(&mut self) -> Result<(), RelayError> {
+        self.batch_started = None;
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let msgs = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        let planned = batch::plan(msgs, self.rt.sink.key_includes_source);
+        self.settle().await?;
+        if !self.rewind_pending.is_empty() {
+            // The batch before was fenced: this one continues from it, so it is void too.
+            drop(planned);
+            return self.rewind().await;
+        }
+        let parts = std::mem::take(&mut self.batch_parts);
+        let offsets: Vec<PartitionOffsets> = parts
+            .iter()
+            .map(|(tp, b)| PartitionOffsets {
+                topic: tp.0.clone(),
+                partition: tp.1,
+                stored: b.stored,
+                next: b.next,
+            })
+            .collect();
+        let firsts = parts.into_iter().map(|(tp, b)| (tp, b.first)).collect();
+        let Some(applier) = self.applier.take() else {
+            return Err(RelayError::Record(
+                "the ODS connection was lost with a failed apply task".into(),
+            ));
+        };
+        self.inflight = Some(Inflight {
+            handle: applier.spawn(planned, offsets),
+            firsts,
+        });
+        Ok(())
+    }
+
+    fn clear_batch(&mut self) {
+        self.batch.clear();
+        self.batch_parts.clear();
+        self.batch_bytes = 0;
+        self.batch_started = None;
+    }
+
+    /// After a batch was dropped: every partition in it, and in the batch in hand (which
+    /// continued from it), continues from the ODS's offset.
+    async fn rewind(&mut self) -> Result<(), RelayError> {
+        let all = self.ods().await?.offsets().await?;
+        let mut firsts: HashMap<Tp, i64> = HashMap::new();
+        let dropped = std::mem::take(&mut self.rewind_pending);
+        let in_hand = self.batch_parts.iter().map(|(tp, b)| (tp.clone(), b.first));
+        for (tp, first) in dropped.into_iter().chain(in_hand) {
+            let f = firsts.entry(tp).or_insert(first);
+            *f = (*f).min(first);
+        }
+        self.clear_batch();
+        for (tp, first) in firsts {
+            let stored = all.get(&tp).copied();
+            let next = stored.unwrap_or(first);
+            if let Err(e) = self.seek(&tp, next) {
+                // Typically revoked meanwhile (the rebalance that fenced the batch). If it is
+                // still ours, its next message finds it unknown and seeks again.
+                debug!(error = %e, topic = %tp.0, partition = tp.1, "rewind");
+                self.parts.remove(&tp);
+                continue;
+            }
+            self.parts.insert(
+                tp,
+                Part {
+                    stored,
+                    next,
+                    synced: true,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Subscribes to the matching topics (they appear as the sources create them).
+    fn refresh_topics(&mut self) -> Result<(), RelayError> {
+        let md = match tokio::task::block_in_place(|| {
+            self.consumer.fetch_metadata(None, METADATA_TIMEOUT)
+        }) {
+            Ok(md) => md,
+            Err(e) => {
+                // The broker refusing the relay's credentials or certificate is definite;
+                // anything else is retried at the next refresh.
+                let e = crate::kafka::refused(RelayError::Kafka(format!("listing topics: {e}")));
+                if !e.is_transient() {
+                    return Err(e);
+                }
+                warn!(error = %e, "listing topics");
+                return Ok(());
+            }
+        };
+        let mut names: Vec<String> = md
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .filter(|t| self.rt.wants(t))
+            .collect();
+        names.sort();
+        if names != self.subscribed {
+            if names.is_empty() {
+                self.consumer.unsubscribe();
+            } else {
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                self.consumer
+                    .subscribe(&refs)
+                    .map_err(|e| RelayError::Kafka(format!("subscribe: {e}")))?;
+            }
+            info!(topics = names.len(), "subscribed: {}", names.join(", "));
+            self.subscribed = names;
+        }
+        Ok(())
     }
 }
 
@@ -376,7 +630,7 @@ impl Session<'_> {
         let tp: Tp = (m.topic().to_string(), m.partition());
         let offset = m.offset();
         if !self.parts.contains_key(&tp) {
-            let stored = self.ods.offset(&tp.0, tp.1).await?;
+            let stored = self.ods().await?.offset(&tp.0, tp.1).await?;
             let next = self
                 .batch_parts
                 .get(&tp)
@@ -434,329 +688,5 @@ impl Session<'_> {
                 .seek(&tp.0, tp.1, Offset::Offset(offset), SEEK_TIMEOUT)
         })
         .map_err(|e| RelayError::Kafka(format!("seek {}[{}] to {offset}: {e}", tp.0, tp.1)))
-    }
-}
-
-/// What a committed batch did.
-struct Applied {
-    written: u64,
-    dead: usize,
-    /// Source commit times of the applied changes (µs since the Unix epoch).
-    commit_times: Vec<i64>,
-}
-
-impl Session<'_> {
-    /// Applies and commits the batch in hand (if any).
-    async fn apply_batch(&mut self) -> Result<(), RelayError> {
-        if self.batch.is_empty() {
-            self.batch_started = None;
-            return Ok(());
-        }
-        let started = Instant::now();
-        let offsets: Vec<PartitionOffsets> = self
-            .batch_parts
-            .iter()
-            .map(|(tp, b)| PartitionOffsets {
-                topic: tp.0.clone(),
-                partition: tp.1,
-                stored: b.stored,
-                next: b.next,
-            })
-            .collect();
-        let result = self.try_apply(&offsets).await;
-        match result {
-            Ok(Applied {
-                written,
-                dead,
-                commit_times,
-            }) => {
-                let pos = &self.consumer.context().positions;
-                let mut pos = pos.lock().unwrap_or_else(|p| p.into_inner());
-                for o in &offsets {
-                    let tp = (o.topic.clone(), o.partition);
-                    if let Some(p) = self.parts.get_mut(&tp) {
-                        p.stored = Some(o.next);
-                    }
-                    pos.insert(tp, o.next);
-                }
-                drop(pos);
-                let m = self.metrics;
-                m.rows_applied.fetch_add(written, Ordering::Relaxed);
-                m.batches.fetch_add(1, Ordering::Relaxed);
-                m.consumed
-                    .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
-                m.dead_letters.fetch_add(dead as u64, Ordering::Relaxed);
-                m.apply.observe(started.elapsed().as_secs_f64());
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_micros() as i64);
-                for ts in commit_times {
-                    m.freshness.observe((now - ts) as f64 / 1e6);
-                }
-                debug!(
-                    messages = self.batch.len(),
-                    rows = written,
-                    dead_letters = dead,
-                    ms = started.elapsed().as_millis() as u64,
-                    "batch committed"
-                );
-                self.clear_batch();
-                Ok(())
-            }
-            Err(ApplyError::Fenced) => {
-                self.ods.rollback().await;
-                self.metrics.fenced.fetch_add(1, Ordering::Relaxed);
-                warn!(messages = self.batch.len(), "another sink instance applied these partitions meanwhile (rebalance): batch dropped, partitions rewound to the ODS offsets");
-                self.rewind().await
-            }
-            Err(ApplyError::Data(reason)) => {
-                // try_apply isolates data errors; one escaping is a bug: stop, lose nothing.
-                self.ods.rollback().await;
-                Err(RelayError::Record(reason))
-            }
-            Err(ApplyError::Fatal(e)) => {
-                self.ods.rollback().await;
-                Err(e)
-            }
-        }
-    }
-
-    fn clear_batch(&mut self) {
-        self.batch.clear();
-        self.batch_parts.clear();
-        self.batch_bytes = 0;
-        self.batch_started = None;
-    }
-
-    /// After a batch was dropped: every partition in it continues from the ODS's offset.
-    async fn rewind(&mut self) -> Result<(), RelayError> {
-        let all = self.ods.offsets().await?;
-        let bparts: Vec<(Tp, i64)> = self
-            .batch_parts
-            .iter()
-            .map(|(tp, b)| (tp.clone(), b.first))
-            .collect();
-        self.clear_batch();
-        for (tp, first) in bparts {
-            let stored = all.get(&tp).copied();
-            let next = stored.unwrap_or(first);
-            if let Err(e) = self.seek(&tp, next) {
-                // Typically revoked meanwhile (the rebalance that fenced the batch). If it is
-                // still ours, its next message finds it unknown and seeks again.
-                debug!(error = %e, topic = %tp.0, partition = tp.1, "rewind");
-                self.parts.remove(&tp);
-                continue;
-            }
-            self.parts.insert(
-                tp,
-                Part {
-                    stored,
-                    next,
-                    synced: true,
-                },
-            );
-        }
-        Ok(())
-    }
-
-    /// Plans, applies, dead-letters and commits.
-    async fn try_apply(&mut self, offsets: &[PartitionOffsets]) -> Result<Applied, ApplyError> {
-        let kis = self.rt.sink.key_includes_source;
-        let msgs: Vec<Msg<'_>> = self.batch.iter().map(msg_of).collect();
-        let mut planner = Planner::new(kis);
-        let mut dead: Vec<(usize, String)> = Vec::new();
-        for (i, m) in msgs.iter().enumerate() {
-            if let Outcome::DeadLetter(reason) = planner.add(i, m) {
-                dead.push((i, reason));
-            }
-        }
-        let blocked: Vec<String> = planner
-            .tables
-            .keys()
-            .filter(|t| self.ods.unmaterializable(t).is_some())
-            .cloned()
-            .collect();
-        for t in blocked {
-            if let Some(plan) = planner.tables.shift_remove(&t) {
-                let reason = self
-                    .ods
-                    .unmaterializable(&t)
-                    .unwrap_or_default()
-                    .to_string();
-                dead.extend(
-                    plan.message_indexes()
-                        .into_iter()
-                        .map(|i| (i, reason.clone())),
-                );
-            }
-        }
-
-        self.ods.begin().await?;
-        self.ods.write_offsets(offsets).await?;
-        let mut written = 0u64;
-        let mut isolate = None;
-        for plan in planner.tables.values() {
-            match self.ods.apply_table(plan, false).await {
-                Ok(n) => written += n,
-                Err(ApplyError::Data(reason)) => {
-                    isolate = Some(reason);
-                    break;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if let Some(reason) = isolate {
-            // A record's content failed a statement: apply one record at a time, each in
-            // a savepoint, and dead-letter those that fail.
-            info!(messages = msgs.len(), %reason, "a statement failed on the data: applying this batch record by record");
-            self.ods.rollback().await;
-            self.ods.begin().await?;
-            self.ods.write_offsets(offsets).await?;
-            written = 0;
-            let already: std::collections::HashSet<usize> = dead.iter().map(|d| d.0).collect();
-            for (i, m) in msgs.iter().enumerate() {
-                if already.contains(&i) {
-                    continue;
-                }
-                let mut one = Planner::new(kis);
-                if one.add(i, m) != Outcome::Planned {
-                    continue;
-                }
-                for plan in one.tables.values() {
-                    if let Some(r) = self.ods.unmaterializable(&plan.name) {
-                        dead.push((i, r.to_string()));
-                        continue;
-                    }
-                    self.ods.savepoint().await?;
-                    match self.ods.apply_table(plan, true).await {
-                        Ok(n) => {
-                            self.ods.release_savepoint().await?;
-                            written += n;
-                        }
-                        Err(ApplyError::Data(reason)) => {
-                            self.ods.rollback_to_savepoint().await?;
-                            if reason.starts_with("cannot create ODS table") {
-                                self.ods.set_unmaterializable(&plan.name, reason.clone());
-                            }
-                            dead.push((i, reason));
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
-        }
-        let commit_times = std::mem::take(&mut planner.commit_times);
-        drop(planner);
-        drop(msgs);
-        self.send_dead_letters(&dead).await?;
-        self.ods.commit().await?;
-        Ok(Applied {
-            written,
-            dead: dead.len(),
-            commit_times,
-        })
-    }
-
-    /// Produces the dead letters and waits for Kafka's acknowledgement of each.
-    async fn send_dead_letters(&mut self, dead: &[(usize, String)]) -> Result<(), RelayError> {
-        if dead.is_empty() {
-            return Ok(());
-        }
-        let topic = self.rt.dead_letter_topic.clone();
-        self.dead_letters.ensure_topic(&topic).await?;
-        let mut pending = Vec::with_capacity(dead.len());
-        for (i, reason) in dead {
-            let m = &self.batch[*i];
-            let origin = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
-            warn!(%origin, %reason, "dead letter");
-            let mut headers = OwnedHeaders::new();
-            if let Some(h) = m.headers() {
-                for x in h.iter() {
-                    if x.key != "saiki.error" && x.key != "saiki.origin" {
-                        headers = headers.insert(Header {
-                            key: x.key,
-                            value: x.value,
-                        });
-                    }
-                }
-            }
-            headers = headers
-                .insert(Header {
-                    key: "saiki.error",
-                    value: Some(reason.as_bytes()),
-                })
-                .insert(Header {
-                    key: "saiki.origin",
-                    value: Some(origin.as_bytes()),
-                });
-            pending.push(
-                self.dead_letters
-                    .send_owned(&topic, None, m.key(), m.payload(), headers)
-                    .await?,
-            );
-        }
-        for f in pending {
-            match f.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    return Err(RelayError::Kafka(format!("dead letter to {topic}: {e}")))
-                }
-                Err(_) => {
-                    return Err(RelayError::Kafka(format!(
-                        "dead letter to {topic}: the producer went away"
-                    )))
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Subscribes to the matching topics (they appear as the sources create them).
-    fn refresh_topics(&mut self) -> Result<(), RelayError> {
-        let md = match tokio::task::block_in_place(|| {
-            self.consumer.fetch_metadata(None, METADATA_TIMEOUT)
-        }) {
-            Ok(md) => md,
-            Err(e) => {
-                // The broker refusing the relay's credentials or certificate is definite;
-                // anything else is retried at the next refresh.
-                let e = crate::kafka::refused(RelayError::Kafka(format!("listing topics: {e}")));
-                if !e.is_transient() {
-                    return Err(e);
-                }
-                warn!(error = %e, "listing topics");
-                return Ok(());
-            }
-        };
-        let mut names: Vec<String> = md
-            .topics()
-            .iter()
-            .map(|t| t.name().to_string())
-            .filter(|t| self.rt.wants(t))
-            .collect();
-        names.sort();
-        if names != self.subscribed {
-            if names.is_empty() {
-                self.consumer.unsubscribe();
-            } else {
-                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-                self.consumer
-                    .subscribe(&refs)
-                    .map_err(|e| RelayError::Kafka(format!("subscribe: {e}")))?;
-            }
-            info!(topics = names.len(), "subscribed: {}", names.join(", "));
-            self.subscribed = names;
-        }
-        Ok(())
-    }
-}
-
-fn msg_of(m: &OwnedMessage) -> Msg<'_> {
-    Msg {
-        topic: m.topic(),
-        partition: m.partition(),
-        offset: m.offset(),
-        key: m.key(),
-        payload: m.payload(),
     }
 }

@@ -1,0 +1,309 @@
+//! A batch on its way into the ODS: planned on the consumer's task, applied on its own.
+//!
+//! The sink pipelines one batch deep: while [`Applier::spawn`] applies batch N (the ODS does
+//! the work, the relay waits), the consumer's task reads batch N+1 and plans it (parsing and
+//! netting are the relay's CPU work). On two cores this hides the planning behind the ODS.
+//!
+//! Invariants kept here:
+//! - **One batch in flight.** An [`Applier`] owns the ODS connection; it is moved into the
+//!   task that applies a batch and handed back in [`Done`]. Nothing else can write the ODS
+//!   meanwhile, so batches commit in the order they were cut.
+//! - **A batch is all or nothing.** [`Applier::apply`] commits the rows, the dead letters'
+//!   acknowledgements and the offsets together, or rolls back and says why.
+//! - **A batch continues from the one before.** Each batch's offsets name the stored values
+//!   they start from ([`PartitionOffsets::stored`]); if batch N does not commit, batch N+1
+//!   cannot either (the sink drops it and rewinds).
+
+use std::time::{Duration, Instant};
+
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use tracing::{info, warn};
+
+use crate::apply::{Msg, Outcome, Planner};
+use crate::error::RelayError;
+use crate::kafka::Kafka;
+use crate::ods::{ApplyError, Ods, PartitionOffsets};
+
+/// A batch's plan: the messages, and what they do to each ODS table.
+pub struct Planned<'a> {
+    pub msgs: Vec<Msg<'a>>,
+    pub planner: Planner<'a>,
+    /// Messages that cannot be applied, with the reason (for the dead-letter topic).
+    pub dead: Vec<(usize, String)>,
+}
+
+self_cell::self_cell!(
+    /// A batch's messages together with the plan that borrows them, so that the two travel
+    /// to the apply task as one value.
+    pub struct PlannedBatch {
+        owner: Vec<OwnedMessage>,
+        #[covariant]
+        dependent: Planned,
+    }
+);
+
+impl PlannedBatch {
+    pub fn messages(&self) -> &[OwnedMessage] {
+        self.borrow_owner()
+    }
+    pub fn len(&self) -> usize {
+        self.borrow_owner().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.borrow_owner().is_empty()
+    }
+    /// Source commit times (µs since the Unix epoch) of the planned changes.
+    pub fn commit_times(&self) -> &[i64] {
+        &self.borrow_dependent().planner.commit_times
+    }
+}
+
+/// Parses and nets a batch (the relay's CPU share of applying it).
+pub fn plan(messages: Vec<OwnedMessage>, key_includes_source: bool) -> PlannedBatch {
+    PlannedBatch::new(messages, |owned| {
+        let msgs: Vec<Msg<'_>> = owned.iter().map(msg_of).collect();
+        let mut planner = Planner::new(key_includes_source);
+        let mut dead = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            if let Outcome::DeadLetter(reason) = planner.add(i, m) {
+                dead.push((i, reason));
+            }
+        }
+        Planned {
+            msgs,
+            planner,
+            dead,
+        }
+    })
+}
+
+pub fn msg_of(m: &OwnedMessage) -> Msg<'_> {
+    Msg {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key(),
+        payload: m.payload(),
+    }
+}
+
+/// What a committed batch did.
+#[derive(Debug)]
+pub struct Applied {
+    pub written: u64,
+    pub dead: usize,
+}
+
+/// A batch back from its apply task.
+pub struct Done {
+    pub applier: Applier,
+    pub batch: PlannedBatch,
+    pub offsets: Vec<PartitionOffsets>,
+    pub result: Result<Applied, ApplyError>,
+    /// Time spent applying (not waiting to be collected).
+    pub elapsed: Duration,
+}
+
+/// The ODS connection and the dead-letter producer: what applying a batch needs.
+pub struct Applier {
+    pub ods: Ods,
+    /// None where no dead letter can arise or be sent (the benchmark); a batch with one
+    /// then fails.
+    pub dead_letters: Option<Kafka>,
+    pub dead_letter_topic: String,
+    pub key_includes_source: bool,
+}
+
+impl Applier {
+    /// Applies the batch on a task of its own; the applier comes back in [`Done`].
+    pub fn spawn(
+        mut self,
+        batch: PlannedBatch,
+        offsets: Vec<PartitionOffsets>,
+    ) -> tokio::task::JoinHandle<Done> {
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = self.apply(&batch, &offsets).await;
+            Done {
+                applier: self,
+                batch,
+                offsets,
+                result,
+                elapsed: started.elapsed(),
+            }
+        })
+    }
+
+    /// Applies, dead-letters and commits; on any error the transaction is rolled back.
+    pub async fn apply(
+        &mut self,
+        batch: &PlannedBatch,
+        offsets: &[PartitionOffsets],
+    ) -> Result<Applied, ApplyError> {
+        let result = self.try_apply(batch, offsets).await;
+        if result.is_err() {
+            self.ods.rollback().await;
+        }
+        result
+    }
+
+    async fn try_apply(
+        &mut self,
+        batch: &PlannedBatch,
+        offsets: &[PartitionOffsets],
+    ) -> Result<Applied, ApplyError> {
+        let kis = self.key_includes_source;
+        let planned = batch.borrow_dependent();
+        let msgs = &planned.msgs;
+        let mut dead = planned.dead.clone();
+        // Tables the ODS cannot hold: their records go to the dead-letter topic.
+        let mut plans = Vec::new();
+        for plan in planned.planner.tables.values() {
+            match self.ods.unmaterializable(&plan.name) {
+                Some(reason) => dead.extend(
+                    plan.message_indexes()
+                        .into_iter()
+                        .map(|i| (i, reason.to_string())),
+                ),
+                None => plans.push(plan),
+            }
+        }
+
+        let mut written;
+        let mut isolate = None;
+        // Runs again only after a KeyTaken, which turns its table to upserts: at most once
+        // per table.
+        'batch: loop {
+            self.ods.begin().await?;
+            self.ods.write_offsets(offsets).await?;
+            written = 0u64;
+            for plan in &plans {
+                match self.ods.apply_table(plan, false).await {
+                    Ok(n) => written += n,
+                    Err(ApplyError::Data(reason)) => {
+                        isolate = Some(reason);
+                        break 'batch;
+                    }
+                    Err(ApplyError::KeyTaken(table)) => {
+                        info!(%table, messages = msgs.len(), "applying the batch again with upserts for this table");
+                        self.ods.rollback().await;
+                        continue 'batch;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            break;
+        }
+        if let Some(reason) = isolate {
+            // A record's content failed a statement: apply one record at a time, each in
+            // a savepoint, and dead-letter those that fail.
+            info!(messages = msgs.len(), %reason, "a statement failed on the data: applying this batch record by record");
+            self.ods.rollback().await;
+            self.ods.begin().await?;
+            self.ods.write_offsets(offsets).await?;
+            written = 0;
+            let already: std::collections::HashSet<usize> = dead.iter().map(|d| d.0).collect();
+            for (i, m) in msgs.iter().enumerate() {
+                if already.contains(&i) {
+                    continue;
+                }
+                let mut one = Planner::new(kis);
+                if one.add(i, m) != Outcome::Planned {
+                    continue;
+                }
+                for plan in one.tables.values() {
+                    if let Some(r) = self.ods.unmaterializable(&plan.name) {
+                        dead.push((i, r.to_string()));
+                        continue;
+                    }
+                    self.ods.savepoint().await?;
+                    match self.ods.apply_table(plan, true).await {
+                        Ok(n) => {
+                            self.ods.release_savepoint().await?;
+                            written += n;
+                        }
+                        Err(ApplyError::Data(reason)) => {
+                            self.ods.rollback_to_savepoint().await?;
+                            if reason.starts_with("cannot create ODS table") {
+                                self.ods.set_unmaterializable(&plan.name, reason.clone());
+                            }
+                            dead.push((i, reason));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        self.send_dead_letters(batch.messages(), &dead).await?;
+        self.ods.commit().await?;
+        Ok(Applied {
+            written,
+            dead: dead.len(),
+        })
+    }
+
+    /// Produces the dead letters and waits for Kafka's acknowledgement of each.
+    async fn send_dead_letters(
+        &mut self,
+        batch: &[OwnedMessage],
+        dead: &[(usize, String)],
+    ) -> Result<(), RelayError> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let topic = self.dead_letter_topic.clone();
+        let Some(producer) = self.dead_letters.as_mut() else {
+            return Err(RelayError::Record(format!(
+                "{} records cannot be applied and there is no dead-letter producer: {}",
+                dead.len(),
+                dead[0].1
+            )));
+        };
+        producer.ensure_topic(&topic).await?;
+        let mut pending = Vec::with_capacity(dead.len());
+        for (i, reason) in dead {
+            let m = &batch[*i];
+            let origin = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
+            warn!(%origin, %reason, "dead letter");
+            let mut headers = OwnedHeaders::new();
+            if let Some(h) = m.headers() {
+                for x in h.iter() {
+                    if x.key != "saiki.error" && x.key != "saiki.origin" {
+                        headers = headers.insert(Header {
+                            key: x.key,
+                            value: x.value,
+                        });
+                    }
+                }
+            }
+            headers = headers
+                .insert(Header {
+                    key: "saiki.error",
+                    value: Some(reason.as_bytes()),
+                })
+                .insert(Header {
+                    key: "saiki.origin",
+                    value: Some(origin.as_bytes()),
+                });
+            pending.push(
+                producer
+                    .send_owned(&topic, None, m.key(), m.payload(), headers)
+                    .await?,
+            );
+        }
+        for f in pending {
+            match f.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    return Err(RelayError::Kafka(format!("dead letter to {topic}: {e}")))
+                }
+                Err(_) => {
+                    return Err(RelayError::Kafka(format!(
+                        "dead letter to {topic}: the producer went away"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
