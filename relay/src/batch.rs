@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use crate::apply::{Msg, Outcome, Planner};
 use crate::error::RelayError;
@@ -121,7 +121,7 @@ impl Applier {
         batch: PlannedBatch,
         offsets: Vec<PartitionOffsets>,
     ) -> tokio::task::JoinHandle<Done> {
-        tokio::spawn(async move {
+        let apply = async move {
             let started = Instant::now();
             let result = self.apply(&batch, &offsets).await;
             Done {
@@ -131,7 +131,9 @@ impl Applier {
                 result,
                 elapsed: started.elapsed(),
             }
-        })
+        };
+        // In the sink's span, so that its log lines name the group.
+        tokio::spawn(apply.instrument(tracing::Span::current()))
     }
 
     /// Applies, dead-letters and commits; on any error the transaction is rolled back.

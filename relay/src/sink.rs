@@ -8,11 +8,15 @@
 //! - **No message is skipped.** A partition's messages enter a batch only in offset order
 //!   from the ODS's offset: the first message seen of a partition must be that offset, or the
 //!   consumer seeks there first. A batch that is not committed (fenced by another instance,
-//!   or failed) rewinds its partitions to where it began.
+//!   or failed) rewinds its partitions to where it began, and so does the batch cut after it,
+//!   whose offsets start from its.
+//! - **One batch in flight** ([`crate::batch`]): batch N+1 is read and planned while batch N
+//!   is applied, and sent only after N is in.
 //! - **Nothing is dropped silently.** A message that cannot be applied goes to the
 //!   dead-letter topic with the reason, acknowledged by Kafka before the batch commits.
 //! - **Bounded memory.** A batch holds at most `batch_max_rows` messages and
-//!   `batch_max_bytes` of payload; librdkafka's prefetch queue is bounded by its settings.
+//!   `batch_max_bytes` of payload, and at most two are in hand (one in flight, one being
+//!   read); librdkafka's prefetch queue is bounded by its settings.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -332,9 +336,14 @@ async fn session(
     };
     s.refresh_topics()?;
     metrics.ready.store(true, Ordering::Relaxed);
-    let mut tick = tokio::time::interval(rt.sink.topic_refresh);
+    // The next topic refresh, counted from the end of the last one: listing topics blocks
+    // this loop (up to a fetch long-poll on a broker that answers in order), and the
+    // consumer's queue must be drained in between. librdkafka puts a statistics event on
+    // that queue every topic_refresh, and each poll of `recv` takes only one event off it: a
+    // loop that refreshed back to back would fall behind the statistics and never reach the
+    // messages queued after them (it did, against tansu, with topic_refresh = 200ms).
+    let mut next_refresh = tokio::time::Instant::now();
     let mut last_gc: Option<Instant> = None;
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if !s.rewind_pending.is_empty() {
             s.rewind().await?;
@@ -386,7 +395,7 @@ async fn session(
                     Err(e) => warn!(error = %e, "consume"),
                 }
             }
-            _ = tick.tick() => {
+            _ = tokio::time::sleep_until(next_refresh) => {
                 s.handle_events();
                 s.refresh_topics()?;
                 if last_gc.is_none_or(|t| t.elapsed() > TOMBSTONE_GC_INTERVAL) && s.batch.is_empty() && s.inflight.is_none() {
@@ -394,6 +403,7 @@ async fn session(
                     let n = s.ods().await?.gc_tombstones(rt.sink.tombstone_retention).await?;
                     debug!(tombstones = n, "old tombstones removed");
                 }
+                next_refresh = tokio::time::Instant::now() + rt.sink.topic_refresh;
             }
         }
     }

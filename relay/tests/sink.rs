@@ -380,6 +380,50 @@ fn strip_json_space(t: &str) -> String {
     out
 }
 
+/// A backlog in the broker, and topics listed every 200 ms: the listing blocks the sink's loop
+/// behind the consumer's fetch long-poll (tansu answers a connection's requests in order),
+/// and librdkafka queues a statistics event each time. The loop used to fall behind the
+/// statistics events and never reach the messages queued after them.
+#[test]
+fn a_backlog_drains_while_topics_are_listed_every_200ms() {
+    const N: usize = 50_000;
+    let pg = PgCluster::start(&[]);
+    let broker = Broker::start();
+    let mut ods = pg.create_db("ods");
+    create_topic(&broker.addr(), "saiki.public.backlog", 1);
+    let records: Vec<(Vec<u8>, Vec<u8>)> = (1..=N)
+        .map(|id| {
+            let lsn = 0x1000 + id * 0x10;
+            (
+                format!(r#"{{"id":{id}}}"#).into_bytes(),
+                format!(r#"{{"action":"I","xid":{id},"lsn":"0/{lsn:X}","commit_lsn":"0/{lsn:X}","seq":1,"schema":"public","table":"backlog","key":["id"],"columns":{{"id":{id},"n":{id}}},"types":{{"id":"integer","n":"integer"}},"source":"s1"}}"#).into_bytes(),
+            )
+        })
+        .collect();
+    let raw: Vec<RawMsg<'_>> = records
+        .iter()
+        .map(|(k, v)| (Some(k.as_slice()), Some(v.as_slice())))
+        .collect();
+    produce_raw(&broker.addr(), "saiki.public.backlog", &raw);
+    let kport = loopback_port();
+    let config = sink_config(&pg, "ods", &broker, kport, "")
+        .replace(r#"topic_refresh = "500ms""#, r#"topic_refresh = "200ms""#);
+    assert!(config.contains(r#"topic_refresh = "200ms""#));
+    let sink = Relay::start_sink(&pg.dir, &config, kport);
+    wait_until(Duration::from_secs(120), &sink, || {
+        let n: i64 = match ods.query_one("SELECT count(*) FROM ods.backlog", &[]) {
+            Ok(r) => r.get(0),
+            Err(e) => return Some(format!("ods.backlog: {e}")),
+        };
+        (n != N as i64).then(|| format!("{n} of {N} rows in the ODS"))
+    });
+    let sum: i64 = ods
+        .query_one("SELECT sum(n)::bigint FROM ods.backlog", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(sum, (N * (N + 1) / 2) as i64);
+}
+
 #[test]
 fn a_replayed_change_never_brings_back_a_deleted_or_truncated_row() {
     let pg = PgCluster::start(&[]);
