@@ -75,8 +75,8 @@ def main():
             v = r[k]
             print(f"{label:<28}{int(v['rows']):>10,}{float(v['seconds']):>10.2f}{rate[k]:>12,.0f}{rate[k] / rate['ceiling']:>9.2f}")
         print(f"(best of {len(r['sink']['rounds'].split(','))} alternating rounds, each from an empty ODS: "
-              f"sink {r['sink']['rounds']} s, ceiling {r['ceiling']['rounds']} s. The sink plans batch N+1 "
-              f"({float(r['sink']['planning']):.2f} s in all) while the ODS applies batch N "
+              f"sink {r['sink']['rounds']} s, ceiling {r['ceiling']['rounds']} s. In its best round the sink "
+              f"planned for {float(r['sink']['planning']):.2f} s in all, each batch N+1 while the ODS applied batch N "
               f"({float(r['sink']['applying']):.2f} s); the two ODS tables were checked equal in every round)")
         print(f"sink / ceiling = {rate['sink'] / rate['ceiling']:.2f} (goal >= 0.70); "
               f"sink / one-row upserts = {rate['sink'] / rate['single']:.1f}x")
