@@ -11,8 +11,8 @@
 //! - **A batch is all or nothing.** [`Applier::apply`] commits the rows, the dead letters'
 //!   acknowledgements and the offsets together, or rolls back and says why.
 //! - **A batch continues from the one before.** Each batch's offsets name the stored values
-//!   they start from ([`PartitionOffsets::stored`]); if batch N does not commit, batch N+1
-//!   cannot either (the sink drops it and rewinds).
+//!   they start from ([`PartitionOffsets::stored`]), moved on to batch N's when N commits. If
+//!   N does not commit, the sink drops N+1 as well and rewinds both (`sink.rs`).
 
 use std::time::{Duration, Instant};
 

@@ -417,13 +417,13 @@ impl Ods {
             .map_err(|e| self.err(&e))
     }
 
-    /// The reason a table cannot be materialized, if creating it failed before.
     /// Whether a plain insert into this table met an existing key in this session (it takes
     /// upserts only since).
     pub fn takes_upserts_only(&self, table: &str) -> bool {
         self.upserts_only.contains(table)
     }
 
+    /// The reason a table cannot be materialized, if creating it failed before.
     pub fn unmaterializable(&self, table: &str) -> Option<&str> {
         self.unmaterializable.get(table).map(String::as_str)
     }

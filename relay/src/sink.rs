@@ -8,8 +8,8 @@
 //! - **No message is skipped.** A partition's messages enter a batch only in offset order
 //!   from the ODS's offset: the first message seen of a partition must be that offset, or the
 //!   consumer seeks there first. A batch that is not committed (fenced by another instance,
-//!   or failed) rewinds its partitions to where it began, and so does the batch cut after it,
-//!   whose offsets start from its.
+//!   or failed) rewinds its partitions to where it began. So does the batch read after it
+//!   (its offsets were taken before that one committed): the sink drops it too.
 //! - **One batch in flight** ([`crate::batch`]): batch N+1 is read and planned while batch N
 //!   is applied, and sent only after N is in.
 //! - **Nothing is dropped silently.** A message that cannot be applied goes to the
@@ -261,8 +261,10 @@ struct Session<'a> {
 
 impl Drop for Session<'_> {
     fn drop(&mut self) {
-        // A session that ends with an error leaves no batch committing behind it: the
-        // aborted task drops its connection, and the ODS rolls the transaction back.
+        // A session that ends (an error, or a shutdown past its grace period) stops the batch
+        // in flight: the aborted task drops its connection, and the ODS rolls back an open
+        // transaction. A COMMIT already sent may still land; the offsets it writes then fence
+        // the next session's first batch of those partitions, which rewinds.
         if let Some(i) = &self.inflight {
             i.handle.abort();
         }
@@ -342,7 +344,7 @@ async fn session(
     // that queue every topic_refresh, and each poll of `recv` takes only one event off it: a
     // loop that refreshed back to back would fall behind the statistics and never reach the
     // messages queued after them (it did, against tansu, with topic_refresh = 200ms).
-    let mut next_refresh = tokio::time::Instant::now();
+    let mut next_refresh = tokio::time::Instant::now() + rt.sink.topic_refresh;
     let mut last_gc: Option<Instant> = None;
     loop {
         if !s.rewind_pending.is_empty() {
@@ -363,7 +365,7 @@ async fn session(
                     };
                     match tokio::time::timeout(grace, drain).await {
                         Ok(r) => r?,
-                        Err(_) => warn!(?grace, "the last batch did not commit within the grace period; it is applied on the next start"),
+                        Err(_) => warn!(?grace, "the last batches did not commit within the grace period: stopped; what did not commit is applied on the next start"),
                     }
                     return Ok(());
                 }
@@ -421,15 +423,15 @@ impl Session<'_> {
         }
     }
 
-    /// Waits for the batch in flight (if any) and takes in its outcome.
+    /// Waits for the batch in flight (if any) and takes in its outcome. Cancelled (the
+    /// shutdown's grace period), it leaves the batch in flight, for `Drop` to abort.
     async fn settle(&mut self) -> Result<(), RelayError> {
-        match self.inflight.take() {
-            Some(i) => {
-                let done = i.handle.await;
-                self.finish(i.firsts, done)
-            }
-            None => Ok(()),
-        }
+        let Some(i) = self.inflight.as_mut() else {
+            return Ok(());
+        };
+        let done = (&mut i.handle).await;
+        let firsts = self.inflight.take().map(|i| i.firsts).unwrap_or_default();
+        self.finish(firsts, done)
     }
 
     /// Takes in a batch back from its apply task: on commit, the partitions' stored offsets

@@ -126,8 +126,10 @@ fn a_plain_insert_that_meets_an_existing_key_applies_the_batch_again_as_upserts(
     );
 }
 
+/// The fence on the apply task: a batch whose partition another instance moved on does not
+/// commit, and neither does a later one that starts from offsets the ODS does not hold.
 #[test]
-fn a_batch_that_continues_from_a_fenced_one_is_fenced_too() {
+fn batches_on_the_apply_task_are_fenced_when_another_instance_moved_their_offsets() {
     let pg = PgCluster::start(&[]);
     let mut check = pg.create_db("ods");
     let dsn = pg.dsn("ods");
@@ -149,7 +151,7 @@ fn a_batch_that_continues_from_a_fenced_one_is_fenced_too() {
         .execute("UPDATE saiki_sink.offsets SET next_offset = 5", &[])
         .unwrap();
     rt.block_on(async {
-        // The batch planned from offset 1 (in flight) and the one cut after it (from 2):
+        // A batch from offset 1 (on the apply task), and one from offset 2:
         let b2 = batch::plan(messages(1, vec![insert("a", 0x20, 2, "a2")]), true);
         let done = applier.spawn(b2, offsets(Some(1), 2)).await.unwrap();
         assert!(matches!(
