@@ -140,7 +140,6 @@ async fn sink_round(dsn: &str, records: &[Vec<u8>], batch: usize) -> (f64, f64, 
         ods,
         dead_letters: None,
         dead_letter_topic: "saiki.dead-letter".into(),
-        key_includes_source: true,
     });
     let mut inflight: Option<tokio::task::JoinHandle<Done>> = None;
     let started = Instant::now();

@@ -676,10 +676,20 @@ mod tests {
         json.as_bytes().to_vec()
     }
 
-    fn ins(src: &str, lsn: u64, seq: i64, id: i64, v: &str) -> Vec<u8> {
+    /// An insert or update record of table t (id, v); inserts carry `types`.
+    fn row_change(action: &str, src: &str, lsn: u64, seq: i64, id: i64, v: &str) -> Vec<u8> {
+        let types = if action == "I" {
+            r#","types":{"id":"integer","v":"text"}"#
+        } else {
+            ""
+        };
         rec(&format!(
-            r#"{{"action":"I","xid":1,"lsn":"0/{lsn:X}","commit_lsn":"0/{lsn:X}","seq":{seq},"schema":"public","table":"t","key":["id"],"columns":{{"id":{id},"v":{v}}},"types":{{"id":"integer","v":"text"}},"source":"{src}"}}"#
+            r#"{{"action":"{action}","xid":1,"lsn":"0/{lsn:X}","commit_lsn":"0/{lsn:X}","seq":{seq},"schema":"public","table":"t","key":["id"],"columns":{{"id":{id},"v":{v}}}{types},"source":"{src}"}}"#
         ))
+    }
+
+    fn ins(src: &str, lsn: u64, seq: i64, id: i64, v: &str) -> Vec<u8> {
+        row_change("I", src, lsn, seq, id, v)
     }
 
     fn del(src: &str, lsn: u64, seq: i64, id: i64) -> Vec<u8> {
@@ -733,9 +743,7 @@ mod tests {
     }
 
     fn upd(src: &str, lsn: u64, seq: i64, id: i64, v: &str) -> Vec<u8> {
-        rec(&format!(
-            r#"{{"action":"U","xid":1,"lsn":"0/{lsn:X}","commit_lsn":"0/{lsn:X}","seq":{seq},"schema":"public","table":"t","key":["id"],"columns":{{"id":{id},"v":{v}}},"source":"{src}"}}"#
-        ))
+        row_change("U", src, lsn, seq, id, v)
     }
 
     #[test]

@@ -111,7 +111,6 @@ pub struct Applier {
     /// then fails.
     pub dead_letters: Option<Kafka>,
     pub dead_letter_topic: String,
-    pub key_includes_source: bool,
 }
 
 impl Applier {
@@ -154,7 +153,7 @@ impl Applier {
         batch: &PlannedBatch,
         offsets: &[PartitionOffsets],
     ) -> Result<Applied, ApplyError> {
-        let kis = self.key_includes_source;
+        let kis = self.ods.key_includes_source();
         let planned = batch.borrow_dependent();
         let msgs = &planned.msgs;
         let mut dead = planned.dead.clone();

@@ -417,6 +417,11 @@ impl Ods {
             .map_err(|e| self.err(&e))
     }
 
+    /// Whether ODS rows are keyed by `(_saiki_source, key…)` (`sink.key_includes_source`).
+    pub fn key_includes_source(&self) -> bool {
+        self.key_includes_source
+    }
+
     /// Whether a plain insert into this table met an existing key in this session (it takes
     /// upserts only since).
     pub fn takes_upserts_only(&self, table: &str) -> bool {

@@ -324,7 +324,6 @@ async fn session(
             ods,
             dead_letters: Some(dead_letters),
             dead_letter_topic: rt.dead_letter_topic.clone(),
-            key_includes_source: rt.sink.key_includes_source,
         }),
         inflight: None,
         rewind_pending: Vec::new(),

@@ -44,6 +44,17 @@ fn offsets(stored: Option<i64>, next: i64) -> Vec<PartitionOffsets> {
     }]
 }
 
+/// The ODS connection as the sink has it (no dead letters arise in these tests).
+async fn applier(dsn: &str, key_includes_source: bool) -> Applier {
+    Applier {
+        ods: Ods::connect(dsn, "ods", "g", key_includes_source)
+            .await
+            .unwrap(),
+        dead_letters: None,
+        dead_letter_topic: "saiki.dead-letter".into(),
+    }
+}
+
 fn rows(c: &mut saiki_tests::postgres::Client) -> Vec<(i32, String, String)> {
     c.query("SELECT id, v, _saiki_source FROM ods.t ORDER BY id", &[])
         .unwrap()
@@ -60,13 +71,7 @@ fn a_plain_insert_that_meets_an_existing_key_applies_the_batch_again_as_upserts(
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         // Keys without the source: shards whose keys collide meet in one ODS row.
-        let ods = Ods::connect(&dsn, "ods", "g", false).await.unwrap();
-        let mut applier = Applier {
-            ods,
-            dead_letters: None,
-            dead_letter_topic: "saiki.dead-letter".into(),
-            key_includes_source: false,
-        };
+        let mut applier = applier(&dsn, false).await;
         // Batch 1: rows new to the ODS, as plain inserts.
         let b1 = batch::plan(
             messages(
@@ -135,13 +140,7 @@ fn batches_on_the_apply_task_are_fenced_when_another_instance_moved_their_offset
     let dsn = pg.dsn("ods");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut applier = rt.block_on(async {
-        let ods = Ods::connect(&dsn, "ods", "g", true).await.unwrap();
-        let mut applier = Applier {
-            ods,
-            dead_letters: None,
-            dead_letter_topic: "saiki.dead-letter".into(),
-            key_includes_source: true,
-        };
+        let mut applier = applier(&dsn, true).await;
         let b1 = batch::plan(messages(0, vec![insert("a", 0x10, 1, "a1")]), true);
         applier.apply(&b1, &offsets(None, 1)).await.unwrap();
         applier
