@@ -43,6 +43,8 @@ const DEAD_LETTER_QUEUE_CAPACITY: usize = 10_000;
 const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 const TOMBSTONE_GC_INTERVAL: Duration = Duration::from_secs(600);
+/// How often topics are listed while none matches yet.
+const NO_TOPICS_REFRESH: Duration = Duration::from_millis(500);
 
 /// The sink's settings, checked.
 pub struct SinkRuntime {
@@ -343,7 +345,7 @@ async fn session(
     // that queue every topic_refresh, and each poll of `recv` takes only one event off it: a
     // loop that refreshed back to back would fall behind the statistics and never reach the
     // messages queued after them (it did, against tansu, with topic_refresh = 200ms).
-    let mut next_refresh = tokio::time::Instant::now() + rt.sink.topic_refresh;
+    let mut next_refresh = tokio::time::Instant::now() + s.refresh_interval();
     let mut last_gc: Option<Instant> = None;
     loop {
         if !s.rewind_pending.is_empty() {
@@ -404,13 +406,23 @@ async fn session(
                     let n = s.ods().await?.gc_tombstones(rt.sink.tombstone_retention).await?;
                     debug!(tombstones = n, "old tombstones removed");
                 }
-                next_refresh = tokio::time::Instant::now() + rt.sink.topic_refresh;
+                next_refresh = tokio::time::Instant::now() + s.refresh_interval();
             }
         }
     }
 }
 
 impl Session<'_> {
+    /// Time until the next topic listing: `topic_refresh`, or at most half a second while no
+    /// topic matches yet (a sink started before its sources picks their topics up at once).
+    fn refresh_interval(&self) -> Duration {
+        if self.subscribed.is_empty() {
+            self.rt.sink.topic_refresh.min(NO_TOPICS_REFRESH)
+        } else {
+            self.rt.sink.topic_refresh
+        }
+    }
+
     /// The ODS connection, once the batch in flight (if any) is collected.
     async fn ods(&mut self) -> Result<&mut Ods, RelayError> {
         self.settle().await?;
