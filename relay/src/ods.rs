@@ -560,18 +560,10 @@ impl Ods {
         let mut any_absent = false;
         let (mut n_insert, mut n_upsert, mut n_delete) = (0usize, 0usize, 0usize);
         let plain = !isolated && !self.upserts_only.contains(&plan.name);
-        let one_mark = if marks.len() == 1 {
-            marks.iter().next()
-        } else {
-            None
-        };
         for row in plan.rows.values() {
-            let mark = match one_mark {
-                Some((src, m)) if src.as_str() == row.source.as_ref() => Some(m),
-                Some(_) => None,
-                None => marks.get(row.source.as_ref()),
-            };
-            let check = mark.is_some_and(|m| (row.lsn, row.seq) <= *m);
+            let check = marks
+                .get(row.source.as_ref())
+                .is_some_and(|m| (row.lsn, row.seq) <= *m);
             let (op, absent) = encode_row(&mut buf, row, check, plain, &cols, &kinds);
             any_absent |= absent;
             match op {
