@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Writes `saiki-relay --help-config` into docs/configuration.md (the toml block), after a key
-# was added or changed; relay/tests/docs.rs checks that the two agree.
+# was added or changed; relay/tests/it/docs.rs checks that the two agree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -15,8 +15,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{OwnedMessage, Timestamp};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
-use saiki_relay::batch::{self, Applier, Done};
-use saiki_relay::ods::{Ods, PartitionOffsets};
+use saiki_relay::{plan_batch, Applier, Done};
+use saiki_relay::{Ods, PartitionOffsets};
 
 /// One generated change: (action, id, seq, bid, abalance).
 struct Change {
@@ -112,7 +112,7 @@ async fn client(dsn: &str) -> tokio_postgres::Client {
 }
 
 /// The sink's apply path, as `saiki-relay sink` runs it: batch N+1 is planned while batch N
-/// is applied on its own task (relay/src/batch.rs). Returns (seconds, planning, applying).
+/// is applied on its own task (relay/src/sink/batch.rs). Returns (seconds, planning, applying).
 async fn sink_round(dsn: &str, records: &[Vec<u8>], batch: usize) -> (f64, f64, f64) {
     let batches: Vec<Vec<OwnedMessage>> = records
         .chunks(batch)
@@ -156,7 +156,7 @@ async fn sink_round(dsn: &str, records: &[Vec<u8>], batch: usize) -> (f64, f64, 
     for msgs in batches {
         let t = Instant::now();
         let next = msgs.last().map_or(0, |m| m.offset() + 1);
-        let planned = batch::plan(msgs, true);
+        let planned = plan_batch(msgs, true);
         planning += t.elapsed();
         if let Some(h) = inflight.take() {
             applier = Some(collect(h.await.expect("apply task")));

@@ -11,11 +11,11 @@ use crate::error::RelayError;
 
 /// Every key with its default and meaning, printed by `--help-config` and checked against the
 /// structs below by a unit test.
-pub const REFERENCE: &str = r#"[source]
+pub(crate) const REFERENCE: &str = r#"[source]
 name = "shard1"                  # required: goes into every record ("source") and header
 dsn = "postgres://saiki@127.0.0.1:5432/shop"   # required: URI or key=value; replication is added
 slot = "saiki_shard1"            # created with plugin saiki if missing (never dropped)
-tables = ["public.*"]            # add-tables patterns; empty = all tables
+tables = []                      # add-tables patterns, e.g. ["public.*"]; empty = all tables
 heartbeat_interval = "10s"       # pg_logical_emit_message on a side connection; "0s" = off
 status_interval = "1s"           # standby status updates (keep well under wal_sender_timeout)
 snapshot = "never"               # "initial": snapshot the captured tables when the slot is created
@@ -64,71 +64,71 @@ level = "info"                   # tracing filter, e.g. "saiki_relay=debug"
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub(crate) struct Config {
     #[serde(default)]
-    pub source: Option<SourceConfig>,
+    pub(crate) source: Option<SourceConfig>,
     #[serde(default)]
-    pub kafka: KafkaConfig,
+    pub(crate) kafka: KafkaConfig,
     #[serde(default)]
-    pub sink: Option<SinkConfig>,
+    pub(crate) sink: Option<SinkConfig>,
     #[serde(default)]
-    pub http: HttpConfig,
+    pub(crate) http: HttpConfig,
     #[serde(default)]
-    pub log: LogConfig,
+    pub(crate) log: LogConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SourceConfig {
-    pub name: String,
-    pub dsn: String,
+pub(crate) struct SourceConfig {
+    pub(crate) name: String,
+    pub(crate) dsn: String,
     #[serde(default)]
-    pub slot: Option<String>,
+    pub(crate) slot: Option<String>,
     #[serde(default)]
-    pub tables: Vec<String>,
+    pub(crate) tables: Vec<String>,
     #[serde(default = "d_10s", with = "duration")]
-    pub heartbeat_interval: Duration,
+    pub(crate) heartbeat_interval: Duration,
     #[serde(default = "d_1s", with = "duration")]
-    pub status_interval: Duration,
-    #[serde(default = "d_never")]
-    pub snapshot: String,
-    #[serde(default = "d_chunk_rows")]
-    pub snapshot_chunk_rows: usize,
-    #[serde(default = "d_in_flight")]
-    pub max_in_flight: usize,
-    #[serde(default = "d_batch")]
-    pub batch_bytes: usize,
+    pub(crate) status_interval: Duration,
     #[serde(default)]
-    pub tombstones: bool,
+    pub(crate) snapshot: SnapshotMode,
+    #[serde(default = "d_chunk_rows")]
+    pub(crate) snapshot_chunk_rows: usize,
+    #[serde(default = "d_in_flight")]
+    pub(crate) max_in_flight: usize,
+    #[serde(default = "d_batch")]
+    pub(crate) batch_bytes: usize,
+    #[serde(default)]
+    pub(crate) tombstones: bool,
     #[serde(default = "d_true")]
-    pub include_types: bool,
+    pub(crate) include_types: bool,
     #[serde(default = "d_true")]
-    pub include_timestamp: bool,
+    pub(crate) include_timestamp: bool,
     #[serde(default = "d_30s", with = "duration")]
-    pub reconnect_backoff_max: Duration,
+    pub(crate) reconnect_backoff_max: Duration,
     #[serde(default = "d_30s", with = "duration")]
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
+pub(crate) struct KafkaConfig {
     #[serde(default = "d_brokers")]
-    pub brokers: String,
+    pub(crate) brokers: String,
     #[serde(default = "d_prefix")]
-    pub topic_prefix: String,
+    pub(crate) topic_prefix: String,
     #[serde(default = "d_template")]
-    pub topic_template: String,
+    pub(crate) topic_template: String,
     #[serde(default = "d_one")]
-    pub partitions: i32,
+    pub(crate) partitions: i32,
     #[serde(default = "d_one")]
-    pub replication_factor: i32,
+    pub(crate) replication_factor: i32,
     /// The four headers of DESIGN.md §3 on every message (on by default; some brokers store
     /// each header separately, at a cost per message).
     #[serde(default = "d_true")]
-    pub headers: bool,
+    pub(crate) headers: bool,
     #[serde(default)]
-    pub properties: BTreeMap<String, String>,
+    pub(crate) properties: BTreeMap<String, String>,
 }
 
 impl Default for KafkaConfig {
@@ -147,44 +147,44 @@ impl Default for KafkaConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SinkConfig {
-    pub dsn: String,
+pub(crate) struct SinkConfig {
+    pub(crate) dsn: String,
     #[serde(default = "d_ods")]
-    pub schema: String,
+    pub(crate) schema: String,
     #[serde(default = "d_group")]
-    pub group: String,
+    pub(crate) group: String,
     /// `group.instance.id`; `None` = dynamic membership.
     #[serde(default)]
-    pub instance_id: Option<String>,
+    pub(crate) instance_id: Option<String>,
     /// Regex over topic names; `None` = every topic of `kafka.topic_prefix`.
     #[serde(default)]
-    pub topics: Option<String>,
+    pub(crate) topics: Option<String>,
     #[serde(default = "d_true")]
-    pub key_includes_source: bool,
+    pub(crate) key_includes_source: bool,
     #[serde(default = "d_batch_rows")]
-    pub batch_max_rows: usize,
+    pub(crate) batch_max_rows: usize,
     #[serde(default = "d_batch_bytes")]
-    pub batch_max_bytes: usize,
+    pub(crate) batch_max_bytes: usize,
     #[serde(default = "d_10ms", with = "duration")]
-    pub batch_linger: Duration,
+    pub(crate) batch_linger: Duration,
     /// `None` = `{topic_prefix}.dead-letter`.
     #[serde(default)]
-    pub dead_letter_topic: Option<String>,
+    pub(crate) dead_letter_topic: Option<String>,
     #[serde(default = "d_5s", with = "duration")]
-    pub topic_refresh: Duration,
+    pub(crate) topic_refresh: Duration,
     #[serde(default = "d_24h", with = "duration")]
-    pub tombstone_retention: Duration,
+    pub(crate) tombstone_retention: Duration,
     #[serde(default = "d_30s", with = "duration")]
-    pub reconnect_backoff_max: Duration,
+    pub(crate) reconnect_backoff_max: Duration,
     #[serde(default = "d_30s", with = "duration")]
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HttpConfig {
+pub(crate) struct HttpConfig {
     #[serde(default = "d_listen")]
-    pub listen: String,
+    pub(crate) listen: String,
 }
 
 impl Default for HttpConfig {
@@ -193,22 +193,56 @@ impl Default for HttpConfig {
     }
 }
 
+/// `source.snapshot`: whether the relay snapshots the captured tables when it creates the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum SnapshotMode {
+    /// Only changes from the slot's creation on (existing rows: `saiki-relay snapshot`).
+    #[default]
+    Never,
+    /// Every captured table, chunk by chunk, once the slot is created.
+    Initial,
+}
+
+/// `log.format` and `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    /// Human-readable lines (colours on a terminal only).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    #[serde(default = "d_text")]
-    pub format: String,
-    #[serde(default = "d_info")]
-    pub level: String,
+pub(crate) struct LogConfig {
+    #[serde(default)]
+    pub(crate) format: LogFormat,
+    /// A `tracing` filter (`info`, `saiki_relay=debug,info`), checked when the config loads.
+    #[serde(default = "d_info", deserialize_with = "log_filter")]
+    pub(crate) level: String,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            format: d_text(),
+            format: LogFormat::default(),
             level: d_info(),
         }
     }
+}
+
+/// A `log.level` that `tracing_subscriber::EnvFilter` accepts, or a configuration error.
+fn log_filter<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    tracing_subscriber::EnvFilter::try_new(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "log.level = {s:?} is not a tracing filter ({e}): use a level (error, warn, info, debug, trace) or directives like \"saiki_relay=debug,info\""
+        ))
+    })?;
+    Ok(s)
 }
 
 fn d_10s() -> Duration {
@@ -247,9 +281,6 @@ fn d_true() -> bool {
 fn d_chunk_rows() -> usize {
     10_000
 }
-fn d_never() -> String {
-    "never".into()
-}
 fn d_in_flight() -> usize {
     100_000
 }
@@ -271,15 +302,12 @@ fn d_one() -> i32 {
 fn d_listen() -> String {
     "127.0.0.1:9187".into()
 }
-fn d_text() -> String {
-    "text".into()
-}
 fn d_info() -> String {
     "info".into()
 }
 
 /// Parses "10s", "50ms", "2m", "1h", "0s".
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
@@ -297,7 +325,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 mod duration {
     use super::*;
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         parse_duration(&s).map_err(serde::de::Error::custom)
     }
@@ -311,7 +341,7 @@ mod duration {
 /// Returns warnings for `SAIKI_*` variables of no known section (left alone: other tools may
 /// use the prefix; a mistyped section shows up in the warning). An unknown *key* of a known
 /// section is an error, like an unknown key in the file.
-pub fn apply_env(
+pub(crate) fn apply_env(
     doc: &mut toml::Table,
     vars: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Vec<String>, RelayError> {
@@ -361,7 +391,7 @@ pub fn apply_env(
 
 impl Config {
     /// Reads the file (if any), applies the environment, and checks the result.
-    pub fn load(
+    pub(crate) fn load(
         path: Option<&std::path::Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, RelayError> {
@@ -388,6 +418,52 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The defaults are written twice, in the reference (`--help-config`) and in serde's
+    /// defaults: every key of the reference must hold its default, but the examples of keys
+    /// that have none (names, DSNs, optional keys).
+    #[test]
+    fn the_reference_shows_the_parsed_defaults() {
+        let reference: Config = toml::from_str(REFERENCE).unwrap();
+        let mut minimal: Config =
+            toml::from_str("[source]\nname = \"x\"\ndsn = \"x\"\n[sink]\ndsn = \"x\"\n").unwrap();
+        let (rs, ms) = (
+            reference.source.as_ref().unwrap(),
+            minimal.source.as_mut().unwrap(),
+        );
+        ms.name.clone_from(&rs.name);
+        ms.dsn.clone_from(&rs.dsn);
+        ms.slot.clone_from(&rs.slot);
+        let (rk, mk) = (
+            reference.sink.as_ref().unwrap(),
+            minimal.sink.as_mut().unwrap(),
+        );
+        mk.dsn.clone_from(&rk.dsn);
+        mk.instance_id.clone_from(&rk.instance_id);
+        mk.topics.clone_from(&rk.topics);
+        mk.dead_letter_topic.clone_from(&rk.dead_letter_topic);
+        assert_eq!(format!("{minimal:#?}"), format!("{reference:#?}"));
+        assert_eq!(
+            format!("{:?}", Config::default().kafka),
+            format!("{:?}", reference.kafka)
+        );
+    }
+
+    #[test]
+    fn typos_in_enumerated_and_filter_keys_are_configuration_errors() {
+        let err = |t: &str| toml::from_str::<Config>(t).unwrap_err().to_string();
+        assert!(err("[log]\nformat = \"jsno\"\n").contains("json"));
+        assert!(err("[log]\nlevel = \"saiki_relay=loud\"\n").contains("not a tracing filter"));
+        assert!(
+            err("[source]\nname=\"a\"\ndsn=\"x\"\nsnapshot = \"inital\"\n").contains("initial")
+        );
+        let ok: Config = toml::from_str(
+            "[log]\nformat = \"json\"\nlevel = \"saiki_relay=debug,info\"\n[source]\nname=\"a\"\ndsn=\"x\"\nsnapshot = \"initial\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.log.format, LogFormat::Json);
+        assert_eq!(ok.source.unwrap().snapshot, SnapshotMode::Initial);
+    }
 
     #[test]
     fn the_reference_parses_and_names_every_key() {

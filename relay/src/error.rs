@@ -4,7 +4,7 @@
 //! non-zero exit code: bad config, wrong password, missing permission, wal_level, a slot of
 //! another plugin). Nothing is confirmed to the slot on any error path, so none loses data.
 
-use crate::wire::{ProtocolError, ServerError};
+use crate::pg::wire::{ProtocolError, ServerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -47,6 +47,9 @@ pub enum RelayError {
     KafkaConfig(String),
     #[error("change record: {0}")]
     Record(String),
+    /// A broken invariant or a failed task inside the relay: a bug, not the data's fault.
+    #[error("internal error (a bug in saiki-relay: please report it with the log): {0}")]
+    Internal(String),
     #[error("ODS {target}: {message}")]
     Ods {
         target: String,
@@ -58,7 +61,7 @@ pub enum RelayError {
 
 impl RelayError {
     /// Whether retrying (with backoff) can succeed without anyone changing anything.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             RelayError::Connect { .. }
             | RelayError::Io { .. }
@@ -74,33 +77,34 @@ impl RelayError {
     }
 
     /// The process exit code for a definite error: 2 configuration, 3 source database,
-    /// 4 Kafka, 5 data, 6 ODS database.
-    pub fn exit_code(&self) -> u8 {
+    /// 4 Kafka, 5 data, 6 ODS database, 7 internal.
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             RelayError::Config(_) => 2,
             RelayError::Kafka(_) | RelayError::KafkaConfig(_) => 4,
             RelayError::Record(_) => 5,
             RelayError::Ods { .. } => 6,
+            RelayError::Internal(_) => 7,
             _ => 3,
         }
     }
 }
 
 /// The wait before retry number `attempt` (from 1): 200 ms doubling, capped at `max`.
-pub fn retry_backoff(attempt: u32, max: std::time::Duration) -> std::time::Duration {
+pub(crate) fn retry_backoff(attempt: u32, max: std::time::Duration) -> std::time::Duration {
     std::time::Duration::from_millis(100u64.saturating_mul(1 << attempt.min(16))).min(max)
 }
 
 /// The retry state of a daemon's session loop (source and sink): exponential backoff,
 /// started again after a session that ran for a minute.
-pub struct Retry {
+pub(crate) struct Retry {
     attempt: u32,
     max: std::time::Duration,
     started: std::time::Instant,
 }
 
 impl Retry {
-    pub fn new(max: std::time::Duration) -> Retry {
+    pub(crate) fn new(max: std::time::Duration) -> Retry {
         Retry {
             attempt: 0,
             max,
@@ -109,13 +113,13 @@ impl Retry {
     }
 
     /// Marks the start of a session.
-    pub fn session_started(&mut self) {
+    pub(crate) fn session_started(&mut self) {
         self.started = std::time::Instant::now();
     }
 
     /// After a transient error: logs the attempt and waits out the backoff. Returns false if
     /// `shutdown` changed meanwhile (the daemon then stops).
-    pub async fn wait(
+    pub(crate) async fn wait(
         &mut self,
         error: &RelayError,
         shutdown: &mut tokio::sync::watch::Receiver<bool>,
@@ -135,7 +139,7 @@ impl Retry {
 
 /// SQLSTATE classes and codes worth retrying: connection problems, shutdowns, resources,
 /// a slot in use by another process, serialization conflicts.
-pub fn server_error_is_transient(code: &str) -> bool {
+pub(crate) fn server_error_is_transient(code: &str) -> bool {
     // 55006 object_in_use: the slot is active in another process (an old relay still
     // holding it after a crash, until its walsender notices). 55P03 lock_not_available: a
     // lock timeout, e.g. behind a killed sink's transaction that its backend has not yet
@@ -177,5 +181,8 @@ mod tests {
         .is_transient());
         assert_eq!(RelayError::Config("x".into()).exit_code(), 2);
         assert_eq!(server("28P01").exit_code(), 3);
+        let bug = RelayError::Internal("a join error".into());
+        assert!(!bug.is_transient());
+        assert_eq!(bug.exit_code(), 7);
     }
 }

@@ -11,7 +11,7 @@ use crate::error::RelayError;
 use crate::metrics::Exporter;
 
 /// Binds `listen` and serves until the task is dropped.
-pub async fn serve(
+pub(crate) async fn serve(
     listen: &str,
     metrics: Arc<dyn Exporter>,
 ) -> Result<tokio::task::JoinHandle<()>, RelayError> {

@@ -27,7 +27,7 @@ static REFUSED: Mutex<Option<String>> = Mutex::new(None);
 
 /// Every client's error callback (producers, admin clients, the sink's consumer): logs the
 /// error and records it for [`refused`].
-pub fn client_error(error: &KafkaError, reason: &str) {
+pub(crate) fn client_error(error: &KafkaError, reason: &str) {
     note_client_error(error, reason);
     tracing::error!(%error, reason, "librdkafka");
 }
@@ -52,7 +52,7 @@ fn note_client_error(error: &KafkaError, reason: &str) {
 
 /// A transient Kafka error after the broker refused the relay (see [`note_client_error`])
 /// becomes a definite configuration error (exit 4); any other error is returned as it is.
-pub fn refused(e: RelayError) -> RelayError {
+pub(crate) fn refused(e: RelayError) -> RelayError {
     if !matches!(e, RelayError::Kafka(_)) {
         return e;
     }
@@ -64,7 +64,7 @@ pub fn refused(e: RelayError) -> RelayError {
 
 /// The context of the relay's producers and admin clients: librdkafka's global errors go
 /// through [`client_error`].
-pub struct KafkaContext;
+pub(crate) struct KafkaContext;
 
 impl ClientContext for KafkaContext {
     fn error(&self, error: KafkaError, reason: &str) {
@@ -81,18 +81,18 @@ pub struct Kafka {
 }
 
 /// One message to produce.
-pub struct Outgoing<'a> {
-    pub topic: &'a str,
-    pub partition: Option<i32>,
-    pub key: Option<&'a [u8]>,
-    pub payload: Option<&'a [u8]>,
-    pub headers: &'a [(&'static str, String)],
+pub(crate) struct Outgoing<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) partition: Option<i32>,
+    pub(crate) key: Option<&'a [u8]>,
+    pub(crate) payload: Option<&'a [u8]>,
+    pub(crate) headers: &'a [(&'static str, String)],
 }
 
 impl Kafka {
     /// Builds the clients. Properties from `[kafka.properties]` are applied last, so they can
     /// override the relay's defaults; an unknown property is a definite configuration error.
-    pub fn new(cfg: &KafkaConfig, max_in_flight: usize) -> Result<Kafka, RelayError> {
+    pub(crate) fn new(cfg: &KafkaConfig, max_in_flight: usize) -> Result<Kafka, RelayError> {
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &cfg.brokers)
             .set("enable.idempotence", "true")
@@ -124,7 +124,7 @@ impl Kafka {
 
     /// Makes sure the topic exists (creating it with the configured partitions and
     /// replication factor) and returns its partition count.
-    pub async fn ensure_topic(&mut self, topic: &str) -> Result<i32, RelayError> {
+    pub(crate) async fn ensure_topic(&mut self, topic: &str) -> Result<i32, RelayError> {
         if let Some(n) = self.topics.get(topic) {
             return Ok(*n);
         }
@@ -191,7 +191,7 @@ impl Kafka {
 
     /// Hands one message to the producer; the future resolves when Kafka acknowledged it or
     /// gave up. A full local queue is waited out (backpressure), never dropped.
-    pub async fn send(&self, m: &Outgoing<'_>) -> Result<DeliveryFuture, RelayError> {
+    pub(crate) async fn send(&self, m: &Outgoing<'_>) -> Result<DeliveryFuture, RelayError> {
         let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
         for (k, v) in m.headers {
             headers = headers.insert(Header {
@@ -205,7 +205,7 @@ impl Kafka {
 
     /// [`Kafka::send`] with headers already built (the sink's dead letters keep the
     /// original message's headers).
-    pub async fn send_owned(
+    pub(crate) async fn send_owned(
         &self,
         topic: &str,
         partition: Option<i32>,
@@ -233,13 +233,6 @@ impl Kafka {
                 Err((e, _)) => return Err(RelayError::Kafka(format!("produce to {topic}: {e}"))),
             }
         }
-    }
-
-    /// Waits until everything handed over is delivered or failed (at most `timeout`).
-    pub fn flush(&self, timeout: Duration) -> Result<(), RelayError> {
-        self.producer
-            .flush(Timeout::After(timeout))
-            .map_err(|e| RelayError::Kafka(format!("flush: {e}")))
     }
 }
 

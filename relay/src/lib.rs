@@ -1,27 +1,34 @@
-//! Saiki's relay as a library, so that the binary and the tests share it.
+//! Saiki's relay: one binary, `saiki-relay`, whose daemons move change records between
+//! PostgreSQL, Kafka and the ODS. The tree is the architecture (ARCHITECTURE.md):
 //!
-//! - [`source`]: slot → Kafka, with the ack discipline of [`ack`].
-//! - [`wire`], [`pg`], [`tls`]: the replication protocol client (pure codec, async
-//!   connection, TLS with libpq's sslmode).
-//! - [`route`]: topics, keys, values, headers.
-//! - [`sink`]: Kafka → ODS, with the pure planner [`apply`] and the ODS side [`ods`].
-//! - [`config`], [`dsn`], [`error`], [`metrics`], [`http`], [`status`]: operations.
+//! - [`source`]: slot → Kafka. The session loop, the ack discipline (`source/ack.rs`), the
+//!   routing of records to topics and keys, and the incremental snapshots.
+//! - [`sink`]: Kafka → ODS, exactly once. The consumer loop, the offset ledger
+//!   (`sink/offsets.rs`), the pure planner (`sink/plan.rs`), batches in flight and the ODS
+//!   statements.
+//! - [`pg`]: the PostgreSQL client pieces both sides share: the replication wire codec,
+//!   connections, TLS with libpq's `sslmode`, DSN parsing, SQL quoting.
+//! - Beside them, shared by every daemon: [`config`], [`error`], [`kafka`], [`metrics`],
+//!   [`http`], [`status`], [`cli`].
+//!
+//! Modules are crate-private. What the integration tests, the examples and the benchmarks
+//! drive directly is re-exported below, and nothing else.
 
-pub mod ack;
-pub mod apply;
-pub mod batch;
-pub mod config;
-pub mod dsn;
-pub mod error;
-pub mod http;
-pub mod kafka;
-pub mod metrics;
-pub mod ods;
-pub mod pg;
-pub mod route;
-pub mod sink;
-pub mod snapshot;
-pub mod source;
-pub mod status;
-pub mod tls;
-pub mod wire;
+pub mod cli;
+pub(crate) mod config;
+pub(crate) mod error;
+pub(crate) mod http;
+pub(crate) mod kafka;
+pub(crate) mod metrics;
+pub(crate) mod pg;
+pub(crate) mod sink;
+pub(crate) mod source;
+pub(crate) mod status;
+
+/// The sink's apply path, driven by `tests/it/apply.rs` and `examples/sink_bench.rs` without
+/// a broker: a batch planned from messages, applied by an [`Applier`] on its own task.
+pub use sink::batch::{plan as plan_batch, Applier, Done};
+pub use sink::ods::{ApplyError, Ods, PartitionOffsets};
+
+/// The metrics, checked against the docs and the dashboard by `tests/it/docs.rs`.
+pub use metrics::{Exporter, SinkMetrics, SourceMetrics, ALL as METRIC_NAMES};

@@ -2,29 +2,30 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-pub const SOURCE_LAG_BYTES: &str = "saiki_source_lag_bytes";
-pub const SOURCE_CHANGES_TOTAL: &str = "saiki_source_changes_total";
-pub const SOURCE_MESSAGES_PRODUCED_TOTAL: &str = "saiki_source_messages_produced_total";
-pub const SOURCE_IN_FLIGHT_MESSAGES: &str = "saiki_source_in_flight_messages";
-pub const SOURCE_CONFIRMED_LSN: &str = "saiki_source_confirmed_lsn";
-pub const SOURCE_SERVER_WAL_END: &str = "saiki_source_server_wal_end_lsn";
-pub const SOURCE_DELIVERY_ERRORS_TOTAL: &str = "saiki_source_delivery_errors_total";
-pub const SOURCE_RECONNECTS_TOTAL: &str = "saiki_source_reconnects_total";
-pub const SOURCE_HEARTBEATS_TOTAL: &str = "saiki_source_heartbeats_total";
-pub const SOURCE_SNAPSHOT_ROWS_TOTAL: &str = "saiki_source_snapshot_rows_total";
-pub const SOURCE_SNAPSHOT_TABLE_ROWS: &str = "saiki_source_snapshot_table_rows";
-pub const SOURCE_SNAPSHOT_TABLE_ROWS_ESTIMATED: &str = "saiki_source_snapshot_table_rows_estimated";
+pub(crate) const SOURCE_LAG_BYTES: &str = "saiki_source_lag_bytes";
+pub(crate) const SOURCE_CHANGES_TOTAL: &str = "saiki_source_changes_total";
+pub(crate) const SOURCE_MESSAGES_PRODUCED_TOTAL: &str = "saiki_source_messages_produced_total";
+pub(crate) const SOURCE_IN_FLIGHT_MESSAGES: &str = "saiki_source_in_flight_messages";
+pub(crate) const SOURCE_CONFIRMED_LSN: &str = "saiki_source_confirmed_lsn";
+pub(crate) const SOURCE_SERVER_WAL_END: &str = "saiki_source_server_wal_end_lsn";
+pub(crate) const SOURCE_DELIVERY_ERRORS_TOTAL: &str = "saiki_source_delivery_errors_total";
+pub(crate) const SOURCE_RECONNECTS_TOTAL: &str = "saiki_source_reconnects_total";
+pub(crate) const SOURCE_HEARTBEATS_TOTAL: &str = "saiki_source_heartbeats_total";
+pub(crate) const SOURCE_SNAPSHOT_ROWS_TOTAL: &str = "saiki_source_snapshot_rows_total";
+pub(crate) const SOURCE_SNAPSHOT_TABLE_ROWS: &str = "saiki_source_snapshot_table_rows";
+pub(crate) const SOURCE_SNAPSHOT_TABLE_ROWS_ESTIMATED: &str =
+    "saiki_source_snapshot_table_rows_estimated";
 
-pub const SINK_RECORDS_CONSUMED_TOTAL: &str = "saiki_sink_records_consumed_total";
-pub const SINK_ROWS_APPLIED_TOTAL: &str = "saiki_sink_rows_applied_total";
-pub const SINK_BATCHES_TOTAL: &str = "saiki_sink_batches_total";
-pub const SINK_APPLY_SECONDS: &str = "saiki_sink_apply_seconds";
-pub const SINK_CONSUMER_LAG_MESSAGES: &str = "saiki_sink_consumer_lag_messages";
-pub const SINK_DEAD_LETTERS_TOTAL: &str = "saiki_sink_dead_letters_total";
-pub const SINK_FENCED_BATCHES_TOTAL: &str = "saiki_sink_fenced_batches_total";
-pub const SINK_RETRIES_TOTAL: &str = "saiki_sink_retries_total";
-pub const SINK_ASSIGNED_PARTITIONS: &str = "saiki_sink_assigned_partitions";
-pub const SINK_FRESHNESS_SECONDS: &str = "saiki_sink_freshness_seconds";
+pub(crate) const SINK_RECORDS_CONSUMED_TOTAL: &str = "saiki_sink_records_consumed_total";
+pub(crate) const SINK_ROWS_APPLIED_TOTAL: &str = "saiki_sink_rows_applied_total";
+pub(crate) const SINK_BATCHES_TOTAL: &str = "saiki_sink_batches_total";
+pub(crate) const SINK_APPLY_SECONDS: &str = "saiki_sink_apply_seconds";
+pub(crate) const SINK_CONSUMER_LAG_MESSAGES: &str = "saiki_sink_consumer_lag_messages";
+pub(crate) const SINK_DEAD_LETTERS_TOTAL: &str = "saiki_sink_dead_letters_total";
+pub(crate) const SINK_FENCED_BATCHES_TOTAL: &str = "saiki_sink_fenced_batches_total";
+pub(crate) const SINK_RETRIES_TOTAL: &str = "saiki_sink_retries_total";
+pub(crate) const SINK_ASSIGNED_PARTITIONS: &str = "saiki_sink_assigned_partitions";
+pub(crate) const SINK_FRESHNESS_SECONDS: &str = "saiki_sink_freshness_seconds";
 
 /// Every metric name, for the reference in docs/metrics.md and the dashboard (both checked
 /// against this list by the tests).
@@ -60,9 +61,9 @@ pub trait Exporter: Send + Sync + 'static {
 }
 
 /// The source's metrics with its name as the label.
-pub struct SourceExporter {
-    pub source: String,
-    pub metrics: std::sync::Arc<SourceMetrics>,
+pub(crate) struct SourceExporter {
+    pub(crate) source: String,
+    pub(crate) metrics: std::sync::Arc<SourceMetrics>,
 }
 
 impl Exporter for SourceExporter {
@@ -89,15 +90,16 @@ fn label(name: &str, value: &str) -> String {
 }
 
 /// Upper bounds (seconds) of the apply-latency histogram buckets.
-pub const APPLY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+pub(crate) const APPLY_BUCKETS: &[f64] =
+    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 /// Upper bounds (seconds) of the commit → ODS freshness histogram buckets: fine around the
 /// 100 ms that issue #5 asks of p99.
-pub const FRESHNESS_BUCKETS: &[f64] = &[
+pub(crate) const FRESHNESS_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
 /// A Prometheus histogram of seconds, lock-free.
-pub struct Histogram {
+pub(crate) struct Histogram {
     bounds: &'static [f64],
     /// Counts per bucket of `bounds`, +Inf last (not cumulative).
     counts: Vec<AtomicU64>,
@@ -105,7 +107,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Self {
+    pub(crate) fn new(bounds: &'static [f64]) -> Self {
         Histogram {
             bounds,
             counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
@@ -113,7 +115,7 @@ impl Histogram {
         }
     }
 
-    pub fn observe(&self, seconds: f64) {
+    pub(crate) fn observe(&self, seconds: f64) {
         let seconds = seconds.max(0.0);
         let i = self
             .bounds
@@ -149,21 +151,21 @@ impl Histogram {
 }
 
 pub struct SinkMetrics {
-    pub group: String,
-    pub consumed: AtomicU64,
-    pub rows_applied: AtomicU64,
-    pub batches: AtomicU64,
-    pub dead_letters: AtomicU64,
-    pub fenced: AtomicU64,
-    pub retries: AtomicU64,
-    pub lag: AtomicU64,
-    pub assigned: AtomicU64,
+    pub(crate) group: String,
+    pub(crate) consumed: AtomicU64,
+    pub(crate) rows_applied: AtomicU64,
+    pub(crate) batches: AtomicU64,
+    pub(crate) dead_letters: AtomicU64,
+    pub(crate) fenced: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) lag: AtomicU64,
+    pub(crate) assigned: AtomicU64,
     /// Time to apply and commit one batch.
-    pub apply: Histogram,
+    pub(crate) apply: Histogram,
     /// Per applied change: ODS commit time minus the source's commit time.
-    pub freshness: Histogram,
+    pub(crate) freshness: Histogram,
     /// Consuming and applying: what /ready reports.
-    pub ready: AtomicBool,
+    pub(crate) ready: AtomicBool,
 }
 
 impl SinkMetrics {
@@ -265,19 +267,19 @@ fn label_pair(k1: &str, v1: &str, k2: &str, v2: &str) -> String {
 
 #[derive(Default)]
 pub struct SourceMetrics {
-    pub changes: AtomicU64,
-    pub produced: AtomicU64,
-    pub in_flight: AtomicU64,
-    pub confirmed_lsn: AtomicU64,
-    pub server_wal_end: AtomicU64,
-    pub delivery_errors: AtomicU64,
-    pub reconnects: AtomicU64,
-    pub heartbeats: AtomicU64,
-    pub snapshot_rows: AtomicU64,
+    pub(crate) changes: AtomicU64,
+    pub(crate) produced: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) confirmed_lsn: AtomicU64,
+    pub(crate) server_wal_end: AtomicU64,
+    pub(crate) delivery_errors: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) heartbeats: AtomicU64,
+    pub(crate) snapshot_rows: AtomicU64,
     /// Per table of this relay's snapshots since it started: (rows done, rows estimated).
-    pub snapshot_tables: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
+    pub(crate) snapshot_tables: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
     /// Streaming from the slot and producing: what /ready reports.
-    pub ready: AtomicBool,
+    pub(crate) ready: AtomicBool,
 }
 
 impl SourceMetrics {

@@ -15,62 +15,62 @@ use crate::error::RelayError;
 use crate::metrics::*;
 
 /// How long one HTTP request to a relay may take before it counts as unreachable.
-pub const RELAY_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const RELAY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One logical replication slot.
 #[derive(Debug, Clone, Serialize)]
-pub struct SlotStatus {
-    pub slot: String,
-    pub plugin: Option<String>,
-    pub database: Option<String>,
-    pub active: bool,
-    pub pid: Option<i64>,
-    pub confirmed_lsn: Option<String>,
-    pub lag_bytes: Option<i64>,
-    pub retained_bytes: Option<i64>,
-    pub wal_status: Option<String>,
-    pub lag: Option<String>,
+pub(crate) struct SlotStatus {
+    pub(crate) slot: String,
+    pub(crate) plugin: Option<String>,
+    pub(crate) database: Option<String>,
+    pub(crate) active: bool,
+    pub(crate) pid: Option<i64>,
+    pub(crate) confirmed_lsn: Option<String>,
+    pub(crate) lag_bytes: Option<i64>,
+    pub(crate) retained_bytes: Option<i64>,
+    pub(crate) wal_status: Option<String>,
+    pub(crate) lag: Option<String>,
 }
 
 /// One table's snapshot (`saiki.snapshot_progress`).
 #[derive(Debug, Clone, Serialize)]
-pub struct SnapshotStatus {
-    pub slot: String,
-    pub table: String,
-    pub state: String,
-    pub rows_done: Option<i64>,
-    pub rows_estimated: Option<i64>,
-    pub percent: Option<f64>,
-    pub error: Option<String>,
+pub(crate) struct SnapshotStatus {
+    pub(crate) slot: String,
+    pub(crate) table: String,
+    pub(crate) state: String,
+    pub(crate) rows_done: Option<i64>,
+    pub(crate) rows_estimated: Option<i64>,
+    pub(crate) percent: Option<f64>,
+    pub(crate) error: Option<String>,
 }
 
 /// What one relay reports about itself.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct RelayStatus {
-    pub url: String,
+pub(crate) struct RelayStatus {
+    pub(crate) url: String,
     /// `/health` answered 200.
-    pub healthy: bool,
+    pub(crate) healthy: bool,
     /// `/ready` answered 200: streaming (source) or consuming and applying (sink).
-    pub ready: bool,
+    pub(crate) ready: bool,
     /// "source" or "sink", from the metric names it exports.
-    pub role: Option<String>,
+    pub(crate) role: Option<String>,
     /// The source's name or the sink's consumer group.
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// Source: WAL bytes between the server's end and the confirmed position.
-    pub lag_bytes: Option<u64>,
+    pub(crate) lag_bytes: Option<u64>,
     /// Source: messages handed to Kafka and not yet acknowledged.
-    pub in_flight: Option<u64>,
+    pub(crate) in_flight: Option<u64>,
     /// Source: change records read; sink: ODS rows written.
-    pub changes_total: Option<u64>,
+    pub(crate) changes_total: Option<u64>,
     /// Sink: messages not yet applied.
-    pub lag_messages: Option<u64>,
+    pub(crate) lag_messages: Option<u64>,
     /// Sink: commit → ODS freshness quantiles (seconds), from the histogram's buckets.
-    pub freshness_p50: Option<f64>,
-    pub freshness_p99: Option<f64>,
+    pub(crate) freshness_p50: Option<f64>,
+    pub(crate) freshness_p99: Option<f64>,
     /// Source: delivery errors; sink: dead letters.
-    pub errors_total: Option<u64>,
+    pub(crate) errors_total: Option<u64>,
     /// Why the relay could not be read.
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 /// One sample of Prometheus text: name, labels as written, value.
@@ -99,7 +99,7 @@ fn label_value<'t>(labels: &'t str, key: &str) -> Option<&'t str> {
 /// The `q` quantile of a histogram from its cumulative buckets `(le, count)`, interpolated
 /// linearly within the bucket as Prometheus' `histogram_quantile` does. `None` when empty;
 /// the highest finite bound when the quantile falls in `+Inf`.
-pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+pub(crate) fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
     let total = buckets.last()?.1;
     if total <= 0.0 {
         return None;
@@ -126,7 +126,7 @@ pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
 
 impl RelayStatus {
     /// Summarizes a relay's `/metrics` text.
-    pub fn from_metrics(url: &str, text: &str) -> RelayStatus {
+    pub(crate) fn from_metrics(url: &str, text: &str) -> RelayStatus {
         let mut s = RelayStatus {
             url: url.to_string(),
             ..Default::default()
@@ -168,7 +168,7 @@ impl RelayStatus {
 
     /// Reads `/health`, `/ready` and `/metrics` of the relay at `url`
     /// (`http://host:port` or `host:port`). Never fails: an unreachable relay is a status.
-    pub async fn fetch(url: &str) -> RelayStatus {
+    pub(crate) async fn fetch(url: &str) -> RelayStatus {
         let addr = url
             .trim_start_matches("http://")
             .trim_end_matches('/')
@@ -222,8 +222,8 @@ async fn get(addr: &str, path: &str) -> Result<(u16, String), String> {
 }
 
 /// The slots of the database at `dsn`, and its snapshots (with the extension).
-pub async fn slots(dsn: &str) -> Result<(Vec<SlotStatus>, Vec<SnapshotStatus>), RelayError> {
-    let d = crate::dsn::Dsn::parse(dsn).map_err(|e| RelayError::Config(format!("dsn: {e}")))?;
+pub(crate) async fn slots(dsn: &str) -> Result<(Vec<SlotStatus>, Vec<SnapshotStatus>), RelayError> {
+    let d = crate::pg::dsn::Dsn::parse(dsn).map_err(|e| RelayError::Config(format!("dsn: {e}")))?;
     let mut conn = crate::pg::PgConn::connect(&d, false, "").await?;
     let has_ext = !conn
         .simple_query("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'saiki'")
@@ -328,7 +328,7 @@ fn millis(s: Option<f64>) -> String {
 
 /// The terminal form: the slot table (when a database was asked), its snapshots, then the
 /// relay table.
-pub fn render(
+pub(crate) fn render(
     slots: Option<&[SlotStatus]>,
     snapshots: &[SnapshotStatus],
     relays: &[RelayStatus],

@@ -23,7 +23,7 @@ struct Unit {
 
 /// Tracks units in stream order.
 #[derive(Debug, Default)]
-pub struct AckTracker {
+pub(crate) struct AckTracker {
     units: VecDeque<Unit>,
     next_id: u64,
     confirmable: Lsn,
@@ -34,17 +34,17 @@ pub struct AckTracker {
 
 /// Identifies the unit a produced message belongs to, for [`AckTracker::acked`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ticket(u64);
+pub(crate) struct Ticket(u64);
 
 impl AckTracker {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// The unit for a record with this `commit_lsn`: the open one if it has the same
     /// `commit_lsn`, a new one otherwise. Records arrive in commit order, so a new commit_lsn
     /// means the previous transaction's records are all seen.
-    pub fn unit_for(&mut self, commit_lsn: Lsn) -> Ticket {
+    pub(crate) fn unit_for(&mut self, commit_lsn: Lsn) -> Ticket {
         if let Some(last) = self.units.back_mut() {
             if last.commit_lsn == commit_lsn && !last.complete {
                 return Ticket(last.id);
@@ -63,14 +63,14 @@ impl AckTracker {
     }
 
     /// A message of the unit was handed to the producer.
-    pub fn produced(&mut self, t: Ticket) {
+    pub(crate) fn produced(&mut self, t: Ticket) {
         if let Some(u) = self.find(t) {
             u.pending += 1;
         }
     }
 
     /// The unit's last record has been seen.
-    pub fn complete(&mut self, t: Ticket) {
+    pub(crate) fn complete(&mut self, t: Ticket) {
         if let Some(u) = self.find(t) {
             u.complete = true;
         }
@@ -78,7 +78,7 @@ impl AckTracker {
     }
 
     /// Kafka acknowledged one message of the unit.
-    pub fn acked(&mut self, t: Ticket) {
+    pub(crate) fn acked(&mut self, t: Ticket) {
         if let Some(u) = self.find(t) {
             u.pending = u.pending.saturating_sub(1);
         }
@@ -86,32 +86,27 @@ impl AckTracker {
     }
 
     /// Kafka gave up on a message: this tracker never confirms that unit or anything after it.
-    pub fn failed(&mut self, _t: Ticket) {
+    pub(crate) fn failed(&mut self, _t: Ticket) {
         self.poisoned = true;
     }
 
     /// No unit is open or waiting: everything received has been acknowledged.
-    pub fn idle(&self) -> bool {
+    pub(crate) fn idle(&self) -> bool {
         self.units.is_empty() && !self.poisoned
     }
 
     /// With nothing in flight, a keepalive's WAL end may be confirmed: every transaction that
     /// committed before it has been received (the walsender sends records before keepalives)
     /// and acknowledged. Never moves backwards.
-    pub fn idle_at(&mut self, wal_end: Lsn) {
+    pub(crate) fn idle_at(&mut self, wal_end: Lsn) {
         if self.idle() && wal_end > self.confirmable {
             self.confirmable = wal_end;
         }
     }
 
     /// The position the slot may be confirmed to (0/0 until something is acknowledged).
-    pub fn confirmable(&self) -> Lsn {
+    pub(crate) fn confirmable(&self) -> Lsn {
         self.confirmable
-    }
-
-    /// Units waiting for acknowledgements or for their last record.
-    pub fn in_flight_units(&self) -> usize {
-        self.units.len()
     }
 
     fn find(&mut self, t: Ticket) -> Option<&mut Unit> {

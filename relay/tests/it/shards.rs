@@ -3,12 +3,10 @@
 //! random moments inside its ODS transactions, a source relay killed and restarted. The ODS
 //! must end equal to the union of the shards, with no change applied twice.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use saiki_tests::{current_wal_lsn, exec, loopback_port, Broker, PgCluster};
 
 const SHARDS: usize = 8;

@@ -18,7 +18,7 @@
 //!
 //! Invariants:
 //! - The `R` records of a chunk belong to the high watermark's transaction for the
-//!   [`crate::ack::AckTracker`]: the slot is not confirmed past it before Kafka has them all.
+//!   [`crate::source::ack::AckTracker`]: the slot is not confirmed past it before Kafka has them all.
 //! - Progress (`saiki.snapshots.after_key`) is written only after the slot could be confirmed
 //!   past the high watermark: a crash repeats at most the last chunk, never skips one.
 //!
@@ -30,29 +30,29 @@ use std::collections::HashSet;
 use serde::Deserialize;
 
 use crate::error::RelayError;
+use crate::pg::quote::literal as quote_literal;
 use crate::pg::PgConn;
-use crate::wire::quote_literal;
 
 /// Prefix of the watermark messages (written by `saiki.snapshot_watermark`).
-pub const SNAPSHOT_PREFIX: &str = "saiki.snapshot";
+pub(crate) const SNAPSHOT_PREFIX: &str = "saiki.snapshot";
 
 /// A watermark message's content: `{"id":"…","mark":"low"|"high","table":"schema.table"}`.
 #[derive(Debug, Deserialize, PartialEq, Eq)]
-pub struct Watermark {
-    pub id: String,
-    pub mark: Mark,
-    pub table: String,
+pub(crate) struct Watermark {
+    pub(crate) id: String,
+    pub(crate) mark: Mark,
+    pub(crate) table: String,
 }
 
 #[derive(Debug, Deserialize, PartialEq, Eq, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
-pub enum Mark {
+pub(crate) enum Mark {
     Low,
     High,
 }
 
 impl Watermark {
-    pub fn content(id: &str, mark: Mark, table: &str) -> String {
+    pub(crate) fn content(id: &str, mark: Mark, table: &str) -> String {
         serde_json::json!({
             "id": id,
             "mark": match mark { Mark::Low => "low", Mark::High => "high" },
@@ -65,34 +65,34 @@ impl Watermark {
 /// One row of a chunk: its key's text output (for the next chunk's `after`) and the record
 /// body from `saiki.snapshot_chunk`.
 #[derive(Debug, Clone)]
-pub struct ChunkRow {
-    pub key_text: Vec<Option<String>>,
-    pub body: String,
+pub(crate) struct ChunkRow {
+    pub(crate) key_text: Vec<Option<String>>,
+    pub(crate) body: String,
 }
 
 /// A chunk read between its watermarks.
 #[derive(Debug)]
-pub struct Chunk {
-    pub table: String,
-    pub rows: Vec<ChunkRow>,
+pub(crate) struct Chunk {
+    pub(crate) table: String,
+    pub(crate) rows: Vec<ChunkRow>,
     /// Fewer rows than asked: the table is done after this chunk.
-    pub last: bool,
+    pub(crate) last: bool,
 }
 
 /// The chunk window of one watermark pair: what changed between the low and the high
 /// watermark.
 #[derive(Debug)]
-pub struct Window {
-    pub table: String,
-    pub low_seen: bool,
+pub(crate) struct Window {
+    pub(crate) table: String,
+    pub(crate) low_seen: bool,
     /// Keys (as Kafka key JSON) changed inside the window.
-    pub changed: HashSet<String>,
+    pub(crate) changed: HashSet<String>,
     /// The table was truncated inside the window: no chunk row stands.
-    pub truncated: bool,
+    pub(crate) truncated: bool,
 }
 
 impl Window {
-    pub fn new(table: String) -> Window {
+    pub(crate) fn new(table: String) -> Window {
         Window {
             table,
             low_seen: false,
@@ -103,7 +103,7 @@ impl Window {
 
     /// A change of `table` seen in the stream, with its key and, for a key-changing update,
     /// its old key. Only changes between the watermarks count.
-    pub fn observe(&mut self, table: &str, key: Option<&str>, old_key: Option<&str>) {
+    pub(crate) fn observe(&mut self, table: &str, key: Option<&str>, old_key: Option<&str>) {
         if !self.low_seen || table != self.table {
             return;
         }
@@ -112,21 +112,21 @@ impl Window {
         }
     }
 
-    pub fn observe_truncate(&mut self, tables: &[String]) {
+    pub(crate) fn observe_truncate(&mut self, tables: &[String]) {
         if self.low_seen && tables.contains(&self.table) {
             self.truncated = true;
         }
     }
 
     /// Whether a chunk row with this key stands at the high watermark.
-    pub fn keeps(&self, key: &str) -> bool {
+    pub(crate) fn keeps(&self, key: &str) -> bool {
         !self.truncated && !self.changed.contains(key)
     }
 }
 
 /// An `R` record: `{"action":"R","xid":…,"lsn":…,"commit_lsn":…,"seq":…,` then the body's
 /// members (`schema`, `table`, `key`, `columns`, `types`), in DESIGN.md §1's key order.
-pub fn r_record(body: &str, xid: u64, lsn: &str, commit_lsn: &str, seq: u64) -> Vec<u8> {
+pub(crate) fn r_record(body: &str, xid: u64, lsn: &str, commit_lsn: &str, seq: u64) -> Vec<u8> {
     let members = body.strip_prefix('{').unwrap_or(body);
     format!(
         "{{\"action\":\"R\",\"xid\":{xid},\"lsn\":\"{lsn}\",\"commit_lsn\":\"{commit_lsn}\",\"seq\":{seq},{members}"
@@ -135,7 +135,7 @@ pub fn r_record(body: &str, xid: u64, lsn: &str, commit_lsn: &str, seq: u64) -> 
 }
 
 /// Asks for a snapshot of `table` (any text `regclass` accepts) by the relay of `slot`.
-pub async fn request(conn: &mut PgConn, slot: &str, table: &str) -> Result<(), RelayError> {
+pub(crate) async fn request(conn: &mut PgConn, slot: &str, table: &str) -> Result<(), RelayError> {
     conn.simple_query(&format!(
         "SELECT saiki.request_snapshot({}, {}::regclass)",
         quote_literal(slot),
@@ -146,7 +146,7 @@ pub async fn request(conn: &mut PgConn, slot: &str, table: &str) -> Result<(), R
 }
 
 /// The next table to snapshot for `slot`, and where to continue: `(table, after_key)`.
-pub async fn next_table(
+pub(crate) async fn next_table(
     conn: &mut PgConn,
     slot: &str,
 ) -> Result<Option<(String, Option<Vec<Option<String>>>)>, RelayError> {
@@ -167,7 +167,7 @@ pub async fn next_table(
 /// Reads one chunk of `table` after `after`, between a low and a high watermark with `id`.
 /// A table that cannot be read (dropped, no key, no privilege) is marked failed with the
 /// reason and `Ok(None)` returned: the stream goes on.
-pub async fn read_chunk(
+pub(crate) async fn read_chunk(
     conn: &mut PgConn,
     slot: &str,
     id: &str,
@@ -247,7 +247,7 @@ pub async fn read_chunk(
 
 /// Records a finished chunk: its last key, and the table done after its last chunk. Returns
 /// the table's rows done and estimated so far.
-pub async fn record_progress(
+pub(crate) async fn record_progress(
     conn: &mut PgConn,
     slot: &str,
     table: &str,
@@ -277,7 +277,7 @@ pub async fn record_progress(
 }
 
 /// A PostgreSQL text[] literal of `values` (`{"a","b\"c"}`); NULL elements as NULL.
-pub fn text_array(values: &[Option<String>]) -> String {
+pub(crate) fn text_array(values: &[Option<String>]) -> String {
     let items: Vec<String> = values
         .iter()
         .map(|v| match v {
@@ -289,7 +289,7 @@ pub fn text_array(values: &[Option<String>]) -> String {
 }
 
 /// Parses the text output of a one-dimensional text[] (`{a,"b c",NULL}`).
-pub fn parse_text_array(s: &str) -> Vec<Option<String>> {
+pub(crate) fn parse_text_array(s: &str) -> Vec<Option<String>> {
     let inner = s
         .trim()
         .strip_prefix('{')

@@ -5,14 +5,14 @@
 use std::collections::BTreeMap;
 
 #[derive(Clone, PartialEq, Eq)]
-pub struct Dsn {
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    pub password: Option<String>,
-    pub dbname: String,
-    pub tls: crate::tls::TlsOptions,
-    pub application_name: String,
+pub(crate) struct Dsn {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) user: String,
+    pub(crate) password: Option<String>,
+    pub(crate) dbname: String,
+    pub(crate) tls: crate::pg::tls::TlsOptions,
+    pub(crate) application_name: String,
 }
 
 impl std::fmt::Debug for Dsn {
@@ -52,7 +52,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
 impl Dsn {
     /// Parses a URI or key=value DSN. Unset parts take libpq's defaults (host localhost,
     /// port 5432, user from $USER, dbname = user) and `PGPASSWORD` supplies a missing password.
-    pub fn parse(s: &str) -> Result<Dsn, String> {
+    pub(crate) fn parse(s: &str) -> Result<Dsn, String> {
         let s = s.trim();
         let mut kv: BTreeMap<String, String> = BTreeMap::new();
         if let Some(rest) = s
@@ -121,8 +121,8 @@ impl Dsn {
             password: kv
                 .remove("password")
                 .or_else(|| std::env::var("PGPASSWORD").ok()),
-            tls: crate::tls::TlsOptions {
-                mode: crate::tls::SslMode::parse(
+            tls: crate::pg::tls::TlsOptions {
+                mode: crate::pg::tls::SslMode::parse(
                     kv.remove("sslmode").as_deref().unwrap_or("prefer"),
                 )?,
                 rootcert: kv.remove("sslrootcert").map(Into::into),
@@ -216,7 +216,7 @@ mod tests {
             "postgres://h/db?sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c.pem&sslkey=/k.pem",
         )
         .unwrap();
-        assert_eq!(d.tls.mode, crate::tls::SslMode::VerifyFull);
+        assert_eq!(d.tls.mode, crate::pg::tls::SslMode::VerifyFull);
         assert_eq!(
             d.tls.rootcert.as_deref(),
             Some(std::path::Path::new("/ca.pem"))
@@ -224,7 +224,7 @@ mod tests {
         assert_eq!(d.tls.key.as_deref(), Some(std::path::Path::new("/k.pem")));
         assert_eq!(
             Dsn::parse("host=h").unwrap().tls.mode,
-            crate::tls::SslMode::Prefer
+            crate::pg::tls::SslMode::Prefer
         );
     }
 }

@@ -1,14 +1,12 @@
 //! Failure behaviour of `saiki-relay source` (issue #3): no committed change is ever missing
 //! from Kafka, whatever is killed or restarted, and definite errors stop with their exit code.
 
-mod common;
-
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use saiki_core::Lsn;
 use saiki_tests::{current_wal_lsn, exec, loopback_port, Broker, PgCluster};
 

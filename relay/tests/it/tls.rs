@@ -5,13 +5,11 @@
 //! SASL_SSL: tansu 0.6.0 requiring SCRAM-SHA-512, behind stunnel for TLS (tansu accepts
 //! --cert and --key but serves plain TCP).
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use saiki_tests::{exec, loopback_port, Broker, PgCluster};
 
 struct Certs {

@@ -19,17 +19,17 @@ use std::time::{Duration, Instant};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use tracing::{info, warn, Instrument};
 
-use crate::apply::{Msg, Outcome, Planner};
 use crate::error::RelayError;
 use crate::kafka::Kafka;
-use crate::ods::{ApplyError, Ods, PartitionOffsets};
+use crate::sink::ods::{ApplyError, Ods, PartitionOffsets};
+use crate::sink::plan::{Msg, Outcome, Planner};
 
 /// A batch's plan: the messages, and what they do to each ODS table.
-pub struct Planned<'a> {
-    pub msgs: Vec<Msg<'a>>,
-    pub planner: Planner<'a>,
+pub(crate) struct Planned<'a> {
+    pub(crate) msgs: Vec<Msg<'a>>,
+    pub(crate) planner: Planner<'a>,
     /// Messages that cannot be applied, with the reason (for the dead-letter topic).
-    pub dead: Vec<(usize, String)>,
+    pub(crate) dead: Vec<(usize, String)>,
 }
 
 self_cell::self_cell!(
@@ -43,17 +43,14 @@ self_cell::self_cell!(
 );
 
 impl PlannedBatch {
-    pub fn messages(&self) -> &[OwnedMessage] {
+    pub(crate) fn messages(&self) -> &[OwnedMessage] {
         self.borrow_owner()
     }
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.borrow_owner().len()
     }
-    pub fn is_empty(&self) -> bool {
-        self.borrow_owner().is_empty()
-    }
     /// Source commit times (µs since the Unix epoch) of the planned changes.
-    pub fn commit_times(&self) -> &[i64] {
+    pub(crate) fn commit_times(&self) -> &[i64] {
         &self.borrow_dependent().planner.commit_times
     }
 }
@@ -77,11 +74,8 @@ pub fn plan(messages: Vec<OwnedMessage>, key_includes_source: bool) -> PlannedBa
     })
 }
 
-pub fn msg_of(m: &OwnedMessage) -> Msg<'_> {
+pub(crate) fn msg_of(m: &OwnedMessage) -> Msg<'_> {
     Msg {
-        topic: m.topic(),
-        partition: m.partition(),
-        offset: m.offset(),
         key: m.key(),
         payload: m.payload(),
     }
@@ -181,7 +175,7 @@ impl Applier {
             for plan in &plans {
                 match self.ods.apply_table(plan, false).await {
                     Ok(n) => written += n,
-                    Err(ApplyError::Data(reason)) => {
+                    Err(ApplyError::Data(reason) | ApplyError::CannotCreate(reason)) => {
                         isolate = Some(reason);
                         break 'batch;
                     }
@@ -225,9 +219,11 @@ impl Applier {
                         }
                         Err(ApplyError::Data(reason)) => {
                             self.ods.rollback_to_savepoint().await?;
-                            if reason.starts_with("cannot create ODS table") {
-                                self.ods.set_unmaterializable(&plan.name, reason.clone());
-                            }
+                            dead.push((i, reason));
+                        }
+                        Err(ApplyError::CannotCreate(reason)) => {
+                            self.ods.rollback_to_savepoint().await?;
+                            self.ods.set_unmaterializable(&plan.name, reason.clone());
                             dead.push((i, reason));
                         }
                         Err(e) => return Err(e),

@@ -3,20 +3,24 @@
 //!
 //! Invariants:
 //! - **Offsets live in the ODS.** A batch's rows and its partitions' next offsets commit in
-//!   one ODS transaction ([`crate::ods`]); Kafka's committed offsets are never used. After a
+//!   one ODS transaction ([`crate::sink::ods`]); Kafka's committed offsets are never used. After a
 //!   crash or a rebalance, each partition resumes at the offset the ODS holds.
-//! - **No message is skipped.** A partition's messages enter a batch only in offset order
-//!   from the ODS's offset: the first message seen of a partition must be that offset, or the
-//!   consumer seeks there first. A batch that is not committed (fenced by another instance,
-//!   or failed) rewinds its partitions to where it began. So does the batch read after it
-//!   (its offsets were taken before that one committed): the sink drops it too.
-//! - **One batch in flight** ([`crate::batch`]): batch N+1 is read and planned while batch N
+//! - **No offset applied twice, none skipped.** The decisions (take, skip, seek; a batch's
+//!   offsets; what a commit moves on; where a fenced batch or a rebalanced partition starts
+//!   again) are the pure [`offsets::Ledger`]'s, property-tested there; this loop does the I/O
+//!   they call for.
+//! - **One batch in flight** ([`crate::sink::batch`]): batch N+1 is read and planned while batch N
 //!   is applied, and sent only after N is in.
 //! - **Nothing is dropped silently.** A message that cannot be applied goes to the
 //!   dead-letter topic with the reason, acknowledged by Kafka before the batch commits.
 //! - **Bounded memory.** A batch holds at most `batch_max_rows` messages and
 //!   `batch_max_bytes` of payload, and at most two are in hand (one in flight, one being
 //!   read); librdkafka's prefetch queue is bounded by its settings.
+
+pub(crate) mod batch;
+pub(crate) mod ods;
+pub(crate) mod offsets;
+pub(crate) mod plan;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -31,12 +35,13 @@ use regex::Regex;
 use tokio::sync::watch;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::batch::{self, Applied, Applier, Done};
 use crate::config::{KafkaConfig, SinkConfig};
 use crate::error::{RelayError, Retry};
 use crate::kafka::Kafka;
 use crate::metrics::SinkMetrics;
-use crate::ods::{ApplyError, Ods, PartitionOffsets};
+use crate::sink::batch::{Applied, Applier, Done};
+use crate::sink::ods::{ApplyError, Ods};
+use crate::sink::offsets::{Accept, Ledger, Tp};
 
 /// Dead letters handed to the producer at once (they are awaited before the commit).
 const DEAD_LETTER_QUEUE_CAPACITY: usize = 10_000;
@@ -47,17 +52,17 @@ const TOMBSTONE_GC_INTERVAL: Duration = Duration::from_secs(600);
 const NO_TOPICS_REFRESH: Duration = Duration::from_millis(500);
 
 /// The sink's settings, checked.
-pub struct SinkRuntime {
-    pub sink: SinkConfig,
-    pub kafka: KafkaConfig,
-    pub topics: Regex,
-    pub dead_letter_topic: String,
+pub(crate) struct SinkRuntime {
+    pub(crate) sink: SinkConfig,
+    pub(crate) kafka: KafkaConfig,
+    pub(crate) topics: Regex,
+    pub(crate) dead_letter_topic: String,
     /// Topics that match the pattern but carry nothing to materialize (or would loop).
-    pub excluded: Vec<String>,
+    pub(crate) excluded: Vec<String>,
 }
 
 impl SinkRuntime {
-    pub fn new(sink: SinkConfig, kafka: KafkaConfig) -> Result<Self, RelayError> {
+    pub(crate) fn new(sink: SinkConfig, kafka: KafkaConfig) -> Result<Self, RelayError> {
         let pattern = sink
             .topics
             .clone()
@@ -100,7 +105,7 @@ impl SinkRuntime {
     }
 
     /// Whether the sink reads this topic.
-    pub fn wants(&self, topic: &str) -> bool {
+    pub(crate) fn wants(&self, topic: &str) -> bool {
         self.topics.is_match(topic)
             && !self.excluded.iter().any(|t| t == topic)
             && !topic.starts_with("__")
@@ -109,7 +114,7 @@ impl SinkRuntime {
 
 /// Runs the sink until `shutdown` turns true (then commits the batch in hand and returns
 /// Ok) or a definite error. Transient errors restart the session with backoff.
-pub async fn run(
+pub(crate) async fn run(
     rt: Arc<SinkRuntime>,
     metrics: Arc<SinkMetrics>,
     mut shutdown: watch::Receiver<bool>,
@@ -132,8 +137,6 @@ pub async fn run(
         }
     }
 }
-
-type Tp = (String, i32);
 
 /// Rebalance and statistics callbacks: assign at the ODS's offsets (as last known), tell the
 /// loop which partitions changed hands, and keep the consumer-lag metric.
@@ -220,43 +223,18 @@ impl SinkContext {
     }
 }
 
-/// What the loop knows of one partition.
-struct Part {
-    /// The next offset the ODS holds (None: nothing applied yet).
-    stored: Option<i64>,
-    /// The next offset to put in a batch.
-    next: i64,
-    /// Whether the consumer's position is known to be `next` (checked or sought).
-    synced: bool,
-}
-
-/// A partition's span in the batch in hand.
-struct BatchPart {
-    stored: Option<i64>,
-    first: i64,
-    next: i64,
-}
-
-/// The batch being applied on its own task.
-struct Inflight {
-    handle: tokio::task::JoinHandle<Done>,
-    /// Where each of its partitions began (to rewind them if it does not commit).
-    firsts: Vec<(Tp, i64)>,
-}
-
 struct Session<'a> {
     rt: &'a SinkRuntime,
     metrics: &'a SinkMetrics,
     /// The ODS connection, here whenever no batch is in flight.
     applier: Option<Applier>,
-    inflight: Option<Inflight>,
-    /// Partitions (and where their dropped batch began) to rewind to the ODS offsets.
-    rewind_pending: Vec<(Tp, i64)>,
+    /// The batch being applied on its own task.
+    inflight: Option<tokio::task::JoinHandle<Done>>,
     consumer: StreamConsumer<SinkContext>,
-    parts: HashMap<Tp, Part>,
+    ledger: Ledger,
+    /// The batch in hand: its messages (the ledger has their offsets).
     batch: Vec<OwnedMessage>,
     batch_bytes: usize,
-    batch_parts: HashMap<Tp, BatchPart>,
     batch_started: Option<tokio::time::Instant>,
     subscribed: Vec<String>,
 }
@@ -267,8 +245,8 @@ impl Drop for Session<'_> {
         // in flight: the aborted task drops its connection, and the ODS rolls back an open
         // transaction. A COMMIT already sent may still land; the offsets it writes then fence
         // the next session's first batch of those partitions, which rewinds.
-        if let Some(i) = &self.inflight {
-            i.handle.abort();
+        if let Some(h) = &self.inflight {
+            h.abort();
         }
     }
 }
@@ -328,12 +306,10 @@ async fn session(
             dead_letter_topic: rt.dead_letter_topic.clone(),
         }),
         inflight: None,
-        rewind_pending: Vec::new(),
         consumer,
-        parts: HashMap::new(),
+        ledger: Ledger::new(),
         batch: Vec::new(),
         batch_bytes: 0,
-        batch_parts: HashMap::new(),
         batch_started: None,
         subscribed: Vec::new(),
     };
@@ -348,12 +324,12 @@ async fn session(
     let mut next_refresh = tokio::time::Instant::now() + s.refresh_interval();
     let mut last_gc: Option<Instant> = None;
     loop {
-        if !s.rewind_pending.is_empty() {
+        if s.ledger.rewinding() {
             s.rewind().await?;
         }
         let linger_at = s.batch_started.map(|t| t + rt.sink.batch_linger);
         let busy = s.inflight.is_some();
-        let handle = s.inflight.as_mut().map(|i| &mut i.handle);
+        let handle = s.inflight.as_mut();
         tokio::select! {
             biased;
             _ = shutdown.changed() => {
@@ -382,8 +358,8 @@ async fn session(
                     None => std::future::pending().await,
                 }
             }, if busy => {
-                let firsts = s.inflight.take().map(|i| i.firsts).unwrap_or_default();
-                s.finish(firsts, done)?;
+                s.inflight = None;
+                s.finish(done)?;
             }
             m = s.consumer.recv() => {
                 match m {
@@ -428,7 +404,7 @@ impl Session<'_> {
         self.settle().await?;
         match self.applier.as_mut() {
             Some(a) => Ok(&mut a.ods),
-            None => Err(RelayError::Record(
+            None => Err(RelayError::Internal(
                 "the ODS connection was lost with a failed apply task".into(),
             )),
         }
@@ -437,41 +413,28 @@ impl Session<'_> {
     /// Waits for the batch in flight (if any) and takes in its outcome. Cancelled (the
     /// shutdown's grace period), it leaves the batch in flight, for `Drop` to abort.
     async fn settle(&mut self) -> Result<(), RelayError> {
-        let Some(i) = self.inflight.as_mut() else {
+        let Some(handle) = self.inflight.as_mut() else {
             return Ok(());
         };
-        let done = (&mut i.handle).await;
-        let firsts = self.inflight.take().map(|i| i.firsts).unwrap_or_default();
-        self.finish(firsts, done)
+        let done = handle.await;
+        self.inflight = None;
+        self.finish(done)
     }
 
     /// Takes in a batch back from its apply task: on commit, the partitions' stored offsets
     /// move on (also in the batch in hand, which continues from it); fenced, its partitions
     /// rewind; any other failure ends the session.
-    fn finish(
-        &mut self,
-        firsts: Vec<(Tp, i64)>,
-        done: Result<Done, tokio::task::JoinError>,
-    ) -> Result<(), RelayError> {
-        let done = done.map_err(|e| RelayError::Record(format!("the apply task failed: {e}")))?;
+    fn finish(&mut self, done: Result<Done, tokio::task::JoinError>) -> Result<(), RelayError> {
+        let done = done.map_err(|e| RelayError::Internal(format!("the apply task failed: {e}")))?;
         self.applier = Some(done.applier);
         let messages = done.batch.len();
         match done.result {
             Ok(Applied { written, dead }) => {
+                self.ledger.committed(&done.offsets);
                 let pos = &self.consumer.context().positions;
                 let mut pos = pos.lock().unwrap_or_else(|p| p.into_inner());
                 for o in &done.offsets {
-                    let tp = (o.topic.clone(), o.partition);
-                    if let Some(p) = self.parts.get_mut(&tp) {
-                        p.stored = Some(o.next);
-                    }
-                    // The batch in hand took this stored value before this one committed.
-                    if let Some(b) = self.batch_parts.get_mut(&tp) {
-                        if b.stored == o.stored {
-                            b.stored = Some(o.next);
-                        }
-                    }
-                    pos.insert(tp, o.next);
+                    pos.insert((o.topic.clone(), o.partition), o.next);
                 }
                 drop(pos);
                 let m = self.metrics;
@@ -498,12 +461,16 @@ impl Session<'_> {
             Err(ApplyError::Fenced) => {
                 self.metrics.fenced.fetch_add(1, Ordering::Relaxed);
                 warn!(messages, "another sink instance applied these partitions meanwhile (rebalance): batch dropped, partitions rewound to the ODS offsets");
-                self.rewind_pending.extend(firsts);
+                self.ledger.fenced();
                 Ok(())
             }
             // The apply task isolates data errors; one escaping is a bug: stop, lose nothing.
-            Err(ApplyError::Data(reason)) => Err(RelayError::Record(reason)),
-            Err(ApplyError::KeyTaken(table)) => Err(RelayError::Record(format!(
+            Err(ApplyError::Data(reason) | ApplyError::CannotCreate(reason)) => {
+                Err(RelayError::Internal(format!(
+                    "a data error escaped the apply task's isolation: {reason}"
+                )))
+            }
+            Err(ApplyError::KeyTaken(table)) => Err(RelayError::Internal(format!(
                 "a plain insert into {table} met an existing key outside of a batch retry"
             ))),
             Err(ApplyError::Fatal(e)) => Err(e),
@@ -521,71 +488,35 @@ impl Session<'_> {
         self.batch_bytes = 0;
         let planned = batch::plan(msgs, self.rt.sink.key_includes_source);
         self.settle().await?;
-        if !self.rewind_pending.is_empty() {
+        if self.ledger.rewinding() {
             // The batch before was fenced: this one continues from it, so it is void too.
             drop(planned);
             return self.rewind().await;
         }
-        let parts = std::mem::take(&mut self.batch_parts);
-        let offsets: Vec<PartitionOffsets> = parts
-            .iter()
-            .map(|(tp, b)| PartitionOffsets {
-                topic: tp.0.clone(),
-                partition: tp.1,
-                stored: b.stored,
-                next: b.next,
-            })
-            .collect();
-        let firsts = parts.into_iter().map(|(tp, b)| (tp, b.first)).collect();
+        let offsets = self.ledger.cut();
         let Some(applier) = self.applier.take() else {
-            return Err(RelayError::Record(
+            return Err(RelayError::Internal(
                 "the ODS connection was lost with a failed apply task".into(),
             ));
         };
-        self.inflight = Some(Inflight {
-            handle: applier.spawn(planned, offsets),
-            firsts,
-        });
+        self.inflight = Some(applier.spawn(planned, offsets));
         Ok(())
     }
 
-    fn clear_batch(&mut self) {
-        self.batch.clear();
-        self.batch_parts.clear();
-        self.batch_bytes = 0;
-        self.batch_started = None;
-    }
-
     /// After a batch was dropped: every partition in it, and in the batch in hand (which
-    /// continued from it), continues from the ODS's offset.
+    /// continued from it and is dropped too), continues from the ODS's offset.
     async fn rewind(&mut self) -> Result<(), RelayError> {
         let all = self.ods().await?.offsets().await?;
-        let mut firsts: HashMap<Tp, i64> = HashMap::new();
-        let dropped = std::mem::take(&mut self.rewind_pending);
-        let in_hand = self.batch_parts.iter().map(|(tp, b)| (tp.clone(), b.first));
-        for (tp, first) in dropped.into_iter().chain(in_hand) {
-            let f = firsts.entry(tp).or_insert(first);
-            *f = (*f).min(first);
-        }
-        self.clear_batch();
-        for (tp, first) in firsts {
-            let stored = all.get(&tp).copied();
-            let next = stored.unwrap_or(first);
+        self.batch.clear();
+        self.batch_bytes = 0;
+        self.batch_started = None;
+        for (tp, next) in self.ledger.rewind(&all) {
             if let Err(e) = self.seek(&tp, next) {
                 // Typically revoked meanwhile (the rebalance that fenced the batch). If it is
                 // still ours, its next message finds it unknown and seeks again.
                 debug!(error = %e, topic = %tp.0, partition = tp.1, "rewind");
-                self.parts.remove(&tp);
-                continue;
+                self.ledger.forget(&tp);
             }
-            self.parts.insert(
-                tp,
-                Part {
-                    stored,
-                    next,
-                    synced: true,
-                },
-            );
         }
         Ok(())
     }
@@ -637,8 +568,8 @@ impl Session<'_> {
             return;
         }
         // The ODS is read again on each partition's first message.
-        for tp in changed {
-            self.parts.remove(&tp);
+        for tp in &changed {
+            self.ledger.forget(tp);
         }
         let n = self
             .consumer
@@ -648,60 +579,42 @@ impl Session<'_> {
         self.metrics.assigned.store(n as u64, Ordering::Relaxed);
     }
 
-    /// Takes a message into the batch, in offset order from the ODS's offset.
+    /// Takes a message into the batch in hand, or skips it, or seeks, as the ledger says.
     async fn accept(&mut self, m: OwnedMessage) -> Result<(), RelayError> {
         let tp: Tp = (m.topic().to_string(), m.partition());
         let offset = m.offset();
-        if !self.parts.contains_key(&tp) {
+        let mut verdict = self.ledger.accept(&tp, offset);
+        if verdict == Accept::Unknown {
             let stored = self.ods().await?.offset(&tp.0, tp.1).await?;
-            let next = self
-                .batch_parts
-                .get(&tp)
-                .map_or(stored.unwrap_or(0), |b| b.next.max(stored.unwrap_or(0)));
-            self.parts.insert(
-                tp.clone(),
-                Part {
-                    stored,
-                    next,
-                    synced: false,
-                },
-            );
+            self.ledger.learn(tp.clone(), stored);
+            verdict = self.ledger.accept(&tp, offset);
         }
-        let Some(part) = self.parts.get_mut(&tp) else {
-            return Ok(());
-        };
-        if !part.synced {
-            let fresh = part.stored.is_none() && !self.batch_parts.contains_key(&tp);
-            if offset == part.next || (fresh && offset >= part.next) {
-                part.synced = true;
-            } else {
-                let next = part.next;
+        match verdict {
+            Accept::Take { gap } => {
+                if gap {
+                    debug!(topic = %tp.0, partition = tp.1, offset, "offset gap (compaction, retention or transaction markers)");
+                }
+                self.batch_bytes +=
+                    m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len);
+                if self.batch.is_empty() {
+                    self.batch_started = Some(tokio::time::Instant::now());
+                }
+                self.batch.push(m);
+            }
+            Accept::Skip => {
+                debug!(topic = %tp.0, partition = tp.1, offset, "already applied: skipped");
+            }
+            Accept::Seek(next) => {
                 debug!(topic = %tp.0, partition = tp.1, offset, next, "seeking to the ODS offset");
                 self.seek(&tp, next)?;
-                if let Some(p) = self.parts.get_mut(&tp) {
-                    p.synced = true;
-                }
-                return Ok(());
             }
-        } else if offset < part.next {
-            debug!(topic = %tp.0, partition = tp.1, offset, next = part.next, "already applied: skipped");
-            return Ok(());
-        } else if offset > part.next && part.stored.is_some() {
-            debug!(topic = %tp.0, partition = tp.1, offset, next = part.next, "offset gap (compaction, retention or transaction markers)");
+            Accept::Unknown => {
+                return Err(RelayError::Internal(format!(
+                    "offset ledger: {}[{}] unknown right after its ODS offset was read",
+                    tp.0, tp.1
+                )))
+            }
         }
-        part.next = offset + 1;
-        let stored = part.stored;
-        let bp = self.batch_parts.entry(tp).or_insert(BatchPart {
-            stored,
-            first: offset,
-            next: offset + 1,
-        });
-        bp.next = offset + 1;
-        self.batch_bytes += m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len);
-        if self.batch.is_empty() {
-            self.batch_started = Some(tokio::time::Instant::now());
-        }
-        self.batch.push(m);
         Ok(())
     }
 

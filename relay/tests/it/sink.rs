@@ -1,11 +1,9 @@
 //! `saiki-relay sink` against real PostgreSQL (source and ODS) and a real Kafka-protocol
 //! broker (tansu), fed by `saiki-relay source`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use saiki_tests::{exec, loopback_port, Broker, PgCluster};
 
 const ORDERS: &str = "SELECT id, article, qty, price, md5(note) FROM orders";

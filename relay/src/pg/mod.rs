@@ -1,18 +1,23 @@
-//! An async PostgreSQL connection on the wire codec of [`crate::wire`]: startup, password /
+//! An async PostgreSQL connection on the wire codec of [`crate::pg::wire`]: startup, password /
 //! MD5 / SCRAM-SHA-256 authentication (the SCRAM math from `postgres-protocol`), simple
 //! queries, and the switch into the replication stream. Used twice by the source relay: a
 //! `replication=database` connection for the slot, and a plain one for heartbeats.
+
+pub(crate) mod dsn;
+pub(crate) mod quote;
+pub(crate) mod tls;
+pub(crate) mod wire;
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::{md5_hash, sasl};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
-use crate::dsn::Dsn;
 use crate::error::RelayError;
-use crate::tls::Stream;
-use crate::wire::{self, Auth, Backend};
+use crate::pg::dsn::Dsn;
+use crate::pg::tls::Stream;
+use crate::pg::wire::{Auth, Backend};
 
-pub struct PgConn {
+pub(crate) struct PgConn {
     stream: Stream,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -20,18 +25,18 @@ pub struct PgConn {
 }
 
 /// Rows of a simple query, as text.
-pub type Rows = Vec<Vec<Option<String>>>;
+pub(crate) type Rows = Vec<Vec<Option<String>>>;
 
 impl PgConn {
     /// Connects and authenticates. `replication` adds `replication=database`; `options` is
     /// the startup `options` parameter (`-c name=value …`).
-    pub async fn connect(
+    pub(crate) async fn connect(
         dsn: &Dsn,
         replication: bool,
         options: &str,
     ) -> Result<PgConn, RelayError> {
         let target = dsn.to_string();
-        let stream = crate::tls::connect(&dsn.host, dsn.port, &dsn.tls, &target).await?;
+        let stream = crate::pg::tls::connect(&dsn.host, dsn.port, &dsn.tls, &target).await?;
         let mut c = PgConn {
             stream,
             rbuf: BytesMut::with_capacity(64 * 1024),
@@ -148,7 +153,7 @@ impl PgConn {
     }
 
     /// Whether the connection is encrypted.
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         self.stream.is_tls()
     }
 
@@ -172,7 +177,7 @@ impl PgConn {
     }
 
     /// Runs a simple query and returns its rows (of the last statement) as text.
-    pub async fn simple_query(&mut self, sql: &str) -> Result<Rows, RelayError> {
+    pub(crate) async fn simple_query(&mut self, sql: &str) -> Result<Rows, RelayError> {
         wire::query(&mut self.wbuf, sql);
         self.flush().await?;
         let mut rows = Vec::new();
@@ -194,7 +199,7 @@ impl PgConn {
 
     /// Sends START_REPLICATION and waits for the server to switch to the copy stream.
     /// Returns the halves to read and write the stream with, and bytes already read.
-    pub async fn start_replication(
+    pub(crate) async fn start_replication(
         mut self,
         command: &str,
     ) -> Result<ReplicationStream, RelayError> {
@@ -219,23 +224,19 @@ impl PgConn {
             target: self.target,
         })
     }
-
-    pub fn target(&self) -> &str {
-        &self.target
-    }
 }
 
 /// The copy-both stream after START_REPLICATION: read and write sides used concurrently.
-pub struct ReplicationStream {
-    pub read: ReadHalf<Stream>,
-    pub write: WriteHalf<Stream>,
-    pub rbuf: BytesMut,
-    pub wbuf: BytesMut,
-    pub target: String,
+pub(crate) struct ReplicationStream {
+    pub(crate) read: ReadHalf<Stream>,
+    pub(crate) write: WriteHalf<Stream>,
+    pub(crate) rbuf: BytesMut,
+    pub(crate) wbuf: BytesMut,
+    pub(crate) target: String,
 }
 
 impl ReplicationStream {
-    pub fn io(&self, source: std::io::Error) -> RelayError {
+    pub(crate) fn io(&self, source: std::io::Error) -> RelayError {
         RelayError::Io {
             target: self.target.clone(),
             source,
@@ -243,7 +244,7 @@ impl ReplicationStream {
     }
 
     /// Writes what `wbuf` holds.
-    pub async fn flush(&mut self) -> Result<(), RelayError> {
+    pub(crate) async fn flush(&mut self) -> Result<(), RelayError> {
         let mut r = self.write.write_all(&self.wbuf).await;
         if r.is_ok() {
             r = self.write.flush().await; // TLS buffers records until flushed

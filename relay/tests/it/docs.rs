@@ -3,13 +3,11 @@
 //! the metrics reference name exactly the exported metrics, the configuration reference is
 //! `--help-config`, and the least-privilege roles the images create run the pipeline.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use saiki_tests::{exec, loopback_port, Broker, PgCluster};
 
 fn root() -> PathBuf {
@@ -230,15 +228,15 @@ fn the_dockerfiles_copy_every_directory_the_workspace_manifest_names() {
 
 #[test]
 fn the_dashboard_and_the_metrics_reference_name_exactly_the_exported_metrics() {
-    let exported: std::collections::BTreeSet<String> = saiki_relay::metrics::ALL
+    let exported: std::collections::BTreeSet<String> = saiki_relay::METRIC_NAMES
         .iter()
         .map(|s| s.to_string())
         .collect();
     // What the relays really render is what ALL lists.
-    let sink = saiki_relay::metrics::SinkMetrics::new("g");
-    let source = saiki_relay::metrics::SourceMetrics::default();
+    let sink = saiki_relay::SinkMetrics::new("g");
+    let source = saiki_relay::SourceMetrics::default();
     source.snapshot_progress("public.orders", 10, 100); // per-table series appear with a snapshot
-    use saiki_relay::metrics::Exporter;
+    use saiki_relay::Exporter;
     let rendered = metric_names(&format!("{}{}", sink.render(), source.render("s")));
     assert_eq!(rendered, exported, "metrics::ALL against /metrics");
 

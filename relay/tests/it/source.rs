@@ -1,11 +1,9 @@
 //! `saiki-relay source` against real PostgreSQL and a real Kafka-protocol broker (tansu).
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use saiki_core::record::{Action, Record};
 use saiki_tests::{current_wal_lsn, exec, loopback_port, Broker, PgCluster};
 

@@ -22,24 +22,22 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 /// The reason DESIGN.md §5 gives for records of tables without a key.
-pub const NO_IDENTITY: &str = "no replica identity: add a primary key or set REPLICA IDENTITY FULL";
+pub(crate) const NO_IDENTITY: &str =
+    "no replica identity: add a primary key or set REPLICA IDENTITY FULL";
 
 /// One consumed Kafka message, borrowed for the time of planning.
 #[derive(Debug, Clone, Copy)]
-pub struct Msg<'a> {
-    pub topic: &'a str,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<&'a [u8]>,
-    pub payload: Option<&'a [u8]>,
+pub(crate) struct Msg<'a> {
+    pub(crate) key: Option<&'a [u8]>,
+    pub(crate) payload: Option<&'a [u8]>,
 }
 
 /// `{name: raw JSON value, …}` in the record's order.
 #[derive(Debug, Default, Clone)]
-pub struct Fields<'a>(pub Vec<(Cow<'a, str>, &'a RawValue)>);
+pub(crate) struct Fields<'a>(pub(crate) Vec<(Cow<'a, str>, &'a RawValue)>);
 
 impl<'a> Fields<'a> {
-    pub fn get(&self, name: &str) -> Option<&'a RawValue> {
+    pub(crate) fn get(&self, name: &str) -> Option<&'a RawValue> {
         self.0.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
     }
 }
@@ -66,7 +64,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
 
 /// `{column: type name}` from `include-types`.
 #[derive(Debug, Default, Clone)]
-pub struct Types<'a>(pub Vec<(Cow<'a, str>, Cow<'a, str>)>);
+pub(crate) struct Types<'a>(pub(crate) Vec<(Cow<'a, str>, Cow<'a, str>)>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Types<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -90,37 +88,37 @@ impl<'de: 'a, 'a> Deserialize<'de> for Types<'a> {
 
 /// The sink's view of a change record: what applying it needs, borrowed from the message.
 #[derive(Debug, Deserialize)]
-pub struct SinkRecord<'a> {
-    pub action: Action,
+pub(crate) struct SinkRecord<'a> {
+    pub(crate) action: Action,
     #[serde(default)]
-    pub commit_lsn: Option<Lsn>,
+    pub(crate) commit_lsn: Option<Lsn>,
     #[serde(default)]
-    pub seq: Option<i64>,
+    pub(crate) seq: Option<i64>,
     /// With the plugin's `include-timestamp`: the source commit time, for freshness.
     #[serde(default, borrow)]
-    pub commit_ts: Option<Cow<'a, str>>,
+    pub(crate) commit_ts: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    pub schema: Option<Cow<'a, str>>,
+    pub(crate) schema: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    pub table: Option<Cow<'a, str>>,
+    pub(crate) table: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    pub key: Option<Vec<Cow<'a, str>>>,
+    pub(crate) key: Option<Vec<Cow<'a, str>>>,
     #[serde(default, borrow)]
-    pub columns: Option<Fields<'a>>,
+    pub(crate) columns: Option<Fields<'a>>,
     #[serde(default, borrow)]
-    pub identity: Option<Fields<'a>>,
+    pub(crate) identity: Option<Fields<'a>>,
     #[serde(default, borrow)]
-    pub unchanged_toast: Option<Vec<Cow<'a, str>>>,
+    pub(crate) unchanged_toast: Option<Vec<Cow<'a, str>>>,
     /// Parsed only when a column's type is needed (a column new to the batch's plan).
     #[serde(default, borrow)]
-    pub types: Option<&'a RawValue>,
+    pub(crate) types: Option<&'a RawValue>,
     #[serde(default, borrow)]
-    pub source: Option<Cow<'a, str>>,
+    pub(crate) source: Option<Cow<'a, str>>,
 }
 
 /// A net change to one ODS row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     /// Insert or update: provided columns are written, absent ones kept.
     Upsert,
     Delete,
@@ -128,22 +126,22 @@ pub enum Op {
 
 /// Column values of a row by column index; a missing index is an absent column.
 #[derive(Debug, Clone, Default)]
-pub struct Values<'a>(Vec<Option<&'a RawValue>>);
+pub(crate) struct Values<'a>(Vec<Option<&'a RawValue>>);
 
 impl<'a> Values<'a> {
-    pub fn get(&self, i: usize) -> Option<&'a RawValue> {
+    pub(crate) fn get(&self, i: usize) -> Option<&'a RawValue> {
         self.0.get(i).copied().flatten()
     }
-    pub fn contains(&self, i: usize) -> bool {
+    pub(crate) fn contains(&self, i: usize) -> bool {
         self.get(i).is_some()
     }
-    pub fn insert(&mut self, i: usize, v: &'a RawValue) {
+    pub(crate) fn insert(&mut self, i: usize, v: &'a RawValue) {
         if self.0.len() <= i {
             self.0.resize(i + 1, None);
         }
         self.0[i] = Some(v);
     }
-    pub fn remove(&mut self, i: usize) {
+    pub(crate) fn remove(&mut self, i: usize) {
         if let Some(x) = self.0.get_mut(i) {
             *x = None;
         }
@@ -151,43 +149,43 @@ impl<'a> Values<'a> {
 }
 
 #[derive(Debug, Clone)]
-pub struct NetRow<'a> {
-    pub op: Op,
-    pub source: Cow<'a, str>,
-    pub lsn: Lsn,
-    pub seq: i64,
+pub(crate) struct NetRow<'a> {
+    pub(crate) op: Op,
+    pub(crate) source: Cow<'a, str>,
+    pub(crate) lsn: Lsn,
+    pub(crate) seq: i64,
     /// Key values, in [`TablePlan::key`] order.
-    pub key: Vec<&'a RawValue>,
+    pub(crate) key: Vec<&'a RawValue>,
     /// Column index (in [`TablePlan::columns`]) → value; key columns included. Columns not
     /// here are *absent*: an update keeps the ODS value, an insert leaves them null.
-    pub values: Values<'a>,
+    pub(crate) values: Values<'a>,
     /// Indexes of the batch messages folded into this row.
-    pub msgs: Vec<usize>,
+    pub(crate) msgs: Vec<usize>,
     /// The first change of this key in the batch was an insert at the source: the key had
     /// no row there before, so (replays aside, which the watermark catches) none in the ODS.
-    pub born: bool,
+    pub(crate) born: bool,
 }
 
 /// A column seen in the batch, with the type its records gave (if they carried `types`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ColumnSeen {
-    pub name: String,
-    pub type_name: Option<String>,
+pub(crate) struct ColumnSeen {
+    pub(crate) name: String,
+    pub(crate) type_name: Option<String>,
 }
 
 /// Everything a batch does to one ODS table.
 #[derive(Debug, Clone)]
-pub struct TablePlan<'a> {
+pub(crate) struct TablePlan<'a> {
     /// The ODS table name (the source table's name, DESIGN.md §5).
-    pub name: String,
+    pub(crate) name: String,
     /// `schema.table` at the source, for messages.
-    pub source_table: String,
+    pub(crate) source_table: String,
     /// The source key's column names.
-    pub key: Vec<String>,
-    pub columns: IndexMap<String, ColumnSeen>,
-    pub rows: IndexMap<(String, String), NetRow<'a>>,
+    pub(crate) key: Vec<String>,
+    pub(crate) columns: IndexMap<String, ColumnSeen>,
+    pub(crate) rows: IndexMap<(String, String), NetRow<'a>>,
     /// Per source: delete the rows written before `(lsn, seq)`.
-    pub truncates: IndexMap<String, (Lsn, i64, Vec<usize>)>,
+    pub(crate) truncates: IndexMap<String, (Lsn, i64, Vec<usize>)>,
 }
 
 impl<'a> TablePlan<'a> {
@@ -220,7 +218,7 @@ impl<'a> TablePlan<'a> {
     }
 
     /// Messages whose changes this plan applies (for dead-lettering a failed table).
-    pub fn message_indexes(&self) -> Vec<usize> {
+    pub(crate) fn message_indexes(&self) -> Vec<usize> {
         let mut v: Vec<usize> = self
             .rows
             .values()
@@ -244,7 +242,7 @@ fn type_of(types: Option<&RawValue>, name: &str) -> Option<String> {
 
 /// What became of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Nothing to apply: a tombstone, a transaction or message record, an older duplicate.
     Skipped,
     /// Folded into the plan.
@@ -254,15 +252,15 @@ pub enum Outcome {
 }
 
 /// Folds a batch of messages into per-table net changes.
-pub struct Planner<'a> {
+pub(crate) struct Planner<'a> {
     key_includes_source: bool,
-    pub tables: IndexMap<String, TablePlan<'a>>,
+    pub(crate) tables: IndexMap<String, TablePlan<'a>>,
     /// Source commit times (µs since the Unix epoch) of the planned changes that carry one.
-    pub commit_times: Vec<i64>,
+    pub(crate) commit_times: Vec<i64>,
 }
 
 impl<'a> Planner<'a> {
-    pub fn new(key_includes_source: bool) -> Self {
+    pub(crate) fn new(key_includes_source: bool) -> Self {
         Planner {
             key_includes_source,
             tables: IndexMap::new(),
@@ -271,7 +269,7 @@ impl<'a> Planner<'a> {
     }
 
     /// Adds the message at batch index `idx`.
-    pub fn add(&mut self, idx: usize, msg: &Msg<'a>) -> Outcome {
+    pub(crate) fn add(&mut self, idx: usize, msg: &Msg<'a>) -> Outcome {
         let Some(payload) = msg.payload else {
             return Outcome::Skipped; // a tombstone after a delete
         };
@@ -523,7 +521,7 @@ fn same_values(a: &[&RawValue], b: &[&RawValue]) -> bool {
 
 /// A row's identity inside a table: the raw key values, one per line (raw JSON never
 /// contains a bare newline).
-pub fn key_text(vals: &[&RawValue]) -> String {
+pub(crate) fn key_text(vals: &[&RawValue]) -> String {
     let mut s = String::new();
     for (i, v) in vals.iter().enumerate() {
         if i > 0 {
@@ -547,7 +545,7 @@ fn parse_key(k: &[u8]) -> String {
 
 /// How a column's values are written, from its ODS type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ColumnKind {
+pub(crate) enum ColumnKind {
     /// Strings unescaped; numbers, booleans, objects as their JSON text.
     Scalar,
     /// json / jsonb: the JSON text itself.
@@ -559,7 +557,7 @@ pub enum ColumnKind {
 
 impl ColumnKind {
     /// From a type name as `format_type` prints it.
-    pub fn of(type_name: &str) -> ColumnKind {
+    pub(crate) fn of(type_name: &str) -> ColumnKind {
         let t = type_name.trim();
         if let Some(base) = t.strip_suffix("[]") {
             let base = base.trim_end_matches("[]");
@@ -577,7 +575,7 @@ impl ColumnKind {
 }
 
 /// Appends `v` as a COPY text field for a column of `kind`.
-pub fn write_copy_value(out: &mut Vec<u8>, v: &RawValue, kind: ColumnKind) {
+pub(crate) fn write_copy_value(out: &mut Vec<u8>, v: &RawValue, kind: ColumnKind) {
     let raw = v.get();
     if raw == "null" {
         out.extend_from_slice(b"\\N");
@@ -646,7 +644,7 @@ fn quote_element(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// COPY text escaping: backslash, newline, carriage return, tab.
-pub fn copy_escape(out: &mut Vec<u8>, s: &[u8]) {
+pub(crate) fn copy_escape(out: &mut Vec<u8>, s: &[u8]) {
     for &b in s {
         match b {
             b'\\' => out.extend_from_slice(b"\\\\"),
@@ -656,16 +654,6 @@ pub fn copy_escape(out: &mut Vec<u8>, s: &[u8]) {
             _ => out.push(b),
         }
     }
-}
-
-/// A quoted SQL identifier.
-pub fn ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// A quoted SQL string literal.
-pub fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 #[cfg(test)]
@@ -707,9 +695,6 @@ mod tests {
                 p.add(
                     i,
                     &Msg {
-                        topic: "saiki.public.t",
-                        partition: 0,
-                        offset: i as i64,
                         key: None,
                         payload: Some(m),
                     },
@@ -857,15 +842,11 @@ mod tests {
         );
         let mut p = Planner::new(true);
         let old = Msg {
-            topic: "t",
-            partition: 0,
-            offset: 0,
             key: Some(br#"{"id":1}"#),
             payload: Some(&upd),
         };
         let new = Msg {
             key: Some(br#"{"id":2}"#),
-            offset: 1,
             ..old
         };
         p.add(0, &old);

@@ -3,13 +3,11 @@
 //! tables; kill -9 resumes from the last finished chunk; no transaction stays open across the
 //! snapshot; a re-snapshot of a table being written is harmless.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use saiki_tests::{exec, loopback_port, Broker, PgCluster};
 
 const CHUNK: usize = 5000;

@@ -1,10 +1,10 @@
-//! The sink's apply path (relay/src/batch.rs, relay/src/ods.rs) against a real ODS
+//! The sink's apply path (relay/src/sink/batch.rs, relay/src/sink/ods.rs) against a real ODS
 //! PostgreSQL, with records built here instead of consumed from a broker: the cases that a
 //! source cannot produce on purpose.
 
 use rdkafka::message::{OwnedMessage, Timestamp};
-use saiki_relay::batch::{self, Applier, Done};
-use saiki_relay::ods::{Ods, PartitionOffsets};
+use saiki_relay::{plan_batch, Applier, Done};
+use saiki_relay::{Ods, PartitionOffsets};
 use saiki_tests::PgCluster;
 
 const TOPIC: &str = "saiki.public.t";
@@ -73,7 +73,7 @@ fn a_plain_insert_that_meets_an_existing_key_applies_the_batch_again_as_upserts(
         // Keys without the source: shards whose keys collide meet in one ODS row.
         let mut applier = applier(&dsn, false).await;
         // Batch 1: rows new to the ODS, as plain inserts.
-        let b1 = batch::plan(
+        let b1 = plan_batch(
             messages(
                 0,
                 vec![insert("a", 0x10, 1, "a1"), insert("a", 0x10, 2, "a2")],
@@ -84,7 +84,7 @@ fn a_plain_insert_that_meets_an_existing_key_applies_the_batch_again_as_upserts(
         assert!(!applier.ods.takes_upserts_only("t"));
         // Batch 2, on the apply task as the sink runs it: shard b inserts key 1, which shard
         // a's row holds. The plain insert fails; the batch is applied again as upserts.
-        let b2 = batch::plan(
+        let b2 = plan_batch(
             messages(
                 2,
                 vec![insert("b", 0x10, 1, "b1"), insert("b", 0x10, 3, "b3")],
@@ -100,7 +100,7 @@ fn a_plain_insert_that_meets_an_existing_key_applies_the_batch_again_as_upserts(
             "the plain insert met key 1"
         );
         // Batch 3: the table takes upserts only now, and still applies new keys.
-        let b3 = batch::plan(
+        let b3 = plan_batch(
             messages(
                 4,
                 vec![insert("a", 0x20, 4, "a4"), insert("b", 0x20, 2, "b2")],
@@ -141,7 +141,7 @@ fn batches_on_the_apply_task_are_fenced_when_another_instance_moved_their_offset
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut applier = rt.block_on(async {
         let mut applier = applier(&dsn, true).await;
-        let b1 = batch::plan(messages(0, vec![insert("a", 0x10, 1, "a1")]), true);
+        let b1 = plan_batch(messages(0, vec![insert("a", 0x10, 1, "a1")]), true);
         applier.apply(&b1, &offsets(None, 1)).await.unwrap();
         applier
     });
@@ -151,16 +151,13 @@ fn batches_on_the_apply_task_are_fenced_when_another_instance_moved_their_offset
         .unwrap();
     rt.block_on(async {
         // A batch from offset 1 (on the apply task), and one from offset 2:
-        let b2 = batch::plan(messages(1, vec![insert("a", 0x20, 2, "a2")]), true);
+        let b2 = plan_batch(messages(1, vec![insert("a", 0x20, 2, "a2")]), true);
         let done = applier.spawn(b2, offsets(Some(1), 2)).await.unwrap();
-        assert!(matches!(
-            done.result,
-            Err(saiki_relay::ods::ApplyError::Fenced)
-        ));
+        assert!(matches!(done.result, Err(saiki_relay::ApplyError::Fenced)));
         applier = done.applier;
-        let b3 = batch::plan(messages(2, vec![insert("a", 0x30, 3, "a3")]), true);
+        let b3 = plan_batch(messages(2, vec![insert("a", 0x30, 3, "a3")]), true);
         let r = applier.apply(&b3, &offsets(Some(2), 3)).await;
-        assert!(matches!(r, Err(saiki_relay::ods::ApplyError::Fenced)));
+        assert!(matches!(r, Err(saiki_relay::ApplyError::Fenced)));
     });
     assert_eq!(
         rows(&mut check),

@@ -15,49 +15,49 @@ use serde_json::value::RawValue;
 
 /// The routing view of one record.
 #[derive(Debug, Deserialize)]
-pub struct RecordView<'a> {
-    pub action: Action,
-    pub xid: u64,
-    pub lsn: Lsn,
+pub(crate) struct RecordView<'a> {
+    pub(crate) action: Action,
+    pub(crate) xid: u64,
+    pub(crate) lsn: Lsn,
     #[serde(default)]
-    pub commit_lsn: Option<Lsn>,
+    pub(crate) commit_lsn: Option<Lsn>,
     #[serde(default, borrow)]
-    pub schema: Option<Cow<'a, str>>,
+    pub(crate) schema: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    pub table: Option<Cow<'a, str>>,
+    pub(crate) table: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    pub key: Option<Vec<Cow<'a, str>>>,
+    pub(crate) key: Option<Vec<Cow<'a, str>>>,
     #[serde(default, borrow)]
-    pub columns: Option<&'a RawValue>,
+    pub(crate) columns: Option<&'a RawValue>,
     #[serde(default, borrow)]
-    pub identity: Option<&'a RawValue>,
+    pub(crate) identity: Option<&'a RawValue>,
     #[serde(default, borrow)]
-    pub prefix: Option<Cow<'a, str>>,
+    pub(crate) prefix: Option<Cow<'a, str>>,
     #[serde(default)]
-    pub transactional: Option<bool>,
+    pub(crate) transactional: Option<bool>,
     /// A message's content (a JSON string, or `{"base64": …}`).
     #[serde(default, borrow)]
-    pub content: Option<&'a RawValue>,
+    pub(crate) content: Option<&'a RawValue>,
     #[serde(default)]
-    pub truncate: Option<TruncateView>,
+    pub(crate) truncate: Option<TruncateView>,
 }
 
 /// The `truncate` member of a `T` record.
 #[derive(Debug, Deserialize)]
-pub struct TruncateView {
-    pub tables: Vec<(String, String)>,
+pub(crate) struct TruncateView {
+    pub(crate) tables: Vec<(String, String)>,
 }
 
 /// Why a record could not be routed: the plugin wrote something this relay does not read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unreadable change record ({reason}): {excerpt}")]
-pub struct RouteError {
-    pub reason: String,
-    pub excerpt: String,
+pub(crate) struct RouteError {
+    pub(crate) reason: String,
+    pub(crate) excerpt: String,
 }
 
 impl<'a> RecordView<'a> {
-    pub fn parse(bytes: &'a [u8]) -> Result<RecordView<'a>, RouteError> {
+    pub(crate) fn parse(bytes: &'a [u8]) -> Result<RecordView<'a>, RouteError> {
         serde_json::from_slice(bytes).map_err(|e| RouteError {
             reason: e.to_string(),
             excerpt: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
@@ -66,7 +66,7 @@ impl<'a> RecordView<'a> {
 
     /// The Kafka key: `{"col": value, …}` of the key columns, from the new row (I, U) or the
     /// old key (D). `None` for records without a key (no replica identity, T, M, B, C).
-    pub fn key_json(&self) -> Option<String> {
+    pub(crate) fn key_json(&self) -> Option<String> {
         match self.action {
             Action::Delete => self.key_from(self.identity, None),
             _ => self.key_from(self.columns, self.identity),
@@ -76,7 +76,7 @@ impl<'a> RecordView<'a> {
     /// For an update that changed the key: the old key, which differs from [`Self::key_json`].
     /// The relay sends such an update under both keys, so that the old key's partition
     /// (where its earlier changes are, in order) also learns that the old row is gone.
-    pub fn old_key_json(&self) -> Option<String> {
+    pub(crate) fn old_key_json(&self) -> Option<String> {
         if self.action != Action::Update {
             return None;
         }
@@ -114,12 +114,12 @@ impl<'a> RecordView<'a> {
 }
 
 /// The message value: the record with `"source":"<name>"` added at the end.
-pub fn value_with_source(record: &[u8], source_json: &[u8]) -> Vec<u8> {
+pub(crate) fn value_with_source(record: &[u8], source_json: &[u8]) -> Vec<u8> {
     value_with_members(record, &[], source_json)
 }
 
 /// The record with extra members (`,"k":v…`, already JSON) and then `"source"` added.
-pub fn value_with_members(record: &[u8], members: &[u8], source_json: &[u8]) -> Vec<u8> {
+pub(crate) fn value_with_members(record: &[u8], members: &[u8], source_json: &[u8]) -> Vec<u8> {
     let body = record.strip_suffix(b"}").unwrap_or(record);
     let mut v = Vec::with_capacity(record.len() + members.len() + source_json.len() + 12);
     v.extend_from_slice(body);
@@ -132,7 +132,7 @@ pub fn value_with_members(record: &[u8], members: &[u8], source_json: &[u8]) -> 
 
 /// Topic names from a template with `{prefix}`, `{source}`, `{schema}`, `{table}`.
 #[derive(Debug, Clone)]
-pub struct TopicTemplate {
+pub(crate) struct TopicTemplate {
     template: String,
     prefix: String,
     source: String,
@@ -141,7 +141,7 @@ pub struct TopicTemplate {
 }
 
 impl TopicTemplate {
-    pub fn new(template: &str, prefix: &str, source: &str) -> Self {
+    pub(crate) fn new(template: &str, prefix: &str, source: &str) -> Self {
         TopicTemplate {
             template: template.to_string(),
             prefix: prefix.to_string(),
@@ -153,7 +153,7 @@ impl TopicTemplate {
 
     /// The topic of a table's changes. Characters Kafka does not allow in topic names
     /// (anything but `[A-Za-z0-9._-]`) become `_`.
-    pub fn table_topic(&self, schema: &str, table: &str) -> String {
+    pub(crate) fn table_topic(&self, schema: &str, table: &str) -> String {
         let t = self
             .template
             .replace("{prefix}", &self.prefix)
@@ -164,17 +164,17 @@ impl TopicTemplate {
     }
 
     /// `{prefix}.transactions`: B and C records.
-    pub fn transactions_topic(&self) -> std::sync::Arc<str> {
+    pub(crate) fn transactions_topic(&self) -> std::sync::Arc<str> {
         self.transactions.clone()
     }
 
     /// `{prefix}.messages`: logical messages other than heartbeats.
-    pub fn messages_topic(&self) -> std::sync::Arc<str> {
+    pub(crate) fn messages_topic(&self) -> std::sync::Arc<str> {
         self.messages.clone()
     }
 }
 
-pub fn sanitize_topic(t: &str) -> String {
+pub(crate) fn sanitize_topic(t: &str) -> String {
     t.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
@@ -187,7 +187,7 @@ pub fn sanitize_topic(t: &str) -> String {
 }
 
 /// The headers of DESIGN.md §3.
-pub fn headers(source: &str, rec: &RecordView<'_>) -> [(&'static str, String); 4] {
+pub(crate) fn headers(source: &str, rec: &RecordView<'_>) -> [(&'static str, String); 4] {
     [
         ("saiki.source", source.to_string()),
         ("saiki.lsn", rec.lsn.to_string()),

@@ -10,6 +10,10 @@
 //! 3. Per-row order: the key (identity columns) picks the partition; the producer is
 //!    idempotent, so retries do not reorder.
 
+pub(crate) mod ack;
+pub(crate) mod route;
+pub(crate) mod snapshot;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,22 +30,22 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::ack::{AckTracker, Ticket};
-use crate::config::{KafkaConfig, SourceConfig};
-use crate::dsn::Dsn;
+use crate::config::{KafkaConfig, SnapshotMode, SourceConfig};
 use crate::error::{RelayError, Retry};
 use crate::kafka::{Kafka, Outgoing};
 use crate::metrics::SourceMetrics;
-use crate::pg::{PgConn, ReplicationStream};
-use crate::route::{self, RecordView, TopicTemplate};
-use crate::snapshot::{self, Chunk, Mark, Watermark, Window, SNAPSHOT_PREFIX};
-use crate::wire::{self, Backend, Replication};
+use crate::pg::dsn::Dsn;
+use crate::pg::wire::{self, Backend, Replication};
+use crate::pg::{quote, PgConn, ReplicationStream};
+use crate::source::ack::{AckTracker, Ticket};
+use crate::source::route::{RecordView, TopicTemplate};
+use crate::source::snapshot::{Chunk, Mark, Watermark, Window, SNAPSHOT_PREFIX};
 
 /// Prefix of the heartbeat messages the relay writes; they are not produced to Kafka.
-pub const HEARTBEAT_PREFIX: &str = "saiki.heartbeat";
+pub(crate) const HEARTBEAT_PREFIX: &str = "saiki.heartbeat";
 /// Settings of the replication session, so values print the same whatever the server's
 /// defaults: ISO dates in UTC, round-trip floats.
-pub const SESSION_OPTIONS: &str =
+pub(crate) const SESSION_OPTIONS: &str =
     "-c datestyle=ISO -c timezone=UTC -c intervalstyle=postgres -c extra_float_digits=3";
 
 type Delivery = futures::future::BoxFuture<'static, (Ticket, Result<(), String>)>;
@@ -52,7 +56,7 @@ const SNAPSHOT_POLL: Duration = Duration::from_secs(1);
 /// What a chunk-reading task gives back: its connection (if still usable) and the chunk.
 type ChunkRead = (Option<PgConn>, Result<Option<Chunk>, RelayError>);
 
-/// Where the session's snapshot is (see [`crate::snapshot`]).
+/// Where the session's snapshot is (see [`crate::source::snapshot`]).
 enum SnapState {
     /// Nothing running; the next poll looks for a requested table.
     Idle,
@@ -76,27 +80,21 @@ enum SnapState {
 }
 
 /// Everything `run` needs, checked once.
-pub struct SourceRuntime {
-    pub source: SourceConfig,
-    pub kafka: KafkaConfig,
-    pub dsn: Dsn,
-    pub slot: String,
+pub(crate) struct SourceRuntime {
+    pub(crate) source: SourceConfig,
+    pub(crate) kafka: KafkaConfig,
+    pub(crate) dsn: Dsn,
+    pub(crate) slot: String,
 }
 
 impl SourceRuntime {
-    pub fn new(source: SourceConfig, kafka: KafkaConfig) -> Result<Self, RelayError> {
+    pub(crate) fn new(source: SourceConfig, kafka: KafkaConfig) -> Result<Self, RelayError> {
         let dsn =
             Dsn::parse(&source.dsn).map_err(|e| RelayError::Config(format!("source.dsn: {e}")))?;
         if source.name.trim().is_empty() {
             return Err(RelayError::Config(
                 "source.name is empty: name the source (e.g. the shard)".into(),
             ));
-        }
-        if !matches!(source.snapshot.as_str(), "never" | "initial") {
-            return Err(RelayError::Config(format!(
-                "source.snapshot = \"{}\": use \"initial\" (snapshot the captured tables when the slot is created) or \"never\"",
-                source.snapshot
-            )));
         }
         if source.snapshot_chunk_rows == 0 {
             return Err(RelayError::Config(
@@ -129,7 +127,7 @@ impl SourceRuntime {
     }
 
     /// The START_REPLICATION command with the plugin options the relay relies on.
-    pub fn start_command(&self) -> String {
+    pub(crate) fn start_command(&self) -> String {
         let mut opts = vec![
             ("include-transaction", "true".to_string()),
             ("include-types", self.source.include_types.to_string()),
@@ -147,11 +145,11 @@ impl SourceRuntime {
         }
         let opts: Vec<String> = opts
             .iter()
-            .map(|(k, v)| format!("{} {}", wire::quote_ident(k), wire::quote_literal(v)))
+            .map(|(k, v)| format!("{} {}", quote::ident(k), quote::literal(v)))
             .collect();
         format!(
             "START_REPLICATION SLOT {} LOGICAL 0/0 ({})",
-            wire::quote_ident(&self.slot),
+            quote::ident(&self.slot),
             opts.join(", ")
         )
     }
@@ -159,7 +157,7 @@ impl SourceRuntime {
 
 /// Runs the source until `shutdown` turns true (then drains, confirms and returns Ok) or a
 /// definite error. Transient errors restart the session with exponential backoff.
-pub async fn run(
+pub(crate) async fn run(
     rt: Arc<SourceRuntime>,
     metrics: Arc<SourceMetrics>,
     mut shutdown: watch::Receiver<bool>,
@@ -192,7 +190,7 @@ async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<bool, Rela
     let rows = conn
         .simple_query(&format!(
             "SELECT plugin, database FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
-            wire::quote_literal(&rt.slot)
+            quote::literal(&rt.slot)
         ))
         .await?;
     if let Some(row) = rows.first() {
@@ -221,7 +219,7 @@ async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<bool, Rela
     let created = conn
         .simple_query(&format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL saiki NOEXPORT_SNAPSHOT",
-            wire::quote_ident(&rt.slot)
+            quote::ident(&rt.slot)
         ))
         .await;
     match created {
@@ -261,7 +259,7 @@ async fn request_initial_snapshots(
         && !conn
             .simple_query(&format!(
                 "SELECT 1 FROM saiki.snapshots WHERE slot_name = {} LIMIT 1",
-                wire::quote_literal(&rt.slot)
+                quote::literal(&rt.slot)
             ))
             .await?
             .is_empty()
@@ -289,11 +287,7 @@ async fn request_initial_snapshots(
         if !opts.table_included(&schema, &table) {
             continue;
         }
-        let qualified = format!(
-            "{}.{}",
-            wire::quote_ident(&schema),
-            wire::quote_ident(&table)
-        );
+        let qualified = format!("{}.{}", quote::ident(&schema), quote::ident(&table));
         snapshot::request(conn, &rt.slot, &qualified).await?;
         n += 1;
     }
@@ -328,7 +322,9 @@ async fn join_task(t: &mut Option<tokio::task::JoinHandle<ChunkRead>>) -> ChunkR
     r.unwrap_or_else(|e| {
         (
             None,
-            Err(RelayError::Record(format!("snapshot task failed: {e}"))),
+            Err(RelayError::Internal(format!(
+                "the snapshot task failed: {e}"
+            ))),
         )
     })
 }
@@ -341,7 +337,7 @@ async fn session(
 ) -> Result<(), RelayError> {
     let mut conn = PgConn::connect(&rt.dsn, true, SESSION_OPTIONS).await?;
     let created = ensure_slot(&mut conn, rt).await?;
-    if rt.source.snapshot == "initial" {
+    if rt.source.snapshot == SnapshotMode::Initial {
         request_initial_snapshots(&mut conn, rt, created).await?;
     }
     let tls = conn.is_tls();
@@ -465,7 +461,7 @@ async fn send_heartbeat(rt: &SourceRuntime, metrics: &SourceMetrics, conn: &mut 
     if let Some(c) = conn.as_mut() {
         let sql = format!(
             "SELECT pg_catalog.pg_logical_emit_message(false, {}, now()::text)",
-            wire::quote_literal(HEARTBEAT_PREFIX)
+            quote::literal(HEARTBEAT_PREFIX)
         );
         match c.simple_query(&sql).await {
             Ok(_) => {

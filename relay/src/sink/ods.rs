@@ -21,22 +21,23 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use tracing::{debug, info, warn};
 
-use crate::apply::{self, ident, literal, ColumnKind, NetRow, Op, TablePlan};
 use crate::error::RelayError;
+use crate::pg::quote::{ident, literal};
+use crate::sink::plan::{self, ColumnKind, NetRow, Op, TablePlan};
 use saiki_core::Lsn;
 
 /// Bookkeeping columns (DESIGN.md §5).
-pub const SOURCE_COL: &str = "_saiki_source";
-pub const LSN_COL: &str = "_saiki_commit_lsn";
-pub const SEQ_COL: &str = "_saiki_seq";
-pub const APPLIED_COL: &str = "_saiki_applied_at";
+pub(crate) const SOURCE_COL: &str = "_saiki_source";
+pub(crate) const LSN_COL: &str = "_saiki_commit_lsn";
+pub(crate) const SEQ_COL: &str = "_saiki_seq";
+pub(crate) const APPLIED_COL: &str = "_saiki_applied_at";
 
 /// An ODS table as the catalog has it.
 #[derive(Debug, Clone)]
-pub struct OdsTable {
+pub(crate) struct OdsTable {
     /// Column name → type as `format_type` prints it, in column order.
-    pub columns: IndexMap<String, String>,
-    pub primary_key: Vec<String>,
+    pub(crate) columns: IndexMap<String, String>,
+    pub(crate) primary_key: Vec<String>,
 }
 
 /// How applying a batch ended, short of a connection or server failure.
@@ -46,6 +47,9 @@ pub enum ApplyError {
     Fenced,
     /// A record's content made a statement fail: apply record by record to find it.
     Data(String),
+    /// The ODS table for a record's table cannot be created from its `types` (a name or a
+    /// type PostgreSQL refuses): the table's records go to the dead-letter topic from now on.
+    CannotCreate(String),
     /// Connection lost, server down, or a definite server error.
     Fatal(RelayError),
     /// A plain INSERT of keys new to the ODS met one that is there (shards whose keys collide
@@ -86,7 +90,7 @@ pub struct Ods {
 }
 
 /// A server or connection error, classified.
-pub fn pg_error(target: &str, e: &tokio_postgres::Error) -> RelayError {
+pub(crate) fn pg_error(target: &str, e: &tokio_postgres::Error) -> RelayError {
     let code = e.code().map(|c| c.code().to_string());
     let message = match e.as_db_error() {
         Some(db) => {
@@ -128,7 +132,7 @@ impl Ods {
         group: &str,
         key_includes_source: bool,
     ) -> Result<Ods, RelayError> {
-        let dsn = crate::dsn::Dsn::parse(dsn)
+        let dsn = crate::pg::dsn::Dsn::parse(dsn)
             .map_err(|e| RelayError::Config(format!("sink.dsn: {e}")))?;
         let mut config = tokio_postgres::Config::new();
         config
@@ -136,7 +140,7 @@ impl Ods {
             .port(dsn.port)
             .user(&dsn.user)
             .dbname(&dsn.dbname)
-            // TLS is negotiated by crate::tls before tokio-postgres sees the stream.
+            // TLS is negotiated by crate::pg::tls before tokio-postgres sees the stream.
             .ssl_mode(tokio_postgres::config::SslMode::Disable)
             .application_name(if dsn.application_name == "saiki-relay" {
                 "saiki-relay sink"
@@ -148,7 +152,7 @@ impl Ods {
         }
         let target = describe(&config);
         info!(ods = %target, "connecting to the ODS");
-        let stream = crate::tls::connect(&dsn.host, dsn.port, &dsn.tls, &target)
+        let stream = crate::pg::tls::connect(&dsn.host, dsn.port, &dsn.tls, &target)
             .await
             .map_err(|e| match e {
                 // A certificate refused or TLS refused: definite, like a wrong password.
@@ -192,12 +196,8 @@ impl Ods {
         Ok(ods)
     }
 
-    pub fn target(&self) -> &str {
+    pub(crate) fn target(&self) -> &str {
         &self.target
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.client.is_closed()
     }
 
     fn err(&self, e: &tokio_postgres::Error) -> RelayError {
@@ -280,7 +280,7 @@ impl Ods {
     }
 
     /// The stored next offset of every partition of this group.
-    pub async fn offsets(&self) -> Result<HashMap<(String, i32), i64>, RelayError> {
+    pub(crate) async fn offsets(&self) -> Result<HashMap<(String, i32), i64>, RelayError> {
         let rows = self
             .client
             .query(
@@ -301,7 +301,11 @@ impl Ods {
     }
 
     /// The stored next offset of one partition.
-    pub async fn offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, RelayError> {
+    pub(crate) async fn offset(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, RelayError> {
         let row = self
             .client
             .query_opt(
@@ -313,14 +317,14 @@ impl Ods {
         Ok(row.map(|r| r.get(0)))
     }
 
-    pub async fn savepoint(&self) -> Result<(), RelayError> {
+    pub(crate) async fn savepoint(&self) -> Result<(), RelayError> {
         self.client
             .batch_execute("SAVEPOINT saiki_record")
             .await
             .map_err(|e| self.err(&e))
     }
 
-    pub async fn release_savepoint(&self) -> Result<(), RelayError> {
+    pub(crate) async fn release_savepoint(&self) -> Result<(), RelayError> {
         self.client
             .batch_execute("RELEASE SAVEPOINT saiki_record")
             .await
@@ -329,7 +333,7 @@ impl Ods {
 
     /// Undoes one record's statements, and forgets catalog and staging tables they may have
     /// created.
-    pub async fn rollback_to_savepoint(&mut self) -> Result<(), RelayError> {
+    pub(crate) async fn rollback_to_savepoint(&mut self) -> Result<(), RelayError> {
         self.tables.clear();
         self.stages.clear();
         self.client
@@ -338,7 +342,7 @@ impl Ods {
             .map_err(|e| self.err(&e))
     }
 
-    pub async fn begin(&mut self) -> Result<(), RelayError> {
+    pub(crate) async fn begin(&mut self) -> Result<(), RelayError> {
         self.client
             .batch_execute("BEGIN")
             .await
@@ -347,7 +351,7 @@ impl Ods {
         Ok(())
     }
 
-    pub async fn commit(&mut self) -> Result<(), RelayError> {
+    pub(crate) async fn commit(&mut self) -> Result<(), RelayError> {
         self.in_transaction = false;
         self.client
             .batch_execute("COMMIT")
@@ -356,7 +360,7 @@ impl Ods {
     }
 
     /// Rolls back and forgets what the transaction may have changed in the catalog.
-    pub async fn rollback(&mut self) {
+    pub(crate) async fn rollback(&mut self) {
         if self.in_transaction {
             self.in_transaction = false;
             if let Err(e) = self.client.batch_execute("ROLLBACK").await {
@@ -368,7 +372,7 @@ impl Ods {
     }
 
     /// Writes the batch's next offsets, fenced on the values the batch started from.
-    pub async fn write_offsets(&self, parts: &[PartitionOffsets]) -> Result<(), ApplyError> {
+    pub(crate) async fn write_offsets(&self, parts: &[PartitionOffsets]) -> Result<(), ApplyError> {
         if parts.is_empty() {
             return Ok(());
         }
@@ -406,7 +410,10 @@ impl Ods {
 
     /// Forgets tombstones older than `retention` (replays come from a relay restarting at
     /// its slot's confirmed position: minutes, not days). Returns how many.
-    pub async fn gc_tombstones(&self, retention: std::time::Duration) -> Result<u64, RelayError> {
+    pub(crate) async fn gc_tombstones(
+        &self,
+        retention: std::time::Duration,
+    ) -> Result<u64, RelayError> {
         let secs = retention.as_secs_f64();
         self.client
             .execute(
@@ -418,7 +425,7 @@ impl Ods {
     }
 
     /// Whether ODS rows are keyed by `(_saiki_source, key…)` (`sink.key_includes_source`).
-    pub fn key_includes_source(&self) -> bool {
+    pub(crate) fn key_includes_source(&self) -> bool {
         self.key_includes_source
     }
 
@@ -429,16 +436,16 @@ impl Ods {
     }
 
     /// The reason a table cannot be materialized, if creating it failed before.
-    pub fn unmaterializable(&self, table: &str) -> Option<&str> {
+    pub(crate) fn unmaterializable(&self, table: &str) -> Option<&str> {
         self.unmaterializable.get(table).map(String::as_str)
     }
 
-    pub fn set_unmaterializable(&mut self, table: &str, reason: String) {
+    pub(crate) fn set_unmaterializable(&mut self, table: &str, reason: String) {
         self.unmaterializable.insert(table.to_string(), reason);
     }
 
     /// Applies one table's plan inside the open transaction. Returns rows written.
-    pub async fn apply_table(
+    pub(crate) async fn apply_table(
         &mut self,
         plan: &TablePlan<'_>,
         isolated: bool,
@@ -771,7 +778,7 @@ impl Ods {
                 self.tables.insert(plan.name.clone(), t);
             }
         }
-        let missing: Vec<&apply::ColumnSeen> = match self.tables.get(&plan.name) {
+        let missing: Vec<&plan::ColumnSeen> = match self.tables.get(&plan.name) {
             Some(t) => plan
                 .columns
                 .values()
@@ -855,7 +862,7 @@ impl Ods {
             let err = self.classify(&e);
             if let ApplyError::Data(reason) = &err {
                 if !exists {
-                    return Err(ApplyError::Data(format!(
+                    return Err(ApplyError::CannotCreate(format!(
                         "cannot create ODS table {qualified}: {reason}"
                     )));
                 }
@@ -1038,19 +1045,19 @@ fn encode_row(
             lit.push(b'"');
         }
         lit.push(b'}');
-        apply::copy_escape(out, &lit);
+        plan::copy_escape(out, &lit);
     }
     out.push(b'\t');
     // The key's text is what tombstones are keyed by: only deletes and replays use it.
     if op == StageOp::Delete || check {
-        apply::copy_escape(out, apply::key_text(&row.key).as_bytes());
+        plan::copy_escape(out, plan::key_text(&row.key).as_bytes());
     } else {
         out.extend_from_slice(b"\\N");
     }
     out.push(b'\t');
     out.push(if check { b't' } else { b'f' });
     out.push(b'\t');
-    apply::copy_escape(out, row.source.as_bytes());
+    plan::copy_escape(out, row.source.as_bytes());
     out.push(b'\t');
     row.lsn.write_to(out);
     out.push(b'\t');
@@ -1058,7 +1065,7 @@ fn encode_row(
     for (i, kind) in kinds.iter().enumerate() {
         out.push(b'\t');
         match row.values.get(i) {
-            Some(v) => apply::write_copy_value(out, v, *kind),
+            Some(v) => plan::write_copy_value(out, v, *kind),
             None => out.extend_from_slice(b"\\N"),
         }
     }

@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use crate::error::RelayError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
+pub(crate) enum SslMode {
     Disable,
     Allow,
     Prefer,
@@ -43,7 +43,7 @@ pub enum SslMode {
 }
 
 impl SslMode {
-    pub fn parse(s: &str) -> Result<SslMode, String> {
+    pub(crate) fn parse(s: &str) -> Result<SslMode, String> {
         Ok(match s {
             "disable" => SslMode::Disable,
             "allow" => SslMode::Allow,
@@ -60,12 +60,12 @@ impl SslMode {
     }
 
     /// Whether the connection asks the server for TLS.
-    pub fn tries_tls(self) -> bool {
+    pub(crate) fn tries_tls(self) -> bool {
         !matches!(self, SslMode::Disable | SslMode::Allow)
     }
 
     /// Whether a server without TLS is refused.
-    pub fn requires_tls(self) -> bool {
+    pub(crate) fn requires_tls(self) -> bool {
         matches!(
             self,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
@@ -75,11 +75,11 @@ impl SslMode {
 
 /// The TLS part of a DSN.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsOptions {
-    pub mode: SslMode,
-    pub rootcert: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
+pub(crate) struct TlsOptions {
+    pub(crate) mode: SslMode,
+    pub(crate) rootcert: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
 }
 
 impl Default for TlsOptions {
@@ -136,7 +136,7 @@ impl TlsOptions {
 
     /// The rustls configuration these options ask for. Files are read here, so a missing or
     /// unreadable one is a configuration error before any connection.
-    pub fn client_config(&self) -> Result<Arc<ClientConfig>, RelayError> {
+    pub(crate) fn client_config(&self) -> Result<Arc<ClientConfig>, RelayError> {
         let cfg_err = |m: String| RelayError::Config(format!("TLS: {m}"));
         let provider = provider();
         let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -277,13 +277,13 @@ impl ServerCertVerifier for ChainOnly {
 }
 
 /// A connection to PostgreSQL, in the clear or in TLS.
-pub enum Stream {
+pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Stream {
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
     }
 }
@@ -294,7 +294,7 @@ const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 /// Opens a TCP connection to `host:port` and negotiates TLS as `opts` say. `target` names the
 /// server in errors. A server that refuses TLS when it is required, or a certificate that fails
 /// verification, is a definite error; network failures are transient.
-pub async fn connect(
+pub(crate) async fn connect(
     host: &str,
     port: u16,
     opts: &TlsOptions,

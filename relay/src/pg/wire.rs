@@ -12,12 +12,12 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 /// A framing or content error in what the server sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("protocol error: {0}")]
-pub struct ProtocolError(pub String);
+pub struct ProtocolError(pub(crate) String);
 
 // ---------------------------------------------------------------- frontend
 
 /// StartupMessage, protocol 3.0, with `(name, value)` parameters.
-pub fn startup(buf: &mut BytesMut, params: &[(&str, &str)]) {
+pub(crate) fn startup(buf: &mut BytesMut, params: &[(&str, &str)]) {
     let start = buf.len();
     buf.put_i32(0);
     buf.put_i32(196_608); // 3.0
@@ -46,12 +46,12 @@ fn put_cstr(buf: &mut BytesMut, s: &str) {
 }
 
 /// Query ('Q'): a simple query.
-pub fn query(buf: &mut BytesMut, sql: &str) {
+pub(crate) fn query(buf: &mut BytesMut, sql: &str) {
     message(buf, b'Q', |b| put_cstr(b, sql));
 }
 
 /// PasswordMessage ('p') with a cleartext or MD5 password.
-pub fn password(buf: &mut BytesMut, password: &[u8]) {
+pub(crate) fn password(buf: &mut BytesMut, password: &[u8]) {
     message(buf, b'p', |b| {
         b.put_slice(password);
         b.put_u8(0);
@@ -59,7 +59,7 @@ pub fn password(buf: &mut BytesMut, password: &[u8]) {
 }
 
 /// SASLInitialResponse ('p').
-pub fn sasl_initial_response(buf: &mut BytesMut, mechanism: &str, data: &[u8]) {
+pub(crate) fn sasl_initial_response(buf: &mut BytesMut, mechanism: &str, data: &[u8]) {
     message(buf, b'p', |b| {
         put_cstr(b, mechanism);
         b.put_i32(data.len() as i32);
@@ -68,14 +68,14 @@ pub fn sasl_initial_response(buf: &mut BytesMut, mechanism: &str, data: &[u8]) {
 }
 
 /// SASLResponse ('p').
-pub fn sasl_response(buf: &mut BytesMut, data: &[u8]) {
+pub(crate) fn sasl_response(buf: &mut BytesMut, data: &[u8]) {
     message(buf, b'p', |b| b.put_slice(data));
 }
 
 /// CopyData ('d') carrying a Standby Status Update ('r').
 /// `flush` is the position whose changes the consumer has made durable: the slot's
 /// confirmed_flush_lsn moves to it.
-pub fn standby_status_update(
+pub(crate) fn standby_status_update(
     buf: &mut BytesMut,
     write: Lsn,
     flush: Lsn,
@@ -94,30 +94,15 @@ pub fn standby_status_update(
 }
 
 /// CopyDone ('c').
-pub fn copy_done(buf: &mut BytesMut) {
+pub(crate) fn copy_done(buf: &mut BytesMut) {
     message(buf, b'c', |_| {});
-}
-
-/// Terminate ('X').
-pub fn terminate(buf: &mut BytesMut) {
-    message(buf, b'X', |_| {});
-}
-
-/// Quotes an identifier for a replication command (`"slot"`).
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes a string literal (`'value'`), for replication commands and simple queries.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 // ---------------------------------------------------------------- backend
 
 /// A backend message the client acts on.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Backend {
+pub(crate) enum Backend {
     Authentication(Auth),
     ParameterStatus,
     BackendKeyData,
@@ -136,7 +121,7 @@ pub enum Backend {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Auth {
+pub(crate) enum Auth {
     Ok,
     Cleartext,
     Md5 { salt: [u8; 4] },
@@ -149,11 +134,11 @@ pub enum Auth {
 /// The fields of an ErrorResponse or NoticeResponse.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ServerError {
-    pub severity: String,
-    pub code: String,
-    pub message: String,
-    pub detail: Option<String>,
-    pub hint: Option<String>,
+    pub(crate) severity: String,
+    pub(crate) code: String,
+    pub(crate) message: String,
+    pub(crate) detail: Option<String>,
+    pub(crate) hint: Option<String>,
 }
 
 impl std::fmt::Display for ServerError {
@@ -174,7 +159,7 @@ impl std::fmt::Display for ServerError {
 }
 
 /// Takes one complete message off the front of `buf`, or `None` if more bytes are needed.
-pub fn parse_backend(buf: &mut BytesMut) -> Result<Option<Backend>, ProtocolError> {
+pub(crate) fn parse_backend(buf: &mut BytesMut) -> Result<Option<Backend>, ProtocolError> {
     if buf.len() < 5 {
         return Ok(None);
     }
@@ -312,7 +297,7 @@ fn parse_fields(body: &[u8]) -> ServerError {
 
 /// What a CopyData message of the replication stream carries.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Replication {
+pub(crate) enum Replication {
     /// XLogData: plugin output starting at `wal_start`.
     XLogData {
         wal_start: Lsn,
@@ -324,7 +309,7 @@ pub enum Replication {
 }
 
 /// Parses the payload of a CopyData message of the replication stream.
-pub fn parse_replication(mut body: bytes::Bytes) -> Result<Replication, ProtocolError> {
+pub(crate) fn parse_replication(mut body: bytes::Bytes) -> Result<Replication, ProtocolError> {
     if body.is_empty() {
         return Err(ProtocolError("empty CopyData".into()));
     }
@@ -475,12 +460,6 @@ mod tests {
         assert_eq!(u64::from_be_bytes(b[14..22].try_into().unwrap()), 2);
         assert_eq!(i64::from_be_bytes(b[30..38].try_into().unwrap()), 5);
         assert_eq!(b[38], 1);
-    }
-
-    #[test]
-    fn identifiers_and_literals_are_quoted() {
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
     }
 
     proptest! {

@@ -1,0 +1,13 @@
+//! The relay's integration tests, one binary (linked once: librdkafka, tokio-postgres and
+//! the test rig are large), one module per behaviour area. They run against real PostgreSQL
+//! 15 clusters and the tansu broker (docs/testing.md).
+
+mod apply;
+mod common;
+mod docs;
+mod faults;
+mod shards;
+mod sink;
+mod snapshot;
+mod source;
+mod tls;
