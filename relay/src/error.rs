@@ -90,53 +90,6 @@ impl RelayError {
     }
 }
 
-/// The wait before retry number `attempt` (from 1): 200 ms doubling, capped at `max`.
-pub(crate) fn retry_backoff(attempt: u32, max: std::time::Duration) -> std::time::Duration {
-    std::time::Duration::from_millis(100u64.saturating_mul(1 << attempt.min(16))).min(max)
-}
-
-/// The retry state of a daemon's session loop (source and sink): exponential backoff,
-/// started again after a session that ran for a minute.
-pub(crate) struct Retry {
-    attempt: u32,
-    max: std::time::Duration,
-    started: std::time::Instant,
-}
-
-impl Retry {
-    pub(crate) fn new(max: std::time::Duration) -> Retry {
-        Retry {
-            attempt: 0,
-            max,
-            started: std::time::Instant::now(),
-        }
-    }
-
-    /// Marks the start of a session.
-    pub(crate) fn session_started(&mut self) {
-        self.started = std::time::Instant::now();
-    }
-
-    /// After a transient error: logs the attempt and waits out the backoff. Returns false if
-    /// `shutdown` changed meanwhile (the daemon then stops).
-    pub(crate) async fn wait(
-        &mut self,
-        error: &RelayError,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> bool {
-        if self.started.elapsed() > std::time::Duration::from_secs(60) {
-            self.attempt = 0;
-        }
-        self.attempt += 1;
-        let backoff = retry_backoff(self.attempt, self.max);
-        tracing::warn!(%error, attempt = self.attempt, backoff_ms = backoff.as_millis() as u64, "transient error, retrying");
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => true,
-            _ = shutdown.changed() => false,
-        }
-    }
-}
-
 /// SQLSTATE classes and codes worth retrying: connection problems, shutdowns, resources,
 /// a slot in use by another process, serialization conflicts.
 pub(crate) fn server_error_is_transient(code: &str) -> bool {

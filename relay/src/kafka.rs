@@ -192,18 +192,12 @@ impl Kafka {
     /// Hands one message to the producer; the future resolves when Kafka acknowledged it or
     /// gave up. A full local queue is waited out (backpressure), never dropped.
     pub(crate) async fn send(&self, m: &Outgoing<'_>) -> Result<DeliveryFuture, RelayError> {
-        let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
-        for (k, v) in m.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
+        let headers = headers(m.headers.iter().map(|(k, v)| (*k, Some(v.as_bytes()))));
         self.send_owned(m.topic, m.partition, m.key, m.payload, headers)
             .await
     }
 
-    /// [`Kafka::send`] with headers already built (the sink's dead letters keep the
+    /// [`Kafka::send`] with headers already built ([`headers`]) (the sink's dead letters keep the
     /// original message's headers).
     pub(crate) async fn send_owned(
         &self,
@@ -234,6 +228,19 @@ impl Kafka {
             }
         }
     }
+}
+
+/// Kafka headers from names and values, in order: the one place they are built (the source's
+/// headers of every message, the sink's dead letters).
+pub(crate) fn headers<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+) -> OwnedHeaders {
+    let pairs = pairs.into_iter();
+    let mut headers = OwnedHeaders::new_with_capacity(pairs.size_hint().0);
+    for (key, value) in pairs {
+        headers = headers.insert(Header { key, value });
+    }
+    headers
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@
 //!   statements.
 //! - [`pg`]: the PostgreSQL client pieces both sides share: the replication wire codec,
 //!   connections, TLS with libpq's `sslmode`, DSN parsing, SQL quoting.
-//! - Beside them, shared by every daemon: [`config`], [`error`], [`kafka`], [`metrics`],
-//!   [`http`], [`status`], [`cli`].
+//! - Beside them, shared by every daemon: [`config`], [`error`] and [`retry`] (transient
+//!   errors retried, definite ones stop), [`kafka`], [`metrics`], [`http`], [`status`],
+//!   [`cli`].
 //!
 //! Modules are crate-private. What the integration tests, the examples and the benchmarks
 //! drive directly is re-exported below, and nothing else.
@@ -21,6 +22,7 @@ pub(crate) mod http;
 pub(crate) mod kafka;
 pub(crate) mod metrics;
 pub(crate) mod pg;
+pub(crate) mod retry;
 pub(crate) mod sink;
 pub(crate) mod source;
 pub(crate) mod status;

@@ -214,6 +214,7 @@ mod tests {
     use super::*;
     use crate::json::{write_i64, write_str};
     use crate::record::Record;
+    use crate::view::{Fields, RecordView};
     use proptest::prelude::*;
 
     fn quoted(s: &str) -> Vec<u8> {
@@ -332,10 +333,35 @@ mod tests {
             prop_assert_eq!(r.seq, seq);
             prop_assert_eq!(r.schema.as_deref(), Some(schema.as_str()));
             prop_assert_eq!(r.table.as_deref(), Some(table.as_str()));
-            prop_assert_eq!(r.columns.clone().unwrap(), expected);
+            prop_assert_eq!(r.columns.clone().unwrap(), expected.clone());
             prop_assert_eq!(r.prefix.as_deref(), Some(prefix.as_str()));
             prop_assert_eq!(r.content_bytes().unwrap(), content);
             prop_assert_eq!(r.origin, origin);
+
+            // The relays' borrowed reader sees the same fields, with the column objects raw
+            // (routing) or as ordered fields (the sink).
+            let v: RecordView<Fields> = RecordView::parse(&b).unwrap();
+            prop_assert_eq!(v.action, a);
+            prop_assert_eq!((v.xid, v.lsn, v.commit_lsn), (xid as u64, Lsn(lsn), commit.map(Lsn)));
+            prop_assert_eq!(v.commit_ts.as_deref(), r.commit_ts.as_deref());
+            prop_assert_eq!(v.seq, seq.map(|s| s as i64));
+            prop_assert_eq!(v.schema.as_deref(), Some(schema.as_str()));
+            prop_assert_eq!(v.table.as_deref(), Some(table.as_str()));
+            let fields = v.columns.unwrap();
+            prop_assert_eq!(fields.0.len(), cols.len(), "every column, in order, duplicates too");
+            for ((name, raw), (want_name, want)) in fields.0.iter().zip(&cols) {
+                prop_assert_eq!(name.as_ref(), want_name.as_str());
+                let value: Option<i64> = serde_json::from_str(raw.get()).unwrap();
+                prop_assert_eq!(value, *want);
+            }
+            prop_assert_eq!(v.prefix.as_deref(), Some(prefix.as_str()));
+            prop_assert_eq!(v.transactional, Some(true));
+            let content_value: serde_json::Value = serde_json::from_str(v.content.unwrap().get()).unwrap();
+            prop_assert_eq!(Some(content_value), r.content.clone());
+            let raw: RecordView = RecordView::parse(&b).unwrap();
+            let columns: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(raw.columns.unwrap().get()).unwrap();
+            prop_assert_eq!(columns, expected);
         }
     }
 }

@@ -7,6 +7,24 @@ use serde_json::{Map, Value};
 
 use crate::Lsn;
 
+/// Prefix of the heartbeat messages (`saiki.heartbeat()` and the source relay's heartbeats):
+/// they let an idle slot advance; the relay does not produce them to Kafka.
+pub const HEARTBEAT_PREFIX_C: &std::ffi::CStr = c"saiki.heartbeat";
+/// [`HEARTBEAT_PREFIX_C`] as a string.
+pub const HEARTBEAT_PREFIX: &str = as_str(HEARTBEAT_PREFIX_C);
+/// Prefix of the snapshot watermarks written around each snapshot chunk
+/// (`saiki.snapshot_chunk`): the source relay reads them from the stream (docs/relay.md).
+pub const SNAPSHOT_PREFIX_C: &std::ffi::CStr = c"saiki.snapshot";
+/// [`SNAPSHOT_PREFIX_C`] as a string.
+pub const SNAPSHOT_PREFIX: &str = as_str(SNAPSHOT_PREFIX_C);
+
+const fn as_str(c: &'static std::ffi::CStr) -> &'static str {
+    match std::str::from_utf8(c.to_bytes()) {
+        Ok(s) => s,
+        Err(_) => panic!("a prefix is ASCII"),
+    }
+}
+
 /// What a record says happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Action {

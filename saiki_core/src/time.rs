@@ -1,5 +1,13 @@
 //! PostgreSQL timestamps (microseconds since 2000-01-01 00:00:00 UTC) as RFC 3339 text.
 
+/// Microseconds since the Unix epoch, now (0 if the clock is before 1970): heartbeat contents,
+/// standby status updates, snapshot ids, freshness.
+pub fn unix_micros_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
 /// Seconds from the Unix epoch to PostgreSQL's epoch, 2000-01-01.
 const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
 const MICROS_PER_DAY: i64 = 86_400_000_000;

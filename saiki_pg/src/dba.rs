@@ -30,12 +30,13 @@ fn plugin_hint() -> String {
 /// Returns the message's end LSN as a number; `saiki.heartbeat()` turns it into a pg_lsn.
 #[pg_extern(volatile)]
 fn heartbeat_raw() -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros())
-        .unwrap_or(0);
+    let now = saiki_core::time::unix_micros_now();
     let content = format!("{{\"unix_micros\":{now}}}");
-    let lsn = crate::wal::log_logical_message(c"saiki.heartbeat", content.as_bytes(), false);
+    let lsn = crate::wal::log_logical_message(
+        saiki_core::record::HEARTBEAT_PREFIX_C,
+        content.as_bytes(),
+        false,
+    );
     // SAFETY: flushing the WAL up to a position just inserted.
     unsafe { pg_sys::XLogFlush(lsn) };
     lsn as i64

@@ -253,7 +253,11 @@ unsafe fn name(p: *const std::ffi::c_char) -> String {
 /// relay reads a chunk between a low and a high watermark (issue #6, after DBLog).
 #[pg_extern(volatile)]
 fn snapshot_watermark(content: &str) -> i64 {
-    crate::wal::log_logical_message(c"saiki.snapshot", content.as_bytes(), true) as i64
+    crate::wal::log_logical_message(
+        saiki_core::record::SNAPSHOT_PREFIX_C,
+        content.as_bytes(),
+        true,
+    ) as i64
 }
 
 extension_sql!(

@@ -105,7 +105,7 @@ pub(crate) fn copy_done(buf: &mut BytesMut) {
 pub(crate) enum Backend {
     Authentication(Auth),
     ParameterStatus,
-    BackendKeyData,
+    KeyData,
     ReadyForQuery,
     Error(ServerError),
     Notice(ServerError),
@@ -212,7 +212,7 @@ pub(crate) fn parse_backend(buf: &mut BytesMut) -> Result<Option<Backend>, Proto
             }
         }
         b'S' => Backend::ParameterStatus,
-        b'K' => Backend::BackendKeyData,
+        b'K' => Backend::KeyData,
         b'Z' => Backend::ReadyForQuery,
         b'E' => Backend::Error(parse_fields(&body)),
         b'N' => Backend::Notice(parse_fields(&body)),

@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use tracing::{info, warn, Instrument};
 
 use crate::error::RelayError;
@@ -262,26 +262,16 @@ impl Applier {
             let m = &batch[*i];
             let origin = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
             warn!(%origin, %reason, "dead letter");
-            let mut headers = OwnedHeaders::new();
-            if let Some(h) = m.headers() {
-                for x in h.iter() {
-                    if x.key != "saiki.error" && x.key != "saiki.origin" {
-                        headers = headers.insert(Header {
-                            key: x.key,
-                            value: x.value,
-                        });
-                    }
-                }
-            }
-            headers = headers
-                .insert(Header {
-                    key: "saiki.error",
-                    value: Some(reason.as_bytes()),
-                })
-                .insert(Header {
-                    key: "saiki.origin",
-                    value: Some(origin.as_bytes()),
-                });
+            // The original headers, but an earlier dead letter's reason and origin.
+            let kept = m
+                .headers()
+                .into_iter()
+                .flat_map(|h| h.iter())
+                .filter(|h| h.key != "saiki.error" && h.key != "saiki.origin");
+            let headers = crate::kafka::headers(kept.map(|h| (h.key, h.value)).chain([
+                ("saiki.error", Some(reason.as_bytes())),
+                ("saiki.origin", Some(origin.as_bytes())),
+            ]));
             pending.push(
                 producer
                     .send_owned(&topic, None, m.key(), m.payload(), headers)

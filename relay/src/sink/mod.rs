@@ -33,12 +33,13 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use regex::Regex;
 use tokio::sync::watch;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn};
 
 use crate::config::{KafkaConfig, SinkConfig};
-use crate::error::{RelayError, Retry};
+use crate::error::RelayError;
 use crate::kafka::Kafka;
 use crate::metrics::SinkMetrics;
+use crate::retry::{supervise, Supervised};
 use crate::sink::batch::{Applied, Applier, Done};
 use crate::sink::ods::{ApplyError, Ods};
 use crate::sink::offsets::{Accept, Ledger, Tp};
@@ -119,23 +120,16 @@ pub(crate) async fn run(
     metrics: Arc<SinkMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
-    let mut retry = Retry::new(rt.sink.reconnect_backoff_max);
-    loop {
-        let span = info_span!("sink", group = %rt.sink.group);
-        retry.session_started();
-        let result = session(&rt, &metrics, &mut shutdown).instrument(span).await;
-        metrics.ready.store(false, Ordering::Relaxed);
-        match result.map_err(crate::kafka::refused) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() => {
-                metrics.retries.fetch_add(1, Ordering::Relaxed);
-                if !retry.wait(&e, &mut shutdown).await {
-                    return Ok(());
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let supervised = Supervised {
+        ready: &metrics.ready,
+        restarts: &metrics.retries,
+        backoff_max: rt.sink.reconnect_backoff_max,
+    };
+    let span = || info_span!("sink", group = %rt.sink.group);
+    supervise(supervised, &mut shutdown, span, async |shutdown| {
+        session(&rt, &metrics, shutdown).await
+    })
+    .await
 }
 
 /// Rebalance and statistics callbacks: assign at the ODS's offsets (as last known), tell the
@@ -443,9 +437,7 @@ impl Session<'_> {
                 m.consumed.fetch_add(messages as u64, Ordering::Relaxed);
                 m.dead_letters.fetch_add(dead as u64, Ordering::Relaxed);
                 m.apply.observe(done.elapsed.as_secs_f64());
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_micros() as i64);
+                let now = saiki_core::time::unix_micros_now();
                 for ts in done.batch.commit_times() {
                     m.freshness.observe((now - ts) as f64 / 1e6);
                 }

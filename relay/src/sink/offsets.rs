@@ -308,13 +308,16 @@ mod tests {
         }
     }
 
+    /// A batch's messages (partition, offset) and the offsets it writes.
+    type Batch = (Vec<(i32, i64)>, Vec<PartitionOffsets>);
+
     /// The sink loop on the ledger, with Kafka and the ODS as plain values.
     struct World {
         parts: Vec<Partition>,
         ledger: Ledger,
         /// Offsets in the batch in hand and in flight.
         in_hand: Vec<(i32, i64)>,
-        in_flight: Option<(Vec<(i32, i64)>, Vec<PartitionOffsets>)>,
+        in_flight: Option<Batch>,
         /// Where rebalances assign a partition: the last offsets this instance committed
         /// (the consumer context's `positions`).
         positions: HashMap<i32, i64>,

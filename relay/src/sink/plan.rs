@@ -12,13 +12,11 @@
 //! property test).
 
 use std::borrow::Cow;
-use std::fmt;
 
 use indexmap::IndexMap;
 use saiki_core::record::Action;
+use saiki_core::view::{Fields, RecordView, Types};
 use saiki_core::Lsn;
-use serde::de::{MapAccess, Visitor};
-use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 /// The reason DESIGN.md §5 gives for records of tables without a key.
@@ -32,89 +30,9 @@ pub(crate) struct Msg<'a> {
     pub(crate) payload: Option<&'a [u8]>,
 }
 
-/// `{name: raw JSON value, …}` in the record's order.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Fields<'a>(pub(crate) Vec<(Cow<'a, str>, &'a RawValue)>);
-
-impl<'a> Fields<'a> {
-    pub(crate) fn get(&self, name: &str) -> Option<&'a RawValue> {
-        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Fields<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object of column values")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Fields<'a>, M::Error> {
-                let mut v = Vec::with_capacity(m.size_hint().unwrap_or(8));
-                while let Some((k, val)) = m.next_entry::<Cow<'a, str>, &'a RawValue>()? {
-                    v.push((k, val));
-                }
-                Ok(Fields(v))
-            }
-        }
-        d.deserialize_map(V(std::marker::PhantomData))
-    }
-}
-
-/// `{column: type name}` from `include-types`.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Types<'a>(pub(crate) Vec<(Cow<'a, str>, Cow<'a, str>)>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Types<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Types<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object of type names")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Types<'a>, M::Error> {
-                let mut v = Vec::new();
-                while let Some((k, val)) = m.next_entry::<Cow<'a, str>, Cow<'a, str>>()? {
-                    v.push((k, val));
-                }
-                Ok(Types(v))
-            }
-        }
-        d.deserialize_map(V(std::marker::PhantomData))
-    }
-}
-
-/// The sink's view of a change record: what applying it needs, borrowed from the message.
-#[derive(Debug, Deserialize)]
-pub(crate) struct SinkRecord<'a> {
-    pub(crate) action: Action,
-    #[serde(default)]
-    pub(crate) commit_lsn: Option<Lsn>,
-    #[serde(default)]
-    pub(crate) seq: Option<i64>,
-    /// With the plugin's `include-timestamp`: the source commit time, for freshness.
-    #[serde(default, borrow)]
-    pub(crate) commit_ts: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    pub(crate) schema: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    pub(crate) table: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    pub(crate) key: Option<Vec<Cow<'a, str>>>,
-    #[serde(default, borrow)]
-    pub(crate) columns: Option<Fields<'a>>,
-    #[serde(default, borrow)]
-    pub(crate) identity: Option<Fields<'a>>,
-    #[serde(default, borrow)]
-    pub(crate) unchanged_toast: Option<Vec<Cow<'a, str>>>,
-    /// Parsed only when a column's type is needed (a column new to the batch's plan).
-    #[serde(default, borrow)]
-    pub(crate) types: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    pub(crate) source: Option<Cow<'a, str>>,
-}
+/// The sink's view of a change record: the core's reader with the column objects as
+/// [`Fields`], borrowed from the message.
+pub(crate) type SinkRecord<'a> = RecordView<'a, Fields<'a>>;
 
 /// A net change to one ODS row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,25 +24,24 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use saiki_core::encode::ObjectWriter;
 use saiki_core::json::{write_str, write_u64};
-use saiki_core::record::Action;
+use saiki_core::record::{Action, HEARTBEAT_PREFIX, SNAPSHOT_PREFIX};
 use saiki_core::Lsn;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn};
 
 use crate::config::{KafkaConfig, SnapshotMode, SourceConfig};
-use crate::error::{RelayError, Retry};
+use crate::error::RelayError;
 use crate::kafka::{Kafka, Outgoing};
 use crate::metrics::SourceMetrics;
 use crate::pg::dsn::Dsn;
 use crate::pg::wire::{self, Backend, Replication};
 use crate::pg::{quote, PgConn, ReplicationStream};
+use crate::retry::{supervise, Supervised};
 use crate::source::ack::{AckTracker, Ticket};
-use crate::source::route::{RecordView, TopicTemplate};
-use crate::source::snapshot::{Chunk, Mark, Watermark, Window, SNAPSHOT_PREFIX};
+use crate::source::route::{Keys, RecordView, TopicTemplate};
+use crate::source::snapshot::{Chunk, Mark, Watermark, Window};
 
-/// Prefix of the heartbeat messages the relay writes; they are not produced to Kafka.
-pub(crate) const HEARTBEAT_PREFIX: &str = "saiki.heartbeat";
 /// Settings of the replication session, so values print the same whatever the server's
 /// defaults: ISO dates in UTC, round-trip floats.
 pub(crate) const SESSION_OPTIONS: &str =
@@ -163,25 +162,16 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
     let mut kafka = Kafka::new(&rt.kafka, rt.source.max_in_flight)?;
-    let mut retry = Retry::new(rt.source.reconnect_backoff_max);
-    loop {
-        let span = info_span!("source", name = %rt.source.name, slot = %rt.slot);
-        retry.session_started();
-        let result = session(&rt, &metrics, &mut kafka, &mut shutdown)
-            .instrument(span)
-            .await;
-        metrics.ready.store(false, Ordering::Relaxed);
-        match result.map_err(crate::kafka::refused) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() => {
-                metrics.reconnects.fetch_add(1, Ordering::Relaxed);
-                if !retry.wait(&e, &mut shutdown).await {
-                    return Ok(());
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let supervised = Supervised {
+        ready: &metrics.ready,
+        restarts: &metrics.reconnects,
+        backoff_max: rt.source.reconnect_backoff_max,
+    };
+    let span = || info_span!("source", name = %rt.source.name, slot = %rt.slot);
+    supervise(supervised, &mut shutdown, span, async |shutdown| {
+        session(&rt, &metrics, &mut kafka, shutdown).await
+    })
+    .await
 }
 
 /// Checks the slot, creating it with plugin saiki if it is missing (never dropping one).
@@ -432,10 +422,7 @@ async fn send_status(
     reply_requested: bool,
 ) -> Result<(), RelayError> {
     let lsn = s.tracker.confirmable();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
+    let now = saiki_core::time::unix_micros_now();
     wire::standby_status_update(&mut stream.wbuf, lsn, lsn, lsn, now, false);
     stream.flush().await?;
     if lsn != *sent {
@@ -529,7 +516,7 @@ impl Session<'_> {
     }
 
     async fn record(&mut self, bytes: &[u8]) -> Result<(), RelayError> {
-        let view = RecordView::parse(bytes).map_err(|e| RelayError::Record(e.to_string()))?;
+        let view = route::parse(bytes).map_err(|e| RelayError::Record(e.to_string()))?;
         let commit_lsn = view
             .commit_lsn
             .ok_or_else(|| RelayError::Record(format!("record without commit_lsn at {}: streamed transactions are not enabled by the relay", view.lsn)))?;
@@ -718,9 +705,7 @@ impl Session<'_> {
         let id = format!(
             "{}-{}-{}",
             std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros()),
+            saiki_core::time::unix_micros_now(),
             self.snap_seq
         );
         let conn = self.snap_conn.take();
@@ -843,8 +828,7 @@ impl Session<'_> {
                         &commit_lsn.to_string(),
                         seq,
                     );
-                    let r =
-                        RecordView::parse(&rec).map_err(|e| RelayError::Record(e.to_string()))?;
+                    let r = route::parse(&rec).map_err(|e| RelayError::Record(e.to_string()))?;
                     let key = r.key_json();
                     if !key.as_deref().is_some_and(|k| window.keeps(k)) {
                         continue;

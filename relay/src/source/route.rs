@@ -9,44 +9,10 @@ use std::collections::HashMap;
 
 use saiki_core::encode::ObjectWriter;
 use saiki_core::record::Action;
-use saiki_core::Lsn;
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// The routing view of one record.
-#[derive(Debug, Deserialize)]
-pub(crate) struct RecordView<'a> {
-    pub(crate) action: Action,
-    pub(crate) xid: u64,
-    pub(crate) lsn: Lsn,
-    #[serde(default)]
-    pub(crate) commit_lsn: Option<Lsn>,
-    #[serde(default, borrow)]
-    pub(crate) schema: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    pub(crate) table: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    pub(crate) key: Option<Vec<Cow<'a, str>>>,
-    #[serde(default, borrow)]
-    pub(crate) columns: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    pub(crate) identity: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    pub(crate) prefix: Option<Cow<'a, str>>,
-    #[serde(default)]
-    pub(crate) transactional: Option<bool>,
-    /// A message's content (a JSON string, or `{"base64": …}`).
-    #[serde(default, borrow)]
-    pub(crate) content: Option<&'a RawValue>,
-    #[serde(default)]
-    pub(crate) truncate: Option<TruncateView>,
-}
-
-/// The `truncate` member of a `T` record.
-#[derive(Debug, Deserialize)]
-pub(crate) struct TruncateView {
-    pub(crate) tables: Vec<(String, String)>,
-}
+/// The routing view of one record: the core's reader, column objects kept raw.
+pub(crate) type RecordView<'a> = saiki_core::view::RecordView<'a, &'a RawValue>;
 
 /// Why a record could not be routed: the plugin wrote something this relay does not read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,61 +22,72 @@ pub(crate) struct RouteError {
     pub(crate) excerpt: String,
 }
 
-impl<'a> RecordView<'a> {
-    pub(crate) fn parse(bytes: &'a [u8]) -> Result<RecordView<'a>, RouteError> {
-        serde_json::from_slice(bytes).map_err(|e| RouteError {
-            reason: e.to_string(),
-            excerpt: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
-        })
-    }
+/// Reads a record to route it.
+pub(crate) fn parse(bytes: &[u8]) -> Result<RecordView<'_>, RouteError> {
+    RecordView::parse(bytes).map_err(|e| RouteError {
+        reason: e.to_string(),
+        excerpt: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+    })
+}
 
+/// The Kafka keys of a record.
+pub(crate) trait Keys {
     /// The Kafka key: `{"col": value, …}` of the key columns, from the new row (I, U) or the
     /// old key (D). `None` for records without a key (no replica identity, T, M, B, C).
-    pub(crate) fn key_json(&self) -> Option<String> {
+    fn key_json(&self) -> Option<String>;
+    /// For an update that changed the key: the old key, which differs from
+    /// [`Keys::key_json`]. The relay sends such an update under both keys, so that the old
+    /// key's partition (where its earlier changes are, in order) also learns that the old
+    /// row is gone.
+    fn old_key_json(&self) -> Option<String>;
+}
+
+impl<'a> Keys for RecordView<'a> {
+    /// The Kafka key: `{"col": value, …}` of the key columns, from the new row (I, U) or the
+    /// old key (D). `None` for records without a key (no replica identity, T, M, B, C).
+    fn key_json(&self) -> Option<String> {
         match self.action {
-            Action::Delete => self.key_from(self.identity, None),
-            _ => self.key_from(self.columns, self.identity),
+            Action::Delete => key_from(self, self.identity, None),
+            _ => key_from(self, self.columns, self.identity),
         }
     }
 
-    /// For an update that changed the key: the old key, which differs from [`Self::key_json`].
-    /// The relay sends such an update under both keys, so that the old key's partition
-    /// (where its earlier changes are, in order) also learns that the old row is gone.
-    pub(crate) fn old_key_json(&self) -> Option<String> {
+    fn old_key_json(&self) -> Option<String> {
         if self.action != Action::Update {
             return None;
         }
-        let old = self.key_from(self.identity, None)?;
+        let old = key_from(self, self.identity, None)?;
         (Some(&old) != self.key_json().as_ref()).then_some(old)
     }
+}
 
-    fn key_from(
-        &self,
-        primary: Option<&'a RawValue>,
-        fallback: Option<&'a RawValue>,
-    ) -> Option<String> {
-        let names = self.key.as_ref()?;
-        if names.is_empty() {
-            return None;
-        }
-        let parse = |raw: Option<&'a RawValue>| -> Option<HashMap<Cow<'a, str>, &'a RawValue>> {
-            raw.and_then(|r| serde_json::from_str(r.get()).ok())
-        };
-        let primary = parse(primary);
-        let fallback = parse(fallback);
-        let mut out = Vec::with_capacity(64);
-        let mut obj = ObjectWriter::open(&mut out);
-        for name in names {
-            let v = primary
-                .as_ref()
-                .and_then(|m| m.get(name.as_ref()))
-                .or_else(|| fallback.as_ref().and_then(|m| m.get(name.as_ref())))?;
-            obj.field_str(&mut out, name.as_bytes());
-            out.extend_from_slice(v.get().as_bytes());
-        }
-        obj.close(&mut out);
-        String::from_utf8(out).ok()
+/// `{"col": value, …}` of the record's key columns, each from `primary` or else `fallback`.
+fn key_from<'a>(
+    rec: &RecordView<'a>,
+    primary: Option<&'a RawValue>,
+    fallback: Option<&'a RawValue>,
+) -> Option<String> {
+    let names = rec.key.as_ref()?;
+    if names.is_empty() {
+        return None;
     }
+    let object = |raw: Option<&'a RawValue>| -> Option<HashMap<Cow<'a, str>, &'a RawValue>> {
+        raw.and_then(|r| serde_json::from_str(r.get()).ok())
+    };
+    let primary = object(primary);
+    let fallback = object(fallback);
+    let mut out = Vec::with_capacity(64);
+    let mut obj = ObjectWriter::open(&mut out);
+    for name in names {
+        let v = primary
+            .as_ref()
+            .and_then(|m| m.get(name.as_ref()))
+            .or_else(|| fallback.as_ref().and_then(|m| m.get(name.as_ref())))?;
+        obj.field_str(&mut out, name.as_bytes());
+        out.extend_from_slice(v.get().as_bytes());
+    }
+    obj.close(&mut out);
+    String::from_utf8(out).ok()
 }
 
 /// The message value: the record with `"source":"<name>"` added at the end.
@@ -206,30 +183,24 @@ mod tests {
     #[test]
     fn keys_come_from_the_new_row_or_the_old_key() {
         let ins = br#"{"action":"I","xid":1,"lsn":"0/1","commit_lsn":"0/2","seq":1,"schema":"public","table":"orders","key":["id","region"],"columns":{"region":"eu","id":42,"total":1.50}}"#;
-        let v = RecordView::parse(ins).unwrap();
+        let v = parse(ins).unwrap();
         assert_eq!(v.key_json().unwrap(), r#"{"id":42,"region":"eu"}"#);
         let del = br#"{"action":"D","xid":1,"lsn":"0/1","commit_lsn":"0/2","seq":1,"schema":"public","table":"orders","key":["id"],"identity":{"id":7}}"#;
-        assert_eq!(
-            RecordView::parse(del).unwrap().key_json().unwrap(),
-            r#"{"id":7}"#
-        );
+        assert_eq!(parse(del).unwrap().key_json().unwrap(), r#"{"id":7}"#);
         let moved = br#"{"action":"U","xid":1,"lsn":"0/1","commit_lsn":"0/2","seq":1,"schema":"public","table":"t","key":["id"],"columns":{"id":2,"v":1},"identity":{"id":1}}"#;
-        let v = RecordView::parse(moved).unwrap();
+        let v = parse(moved).unwrap();
         assert_eq!(v.key_json().unwrap(), r#"{"id":2}"#);
         assert_eq!(v.old_key_json().unwrap(), r#"{"id":1}"#);
         let same = br#"{"action":"U","xid":1,"lsn":"0/1","commit_lsn":"0/2","seq":1,"schema":"public","table":"t","key":["id"],"columns":{"id":1,"v":1},"identity":{"id":1,"v":0}}"#;
-        assert_eq!(RecordView::parse(same).unwrap().old_key_json(), None);
+        assert_eq!(parse(same).unwrap().old_key_json(), None);
         let nokey = br#"{"action":"U","xid":1,"lsn":"0/1","commit_lsn":"0/2","seq":1,"schema":"public","table":"t","key":[],"columns":{"a":1}}"#;
-        assert_eq!(RecordView::parse(nokey).unwrap().key_json(), None);
+        assert_eq!(parse(nokey).unwrap().key_json(), None);
     }
 
     #[test]
     fn an_unchanged_toasted_key_is_taken_from_the_identity() {
         let upd = br#"{"action":"U","xid":1,"lsn":"0/1","commit_lsn":"0/2","seq":1,"schema":"s","table":"t","key":["k"],"columns":{"v":1},"identity":{"k":"long"},"unchanged_toast":["k"]}"#;
-        assert_eq!(
-            RecordView::parse(upd).unwrap().key_json().unwrap(),
-            r#"{"k":"long"}"#
-        );
+        assert_eq!(parse(upd).unwrap().key_json().unwrap(), r#"{"k":"long"}"#);
     }
 
     #[test]
@@ -255,7 +226,7 @@ mod tests {
 
     #[test]
     fn garbage_is_a_route_error_not_a_panic() {
-        assert!(RecordView::parse(b"{not json").is_err());
-        assert!(RecordView::parse(br#"{"action":"Q","xid":1,"lsn":"0/1"}"#).is_err());
+        assert!(parse(b"{not json").is_err());
+        assert!(parse(br#"{"action":"Q","xid":1,"lsn":"0/1"}"#).is_err());
     }
 }

@@ -33,9 +33,6 @@ use crate::error::RelayError;
 use crate::pg::quote::literal as quote_literal;
 use crate::pg::PgConn;
 
-/// Prefix of the watermark messages (written by `saiki.snapshot_watermark`).
-pub(crate) const SNAPSHOT_PREFIX: &str = "saiki.snapshot";
-
 /// A watermark message's content: `{"id":"…","mark":"low"|"high","table":"schema.table"}`.
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 pub(crate) struct Watermark {
