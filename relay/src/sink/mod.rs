@@ -21,6 +21,7 @@ pub(crate) mod batch;
 pub(crate) mod ods;
 pub(crate) mod offsets;
 pub(crate) mod plan;
+pub(crate) mod statements;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::SinkExt;
@@ -24,13 +25,13 @@ use tracing::{debug, info, warn};
 use crate::error::RelayError;
 use crate::pg::quote::{ident, literal};
 use crate::sink::plan::{self, ColumnKind, NetRow, Op, TablePlan};
+use crate::sink::statements::{
+    delete_truncated, TableStatements, RAISE_WATERMARK, READ_WATERMARKS, RECORD_TRUNCATION,
+};
 use saiki_core::Lsn;
 
 /// Bookkeeping columns (DESIGN.md §5).
-pub(crate) const SOURCE_COL: &str = "_saiki_source";
-pub(crate) const LSN_COL: &str = "_saiki_commit_lsn";
-pub(crate) const SEQ_COL: &str = "_saiki_seq";
-pub(crate) const APPLIED_COL: &str = "_saiki_applied_at";
+pub(crate) use crate::sink::statements::{APPLIED_COL, LSN_COL, SEQ_COL, SOURCE_COL};
 
 /// An ODS table as the catalog has it.
 #[derive(Debug, Clone)]
@@ -82,6 +83,8 @@ pub struct Ods {
     tables: HashMap<String, OdsTable>,
     /// Temp staging table per ODS table in this session, with the column list it was made for.
     stages: HashMap<String, (String, Vec<String>)>,
+    /// The statements per ODS table, with the columns and key they were built for.
+    statements: HashMap<String, (Vec<String>, Arc<TableStatements>)>,
     /// Tables that cannot be created, with the reason (their records are dead-lettered).
     unmaterializable: HashMap<String, String>,
     /// Tables where a plain INSERT met a key that was there: upserts only, for this session.
@@ -188,6 +191,7 @@ impl Ods {
             key_includes_source,
             tables: HashMap::new(),
             stages: HashMap::new(),
+            statements: HashMap::new(),
             unmaterializable: HashMap::new(),
             upserts_only: std::collections::HashSet::new(),
             in_transaction: false,
@@ -444,7 +448,8 @@ impl Ods {
         self.unmaterializable.insert(table.to_string(), reason);
     }
 
-    /// Applies one table's plan inside the open transaction. Returns rows written.
+    /// Applies one table's plan inside the open transaction: its truncates, then its rows
+    /// through the staging table. Returns rows written.
     pub(crate) async fn apply_table(
         &mut self,
         plan: &TablePlan<'_>,
@@ -454,18 +459,78 @@ impl Ods {
         let qualified = format!("{}.{}", ident(&self.schema), ident(&plan.name));
         let mut written = 0u64;
         // A truncate of a table the ODS does not have yet has nothing to delete.
-        let truncates = if table.columns.is_empty() {
-            None
-        } else {
-            Some(&plan.truncates)
-        };
-        for (source, (lsn, seq, _)) in truncates.into_iter().flatten() {
-            let sql = format!(
-                "DELETE FROM {qualified} WHERE {src} = $1 AND ({lsn_c}, {seq_c}) < ($2::text::pg_lsn, $3::int)",
-                src = ident(SOURCE_COL),
-                lsn_c = ident(LSN_COL),
-                seq_c = ident(SEQ_COL)
-            );
+        if !table.columns.is_empty() {
+            written += self.apply_truncates(plan, &qualified).await?;
+        }
+        if plan.rows.is_empty() {
+            if !table.columns.is_empty() {
+                self.raise_watermarks(plan).await?;
+            }
+            return Ok(written);
+        }
+        self.check_key(plan, &table, &qualified)?;
+        let stage = self.ensure_stage(&plan.name, &table).await?;
+        if isolated {
+            self.client
+                .batch_execute(&format!("TRUNCATE {stage}"))
+                .await
+                .map_err(|e| self.classify(&e))?;
+        }
+        let cols: Vec<&str> = plan.columns.keys().map(String::as_str).collect();
+        let sql = self.statements(plan, &qualified, &stage, &cols, &table.primary_key);
+        let plain = !isolated && !self.upserts_only.contains(&plan.name);
+        let staged = self
+            .copy_to_stage(plan, &table, &cols, &sql.copy, plain)
+            .await?;
+
+        if staged.inserts > 0 {
+            written += match self.client.execute(&sql.insert, &[]).await {
+                Ok(n) => n,
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    warn!(table = %qualified, error = %self.err(&e), "a row inserted at the source has a key the ODS table already holds: this table takes upserts only from now on");
+                    self.upserts_only.insert(plan.name.clone());
+                    return Err(ApplyError::KeyTaken(plan.name.clone()));
+                }
+                Err(e) => return Err(self.classify(&e)),
+            };
+        }
+        let mut run = Vec::new();
+        if staged.upserts > 0 {
+            run.push(&sql.upsert);
+        }
+        if staged.any_absent {
+            run.push(&sql.merge_absent);
+        }
+        if staged.deletes > 0 {
+            run.push(&sql.delete);
+        }
+        for statement in run {
+            written += self
+                .client
+                .execute(statement, &[])
+                .await
+                .map_err(|e| self.classify(&e))?;
+        }
+        if staged.deletes > 0 {
+            self.client
+                .execute(&sql.tombstones, &[])
+                .await
+                .map_err(|e| self.classify(&e))?;
+        }
+        self.raise_watermarks(plan).await?;
+        Ok(written)
+    }
+
+    /// Each source's truncate: its rows older than the truncate go, and the truncate is
+    /// recorded against replays.
+    async fn apply_truncates(
+        &self,
+        plan: &TablePlan<'_>,
+        qualified: &str,
+    ) -> Result<u64, ApplyError> {
+        let mut written = 0;
+        let sql = delete_truncated(qualified);
+        for (source, (lsn, seq, _)) in &plan.truncates {
             let lsn = lsn.to_string();
             let seq = *seq as i32;
             written += self
@@ -474,57 +539,87 @@ impl Ods {
                 .await
                 .map_err(|e| self.classify(&e))?;
             self.client
-                .execute(
-                    "INSERT INTO saiki_sink.truncations AS x (ods_table, source, lsn, seq)
-                     VALUES ($1, $2, $3::text::pg_lsn, $4)
-                     ON CONFLICT (ods_table, source) DO UPDATE SET lsn = EXCLUDED.lsn, seq = EXCLUDED.seq
-                     WHERE (x.lsn, x.seq) < (EXCLUDED.lsn, EXCLUDED.seq)",
-                    &[&plan.name, source, &lsn, &seq],
-                )
+                .execute(RECORD_TRUNCATION, &[&plan.name, source, &lsn, &seq])
                 .await
                 .map_err(|e| self.classify(&e))?;
         }
-        if plan.rows.is_empty() {
-            if !table.columns.is_empty() {
-                self.raise_watermarks(plan).await?;
-            }
-            return Ok(written);
-        }
-        if !plan.key.is_empty() {
-            let mut want: Vec<String> = Vec::new();
-            if self.key_includes_source {
-                want.push(SOURCE_COL.to_string());
-            }
-            want.extend(plan.key.iter().cloned());
-            let mut have = table.primary_key.clone();
-            let mut want_sorted = want.clone();
-            have.sort();
-            want_sorted.sort();
-            if have != want_sorted {
-                return Err(ApplyError::Data(format!(
-                    "the key of {} is ({}), but ODS table {qualified} has primary key ({}): recreate the ODS table, or set sink.key_includes_source to match it",
-                    plan.source_table,
-                    want.join(", "),
-                    table.primary_key.join(", ")
-                )));
-            }
-        }
-        let stage = self.ensure_stage(&plan.name, &table).await?;
-        if isolated {
-            self.client
-                .batch_execute(&format!("TRUNCATE {stage}"))
-                .await
-                .map_err(|e| self.classify(&e))?;
-        }
+        Ok(written)
+    }
 
-        // Only a change at or below what was applied of its source can be a replay: those
-        // rows are checked against tombstones and truncations, the others are not.
+    /// The records' key must be the ODS table's primary key (with `_saiki_source` first when
+    /// `key_includes_source`).
+    fn check_key(
+        &self,
+        plan: &TablePlan<'_>,
+        table: &OdsTable,
+        qualified: &str,
+    ) -> Result<(), ApplyError> {
+        if plan.key.is_empty() {
+            return Ok(());
+        }
+        let mut want: Vec<String> = Vec::new();
+        if self.key_includes_source {
+            want.push(SOURCE_COL.to_string());
+        }
+        want.extend(plan.key.iter().cloned());
+        let mut have = table.primary_key.clone();
+        let mut want_sorted = want.clone();
+        have.sort();
+        want_sorted.sort();
+        if have != want_sorted {
+            return Err(ApplyError::Data(format!(
+                "the key of {} is ({}), but ODS table {qualified} has primary key ({}): recreate the ODS table, or set sink.key_includes_source to match it",
+                plan.source_table,
+                want.join(", "),
+                table.primary_key.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// The table's statements for these columns, built once and cached.
+    fn statements(
+        &mut self,
+        plan: &TablePlan<'_>,
+        qualified: &str,
+        stage: &str,
+        cols: &[&str],
+        key_cols: &[String],
+    ) -> Arc<TableStatements> {
+        let made_for: Vec<String> = cols
+            .iter()
+            .map(|c| c.to_string())
+            .chain(std::iter::once(String::new()))
+            .chain(key_cols.iter().cloned())
+            .collect();
+        if let Some((m, sql)) = self.statements.get(&plan.name) {
+            if *m == made_for {
+                return sql.clone();
+            }
+        }
+        let sql = Arc::new(TableStatements::new(
+            qualified, &plan.name, stage, cols, key_cols,
+        ));
+        self.statements
+            .insert(plan.name.clone(), (made_for, sql.clone()));
+        sql
+    }
+
+    /// COPYs the net rows into the staging table, encoded and sent in chunks so that the ODS
+    /// parses one while the next is encoded. Only a change at or below what was applied of
+    /// its source (the table's watermark) can be a replay: those rows are marked to be
+    /// checked against tombstones and truncations.
+    async fn copy_to_stage(
+        &self,
+        plan: &TablePlan<'_>,
+        table: &OdsTable,
+        cols: &[&str],
+        copy_sql: &str,
+        plain: bool,
+    ) -> Result<Staged, ApplyError> {
         let marks: HashMap<String, (Lsn, i64)> = self
             .client
-            .query(
-                "SELECT source, lsn::text, seq FROM saiki_sink.watermarks WHERE ods_table = $1",
-                &[&plan.name],
-            )
+            .query(READ_WATERMARKS, &[&plan.name])
             .await
             .map_err(|e| self.classify(&e))?
             .iter()
@@ -536,47 +631,29 @@ impl Ods {
                 ))
             })
             .collect();
-
-        // COPY the net rows into the staging table.
-        let cols: Vec<&str> = plan.columns.keys().map(String::as_str).collect();
         let kinds: Vec<ColumnKind> = cols
             .iter()
             .map(|c| ColumnKind::of(table.columns.get(*c).map_or("text", String::as_str)))
             .collect();
-        let mut copy_cols = vec![
-            "_op", "_absent", "_key", "_check", SOURCE_COL, LSN_COL, SEQ_COL,
-        ];
-        copy_cols.extend(cols.iter());
-        let copy_sql = format!(
-            "COPY {stage} ({}) FROM STDIN",
-            copy_cols
-                .iter()
-                .map(|c| ident(c))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        // Encoded and sent in chunks, so that the ODS parses one while the next is encoded.
         const CHUNK: usize = 128 << 10;
         let sink = self
             .client
-            .copy_in::<_, Bytes>(&copy_sql)
+            .copy_in::<_, Bytes>(copy_sql)
             .await
             .map_err(|e| self.classify(&e))?;
         futures::pin_mut!(sink);
         let mut buf = Vec::with_capacity(CHUNK + 4096);
-        let mut any_absent = false;
-        let (mut n_insert, mut n_upsert, mut n_delete) = (0usize, 0usize, 0usize);
-        let plain = !isolated && !self.upserts_only.contains(&plan.name);
+        let mut staged = Staged::default();
         for row in plan.rows.values() {
             let check = marks
                 .get(row.source.as_ref())
                 .is_some_and(|m| (row.lsn, row.seq) <= *m);
-            let (op, absent) = encode_row(&mut buf, row, check, plain, &cols, &kinds);
-            any_absent |= absent;
+            let (op, absent) = encode_row(&mut buf, row, check, plain, cols, &kinds);
+            staged.any_absent |= absent;
             match op {
-                StageOp::Insert => n_insert += 1,
-                StageOp::Upsert => n_upsert += 1,
-                StageOp::Delete => n_delete += 1,
+                StageOp::Insert => staged.inserts += 1,
+                StageOp::Upsert => staged.upserts += 1,
+                StageOp::Delete => staged.deletes += 1,
             }
             if buf.len() >= CHUNK {
                 let full = std::mem::replace(&mut buf, Vec::with_capacity(CHUNK + 4096));
@@ -591,147 +668,7 @@ impl Ods {
                 .map_err(|e| self.classify(&e))?;
         }
         sink.finish().await.map_err(|e| self.classify(&e))?;
-
-        let key_cols: Vec<String> = table.primary_key.clone();
-        let guard = guard_sql("s");
-        let book = [SOURCE_COL, LSN_COL, SEQ_COL];
-        let value_cols: Vec<&str> = cols
-            .iter()
-            .copied()
-            .filter(|c| !key_cols.iter().any(|k| k == c))
-            .collect();
-        let insert_cols: Vec<String> = book
-            .iter()
-            .copied()
-            .chain(cols.iter().copied().filter(|c| *c != SOURCE_COL))
-            .map(ident)
-            .chain(std::iter::once(ident(APPLIED_COL)))
-            .collect();
-        let select_cols: Vec<String> = book
-            .iter()
-            .copied()
-            .chain(cols.iter().copied().filter(|c| *c != SOURCE_COL))
-            .map(|c| format!("s.{}", ident(c)))
-            .chain(std::iter::once("statement_timestamp()".to_string()))
-            .collect();
-        let conflict = key_cols
-            .iter()
-            .map(|c| ident(c))
-            .collect::<Vec<_>>()
-            .join(", ");
-        // A replayed change never brings back a row deleted or truncated by a later one.
-        let not_gone = format!(
-            "(NOT s._check OR (NOT EXISTS (SELECT 1 FROM saiki_sink.tombstones x WHERE x.ods_table = {name} AND x.source = s.{src} AND x.key = s._key AND (x.lsn, x.seq) > (s.{l}, s.{q}))
-             AND NOT EXISTS (SELECT 1 FROM saiki_sink.truncations x WHERE x.ods_table = {name} AND x.source = s.{src} AND (x.lsn, x.seq) > (s.{l}, s.{q}))))",
-            name = literal(&plan.name),
-            src = ident(SOURCE_COL),
-            l = ident(LSN_COL),
-            q = ident(SEQ_COL)
-        );
-        if n_insert > 0 {
-            // Keys new to the ODS: a plain INSERT costs half of a speculative one (ON
-            // CONFLICT). A key that is there after all voids the batch (KeyTaken).
-            let sql = format!(
-                "INSERT INTO {qualified} ({}) SELECT {} FROM {stage} s WHERE s._op = 'I'",
-                insert_cols.join(", "),
-                select_cols.join(", "),
-            );
-            written += match self.client.execute(&sql, &[]).await {
-                Ok(n) => n,
-                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                    warn!(table = %qualified, error = %self.err(&e), "a row inserted at the source has a key the ODS table already holds: this table takes upserts only from now on");
-                    self.upserts_only.insert(plan.name.clone());
-                    return Err(ApplyError::KeyTaken(plan.name.clone()));
-                }
-                Err(e) => return Err(self.classify(&e)),
-            };
-        }
-        if n_upsert > 0 {
-            let mut sets: Vec<String> = value_cols
-                .iter()
-                .map(|c| format!("{0} = EXCLUDED.{0}", ident(c)))
-                .collect();
-            for b in book.iter().chain(std::iter::once(&APPLIED_COL)) {
-                if !key_cols.iter().any(|k| k == b) {
-                    sets.push(format!("{0} = EXCLUDED.{0}", ident(b)));
-                }
-            }
-            let guard_excl = guard_sql("EXCLUDED");
-            let sql = format!(
-                "INSERT INTO {qualified} AS t ({}) SELECT {} FROM {stage} s WHERE s._op = 'U' AND s._absent IS NULL AND {not_gone} ON CONFLICT ({conflict}) DO UPDATE SET {} WHERE {guard_excl}",
-                insert_cols.join(", "),
-                select_cols.join(", "),
-                sets.join(", ")
-            );
-            written += self
-                .client
-                .execute(&sql, &[])
-                .await
-                .map_err(|e| self.classify(&e))?;
-        }
-        let on = key_cols
-            .iter()
-            .map(|c| format!("t.{0} = s.{0}", ident(c)))
-            .collect::<Vec<_>>()
-            .join(" AND ");
-        if any_absent {
-            let mut sets: Vec<String> = value_cols
-                .iter()
-                .map(|c| {
-                    format!(
-                        "{0} = CASE WHEN {1} = ANY(s._absent) THEN t.{0} ELSE s.{0} END",
-                        ident(c),
-                        literal(c)
-                    )
-                })
-                .collect();
-            for b in book.iter() {
-                if !key_cols.iter().any(|k| k == b) {
-                    sets.push(format!("{0} = s.{0}", ident(b)));
-                }
-            }
-            sets.push(format!("{} = statement_timestamp()", ident(APPLIED_COL)));
-            let sql = format!(
-                "MERGE INTO {qualified} AS t USING (SELECT * FROM {stage} s WHERE s._op = 'U' AND s._absent IS NOT NULL AND {not_gone}) AS s ON {on}
-                 WHEN MATCHED AND {guard} THEN UPDATE SET {}
-                 WHEN NOT MATCHED THEN INSERT ({}) VALUES ({})",
-                sets.join(", "),
-                insert_cols.join(", "),
-                select_cols.join(", ")
-            );
-            written += self
-                .client
-                .execute(&sql, &[])
-                .await
-                .map_err(|e| self.classify(&e))?;
-        }
-        if n_delete > 0 {
-            let sql = format!(
-                "DELETE FROM {qualified} AS t USING {stage} AS s WHERE s._op = 'D' AND {on} AND {guard}"
-            );
-            written += self
-                .client
-                .execute(&sql, &[])
-                .await
-                .map_err(|e| self.classify(&e))?;
-            let sql = format!(
-                "INSERT INTO saiki_sink.tombstones AS x (ods_table, source, key, lsn, seq)
-                 SELECT {name}, s.{src}, s._key, s.{l}, s.{q} FROM {stage} s WHERE s._op = 'D'
-                 ON CONFLICT (ods_table, source, key) DO UPDATE
-                 SET lsn = EXCLUDED.lsn, seq = EXCLUDED.seq, deleted_at = now()
-                 WHERE (x.lsn, x.seq) < (EXCLUDED.lsn, EXCLUDED.seq)",
-                name = literal(&plan.name),
-                src = ident(SOURCE_COL),
-                l = ident(LSN_COL),
-                q = ident(SEQ_COL)
-            );
-            self.client
-                .execute(&sql, &[])
-                .await
-                .map_err(|e| self.classify(&e))?;
-        }
-        self.raise_watermarks(plan).await?;
-        Ok(written)
+        Ok(staged)
     }
 
     /// Raises the table's watermark per source to the greatest change of the plan.
@@ -751,10 +688,7 @@ impl Ods {
         for (src, (lsn, seq)) in top {
             self.client
                 .execute(
-                    "INSERT INTO saiki_sink.watermarks AS x (ods_table, source, lsn, seq)
-                     VALUES ($1, $2, $3::text::pg_lsn, $4)
-                     ON CONFLICT (ods_table, source) DO UPDATE SET lsn = EXCLUDED.lsn, seq = EXCLUDED.seq
-                     WHERE (x.lsn, x.seq) < (EXCLUDED.lsn, EXCLUDED.seq)",
+                    RAISE_WATERMARK,
                     &[&plan.name, &src, &lsn.to_string(), &(seq as i32)],
                 )
                 .await
@@ -976,15 +910,14 @@ impl Ods {
     }
 }
 
-/// The ordering guard: the ODS row `t` is replaced by `new` only if `new` comes from another
-/// source or is a later change `(commit_lsn, seq)` of the same source.
-fn guard_sql(new: &str) -> String {
-    format!(
-        "(t.{src} IS DISTINCT FROM {new}.{src} OR (t.{l}, t.{q}) < ({new}.{l}, {new}.{q}))",
-        src = ident(SOURCE_COL),
-        l = ident(LSN_COL),
-        q = ident(SEQ_COL)
-    )
+/// What was copied into the staging table.
+#[derive(Debug, Default)]
+struct Staged {
+    inserts: usize,
+    upserts: usize,
+    deletes: usize,
+    /// Some upsert lacks a column (unchanged TOAST): the MERGE keeps those.
+    any_absent: bool,
 }
 
 /// How a staged row is applied: the `_op` of the staging table.

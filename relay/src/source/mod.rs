@@ -13,6 +13,7 @@
 pub(crate) mod ack;
 pub(crate) mod route;
 pub(crate) mod snapshot;
+pub(crate) mod snapshot_driver;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -40,7 +41,7 @@ use crate::pg::{quote, PgConn, ReplicationStream};
 use crate::retry::{supervise, Supervised};
 use crate::source::ack::{AckTracker, Ticket};
 use crate::source::route::{Keys, RecordView, TopicTemplate};
-use crate::source::snapshot::{Chunk, Mark, Watermark, Window};
+use crate::source::snapshot_driver::{ReadyChunk, SnapshotDriver};
 
 /// Settings of the replication session, so values print the same whatever the server's
 /// defaults: ISO dates in UTC, round-trip floats.
@@ -51,32 +52,6 @@ type Delivery = futures::future::BoxFuture<'static, (Ticket, Result<(), String>)
 
 /// How often the relay looks for requested snapshots while none runs.
 const SNAPSHOT_POLL: Duration = Duration::from_secs(1);
-
-/// What a chunk-reading task gives back: its connection (if still usable) and the chunk.
-type ChunkRead = (Option<PgConn>, Result<Option<Chunk>, RelayError>);
-
-/// Where the session's snapshot is (see [`crate::source::snapshot`]).
-enum SnapState {
-    /// Nothing running; the next poll looks for a requested table.
-    Idle,
-    /// A chunk is read between watermarks `id`; the window opens at the low watermark.
-    Reading {
-        id: String,
-        window: Option<Window>,
-        chunk: Option<Chunk>,
-    },
-    /// The chunk's rows are produced at the high watermark (`commit_lsn`); once the slot can
-    /// be confirmed past it, the progress is written.
-    Acking {
-        table: String,
-        commit_lsn: Lsn,
-        last_key: Option<Vec<Option<String>>>,
-        rows: usize,
-        done: bool,
-    },
-    /// The source database has no saiki extension: no snapshots in this session.
-    Unavailable,
-}
 
 /// Everything `run` needs, checked once.
 pub(crate) struct SourceRuntime {
@@ -296,27 +271,7 @@ struct Session<'a> {
     deliveries: FuturesUnordered<Delivery>,
     /// Changes per table of the open transaction, for its C record.
     counts: BTreeMap<String, u64>,
-    snap: SnapState,
-    snap_task: Option<tokio::task::JoinHandle<ChunkRead>>,
-    snap_conn: Option<PgConn>,
-    snap_seq: u64,
-}
-
-/// Waits for the task if there is one (never resolves otherwise).
-async fn join_task(t: &mut Option<tokio::task::JoinHandle<ChunkRead>>) -> ChunkRead {
-    let r = match t {
-        Some(h) => h.await,
-        None => std::future::pending().await,
-    };
-    *t = None;
-    r.unwrap_or_else(|e| {
-        (
-            None,
-            Err(RelayError::Internal(format!(
-                "the snapshot task failed: {e}"
-            ))),
-        )
-    })
+    snapshots: SnapshotDriver,
 }
 
 async fn session(
@@ -354,10 +309,11 @@ async fn session(
         tracker: AckTracker::new(),
         deliveries: FuturesUnordered::new(),
         counts: BTreeMap::new(),
-        snap: SnapState::Idle,
-        snap_task: None,
-        snap_conn: None,
-        snap_seq: 0,
+        snapshots: SnapshotDriver::new(
+            rt.dsn.clone(),
+            rt.slot.clone(),
+            rt.source.snapshot_chunk_rows,
+        ),
     };
     let mut snap_tick = tokio::time::interval(SNAPSHOT_POLL);
     snap_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -386,15 +342,12 @@ async fn session(
                 if reply {
                     send_status(&mut stream, &s, &mut confirmed_sent, true).await?;
                 }
-                if s.chunk_confirmable() {
-                    s.snapshot_step().await;
-                }
+                s.snapshot_step_if_confirmable().await;
             }
             Some((ticket, result)) = s.deliveries.next() => {
                 s.delivered(ticket, result)?;
-                if s.chunk_confirmable() {
-                    s.snapshot_step().await; // the next chunk at once, not at the next poll
-                }
+                // The next chunk at once, not at the next poll.
+                s.snapshot_step_if_confirmable().await;
             }
             _ = status.tick() => {
                 send_status(&mut stream, &s, &mut confirmed_sent, false).await?;
@@ -403,11 +356,9 @@ async fn session(
                 send_heartbeat(rt, metrics, &mut hb_conn).await;
             }
             _ = snap_tick.tick() => {
-                s.snapshot_step().await;
+                s.snapshots.step(s.tracker.confirmable(), s.metrics).await;
             }
-            out = join_task(&mut s.snap_task) => {
-                s.chunk_read(out);
-            }
+            _ = s.snapshots.joined() => {}
             _ = shutdown.changed() => {
                 return s.drain(&mut stream, &mut confirmed_sent).await;
             }
@@ -564,20 +515,12 @@ impl Session<'_> {
                     Action::Truncate => (None, None),
                     _ => (view.key_json(), view.old_key_json()),
                 };
-                if let SnapState::Reading {
-                    window: Some(w), ..
-                } = &mut self.snap
-                {
-                    match &view.truncate {
-                        Some(t) => w.observe_truncate(
-                            &t.tables
-                                .iter()
-                                .map(|(s, t)| format!("{s}.{t}"))
-                                .collect::<Vec<_>>(),
-                        ),
-                        None => w.observe(&qualified, key.as_deref(), old_key.as_deref()),
-                    }
-                }
+                self.snapshots.observe(
+                    &qualified,
+                    key.as_deref(),
+                    old_key.as_deref(),
+                    view.truncate.as_ref().map(|t| t.tables.as_slice()),
+                );
                 *self.counts.entry(qualified).or_default() += 1;
                 self.metrics.changes.fetch_add(1, Ordering::Relaxed);
                 let value = route::value_with_source(bytes, &self.source_json);
@@ -610,7 +553,12 @@ impl Session<'_> {
                 }
             }
             Action::Message if view.prefix.as_deref() == Some(SNAPSHOT_PREFIX) => {
-                self.watermark(&view, ticket).await?;
+                let content = view
+                    .content
+                    .and_then(|c| serde_json::from_str::<String>(c.get()).ok());
+                if let Some(ready) = self.snapshots.watermark(content.as_deref()).await {
+                    self.produce_chunk(ready, &view, ticket).await?;
+                }
                 if view.transactional != Some(true) {
                     self.tracker.complete(ticket);
                 }
@@ -636,235 +584,65 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Looks for snapshot work (when idle) or records a finished chunk (when Kafka has all of
-    /// it). Errors of the side connection are logged and retried at the next poll: the
-    /// stream never stops for a snapshot.
-    async fn snapshot_step(&mut self) {
-        if let SnapState::Acking { commit_lsn, .. } = &self.snap {
-            if self.tracker.confirmable() < *commit_lsn {
-                return;
+    /// Snapshot work as soon as the chunk produced last is acknowledged.
+    async fn snapshot_step_if_confirmable(&mut self) {
+        let confirmable = self.tracker.confirmable();
+        if self.snapshots.chunk_confirmable(confirmable) {
+            self.snapshots.step(confirmable, self.metrics).await;
+        }
+    }
+
+    /// Produces a chunk read between its watermarks at the high one (`view`), as `R`
+    /// records of the watermark's transaction: the rows whose key the window keeps.
+    async fn produce_chunk(
+        &mut self,
+        ReadyChunk { chunk, window }: ReadyChunk,
+        view: &RecordView<'_>,
+        ticket: Ticket,
+    ) -> Result<(), RelayError> {
+        let commit_lsn = view.commit_lsn.unwrap_or(view.lsn);
+        let (schema, table) = chunk.table.split_once('.').unwrap_or(("", &chunk.table));
+        let topic = self.topics.table_topic(schema, table);
+        self.kafka.ensure_topic(&topic).await?;
+        let (mut seq, mut kept) = (0u64, 0usize);
+        for row in &chunk.rows {
+            seq += 1;
+            let rec = snapshot::r_record(
+                &row.body,
+                view.xid,
+                &view.lsn.to_string(),
+                &commit_lsn.to_string(),
+                seq,
+            );
+            let r = route::parse(&rec).map_err(|e| RelayError::Record(e.to_string()))?;
+            let key = r.key_json();
+            if !key.as_deref().is_some_and(|k| window.keeps(k)) {
+                continue;
             }
-            let SnapState::Acking {
-                table,
-                last_key,
-                rows,
-                done,
-                ..
-            } = std::mem::replace(&mut self.snap, SnapState::Idle)
-            else {
-                return;
+            let all_headers;
+            let headers: &[(&'static str, String)] = if self.rt.kafka.headers {
+                all_headers = route::headers(&self.rt.source.name, &r);
+                &all_headers
+            } else {
+                &[]
             };
-            let r = async {
-                let conn = match self.snap_conn.take() {
-                    Some(c) => c,
-                    None => PgConn::connect(&self.rt.dsn, false, SESSION_OPTIONS).await?,
-                };
-                let conn = self.snap_conn.insert(conn);
-                snapshot::record_progress(
-                    conn,
-                    &self.rt.slot,
-                    &table,
-                    last_key.as_deref(),
-                    rows,
-                    done,
-                )
-                .await
-            }
-            .await;
-            match r {
-                Ok((rows_done, estimated)) => {
-                    self.metrics
-                        .snapshot_progress(&table, rows_done, estimated.max(rows_done));
-                    let percent = if done {
-                        100.0
-                    } else if estimated > 0 {
-                        (100.0 * rows_done as f64 / estimated as f64).min(100.0)
-                    } else {
-                        0.0
-                    };
-                    info!(
-                        table,
-                        rows_done,
-                        estimated,
-                        percent = format!("{percent:.1}"),
-                        done,
-                        "snapshot progress"
-                    );
-                }
-                Err(e) => {
-                    // The chunk is read again: duplicates, never a gap.
-                    warn!(table, error = %e, "could not record snapshot progress; the chunk will be read again");
-                    self.snap_conn = None;
-                }
-            }
+            let value = route::value_with_source(&rec, &self.source_json);
+            self.produce(
+                ticket,
+                &topic,
+                None,
+                key.as_ref().map(|k| k.as_bytes()),
+                Some(&value),
+                headers,
+            )
+            .await?;
+            kept += 1;
         }
-        if !matches!(self.snap, SnapState::Idle) || self.snap_task.is_some() {
-            return;
-        }
-        self.snap_seq += 1;
-        let id = format!(
-            "{}-{}-{}",
-            std::process::id(),
-            saiki_core::time::unix_micros_now(),
-            self.snap_seq
-        );
-        let conn = self.snap_conn.take();
-        let dsn = self.rt.dsn.clone();
-        let slot = self.rt.slot.clone();
-        let max_rows = self.rt.source.snapshot_chunk_rows;
-        let task_id = id.clone();
-        self.snap_task = Some(tokio::spawn(async move {
-            let mut conn = match conn {
-                Some(c) => c,
-                None => match PgConn::connect(&dsn, false, SESSION_OPTIONS).await {
-                    Ok(c) => c,
-                    Err(e) => return (None, Err(e)),
-                },
-            };
-            let r = async {
-                let Some((table, after)) = snapshot::next_table(&mut conn, &slot).await? else {
-                    return Ok(None);
-                };
-                snapshot::read_chunk(
-                    &mut conn,
-                    &slot,
-                    &task_id,
-                    &table,
-                    after.as_deref(),
-                    max_rows,
-                )
-                .await
-            }
-            .await;
-            match r {
-                Ok(c) => (Some(conn), Ok(c)),
-                Err(e) => (None, Err(e)),
-            }
-        }));
-        self.snap = SnapState::Reading {
-            id,
-            window: None,
-            chunk: None,
-        };
-    }
-
-    /// Whether the chunk produced last is acknowledged up to its high watermark.
-    fn chunk_confirmable(&self) -> bool {
-        matches!(&self.snap, SnapState::Acking { commit_lsn, .. } if self.tracker.confirmable() >= *commit_lsn)
-    }
-
-    /// The chunk task finished.
-    fn chunk_read(&mut self, (conn, result): ChunkRead) {
-        self.snap_conn = conn;
-        match result {
-            Ok(Some(c)) => {
-                if let SnapState::Reading { chunk, .. } = &mut self.snap {
-                    *chunk = Some(c);
-                }
-            }
-            Ok(None) => self.snap = SnapState::Idle,
-            Err(RelayError::Server { error, .. })
-                if error.code == "42P01" || error.code == "42883" =>
-            {
-                debug!("no saiki extension in the source database: snapshots are off");
-                self.snap = SnapState::Unavailable;
-            }
-            Err(e) => {
-                warn!(error = %e, "reading a snapshot chunk failed; trying again");
-                self.snap = SnapState::Idle;
-            }
-        }
-    }
-
-    /// A `saiki.snapshot` watermark from the stream. The high watermark of the chunk being
-    /// read produces the chunk's standing rows, as `R` records of the watermark's transaction.
-    async fn watermark(&mut self, view: &RecordView<'_>, ticket: Ticket) -> Result<(), RelayError> {
-        let wm: Option<Watermark> = view
-            .content
-            .and_then(|c| serde_json::from_str::<String>(c.get()).ok())
-            .and_then(|c| serde_json::from_str(&c).ok());
-        let Some(wm) = wm else {
-            return Ok(());
-        };
-        let SnapState::Reading { id, .. } = &self.snap else {
-            return Ok(()); // a watermark of an earlier session or relay: nothing to do
-        };
-        if *id != wm.id {
-            return Ok(());
-        }
-        match wm.mark {
-            Mark::Low => {
-                if let SnapState::Reading { window, .. } = &mut self.snap {
-                    let mut w = Window::new(wm.table.clone());
-                    w.low_seen = true;
-                    *window = Some(w);
-                }
-            }
-            Mark::High => {
-                if self.snap_task.is_some() {
-                    // The task wrote this watermark as its last step: it is about to finish.
-                    let out = join_task(&mut self.snap_task).await;
-                    self.chunk_read(out);
-                }
-                let SnapState::Reading {
-                    window: Some(window),
-                    chunk: Some(chunk),
-                    ..
-                } = std::mem::replace(&mut self.snap, SnapState::Idle)
-                else {
-                    return Ok(());
-                };
-                let commit_lsn = view.commit_lsn.unwrap_or(view.lsn);
-                let (schema, table) = chunk.table.split_once('.').unwrap_or(("", &chunk.table));
-                let topic = self.topics.table_topic(schema, table);
-                self.kafka.ensure_topic(&topic).await?;
-                let (mut seq, mut kept) = (0u64, 0usize);
-                for row in &chunk.rows {
-                    seq += 1;
-                    let rec = snapshot::r_record(
-                        &row.body,
-                        view.xid,
-                        &view.lsn.to_string(),
-                        &commit_lsn.to_string(),
-                        seq,
-                    );
-                    let r = route::parse(&rec).map_err(|e| RelayError::Record(e.to_string()))?;
-                    let key = r.key_json();
-                    if !key.as_deref().is_some_and(|k| window.keeps(k)) {
-                        continue;
-                    }
-                    let all_headers;
-                    let headers: &[(&'static str, String)] = if self.rt.kafka.headers {
-                        all_headers = route::headers(&self.rt.source.name, &r);
-                        &all_headers
-                    } else {
-                        &[]
-                    };
-                    let value = route::value_with_source(&rec, &self.source_json);
-                    self.produce(
-                        ticket,
-                        &topic,
-                        None,
-                        key.as_ref().map(|k| k.as_bytes()),
-                        Some(&value),
-                        headers,
-                    )
-                    .await?;
-                    kept += 1;
-                }
-                self.metrics
-                    .snapshot_rows
-                    .fetch_add(kept as u64, Ordering::Relaxed);
-                debug!(table = %chunk.table, read = chunk.rows.len(), kept, changed_in_window = window.changed.len(), "snapshot chunk produced");
-                self.snap = SnapState::Acking {
-                    table: chunk.table.clone(),
-                    commit_lsn,
-                    last_key: chunk.rows.last().map(|r| r.key_text.clone()),
-                    rows: chunk.rows.len(),
-                    done: chunk.last,
-                };
-            }
-        }
+        self.metrics
+            .snapshot_rows
+            .fetch_add(kept as u64, Ordering::Relaxed);
+        debug!(table = %chunk.table, read = chunk.rows.len(), kept, changed_in_window = window.changed.len(), "snapshot chunk produced");
+        self.snapshots.produced(&chunk, commit_lsn);
         Ok(())
     }
 
