@@ -5,7 +5,7 @@ earlier keys, 5 % deletes, pgbench-like accounts rows) in two figures of the sam
 1. The apply engine: records already in memory, applied by the sink's apply path (planner,
    COPY into a staging table, one merge per table and batch, offsets in the same transaction;
    batch N+1 planned while batch N is applied, as `saiki-relay sink` does)
-   against the ceiling (the same ODS rows, with DESIGN.md's bookkeeping columns and key, by COPY
+   against the ceiling (the same ODS rows, with docs/sink.md's bookkeeping columns and key, by COPY
    into a staging table plus one INSERT ... ON CONFLICT merge) and against one-row-at-a-time
    upserts into a plain table (a 50,000 sample).
    Goal: >= 70 % of the ceiling's rows/s.

@@ -180,7 +180,7 @@ async fn sink_round(dsn: &str, records: &[Vec<u8>], batch: usize) -> (f64, f64, 
     )
 }
 
-/// The ceiling: the same ODS rows (DESIGN.md §5 layout: bookkeeping columns, key
+/// The ceiling: the same ODS rows (the layout of docs/sink.md: bookkeeping columns, key
 /// (_saiki_source, aid)) by COPY of all changes into a staging table + one merge.
 async fn ceiling_round(c: &tokio_postgres::Client, text: &[u8]) -> f64 {
     c.batch_execute(

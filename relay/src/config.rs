@@ -1,4 +1,4 @@
-//! Configuration (DESIGN.md §6): a TOML file, overridden by `SAIKI_<SECTION>_<KEY>`
+//! Configuration (docs/configuration.md): a TOML file, overridden by `SAIKI_<SECTION>_<KEY>`
 //! environment variables, overridden by flags. Unknown keys are errors, so a typo never
 //! silently falls back to a default. `saiki-relay --help-config` prints every key.
 
@@ -123,7 +123,7 @@ pub(crate) struct KafkaConfig {
     pub(crate) partitions: i32,
     #[serde(default = "d_one")]
     pub(crate) replication_factor: i32,
-    /// The four headers of DESIGN.md §3 on every message (on by default; some brokers store
+    /// The four headers of docs/relay.md on every message (on by default; some brokers store
     /// each header separately, at a cost per message).
     #[serde(default = "d_true")]
     pub(crate) headers: bool,

@@ -1,4 +1,4 @@
-//! Writes change records (DESIGN.md §1) into a byte buffer, keys in the contract's order:
+//! Writes change records (docs/plugin.md, "Records") into a byte buffer, keys in the contract's order:
 //! `action, xid, lsn, commit_lsn, commit_ts, streamed, subxid, seq, schema, table, key,
 //! columns, identity, unchanged_toast, types, truncate, prefix, content, transactional,
 //! origin`.

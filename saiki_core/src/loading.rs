@@ -6,7 +6,7 @@
 //!
 //! The setting is a *list* (like `shared_preload_libraries`): in SQL each library is its own
 //! literal. `ALTER SYSTEM SET output_plugin_libraries = 'pgoutput, test_decoding, saiki'`
-//! (one literal, as DESIGN.md §1 wrote it) sets a single element named
+//! (one literal, as the design contract once wrote it) sets a single element named
 //! `pgoutput, test_decoding, saiki` and allows none of the three; see docs/deviations.md.
 
 /// The statements a DBA runs to allow the plugin on a default server.

@@ -1,4 +1,4 @@
-//! The output plugin's options (DESIGN.md §1), parsed from the `(name, value)` pairs that
+//! The output plugin's options (docs/plugin.md, "Options"), parsed from the `(name, value)` pairs that
 //! `pg_logical_slot_get_changes(..., VARIADIC options)` or `START_REPLICATION ... (options)`
 //! pass. Unknown options and unparsable values are errors that name the option; the plugin
 //! raises them as SQLSTATE 22023.

@@ -1,4 +1,4 @@
-//! The change record of format-version 1 (DESIGN.md §1), as consumers read it: the relay,
+//! The change record of format-version 1 (docs/plugin.md), as consumers read it: the relay,
 //! the sink and the tests. The plugin does not build these structs; it writes the same JSON
 //! directly with [`crate::encode`], and the property tests check that the two agree.
 

@@ -1,4 +1,4 @@
-//! The DBA functions of `CREATE EXTENSION saiki` (DESIGN.md §2).
+//! The DBA functions of `CREATE EXTENSION saiki` (README, "Five-minute tour for a DBA"; docs/operations.md).
 //!
 //! They are plain SQL over `pg_replication_slots` and the slot functions of PostgreSQL, plus
 //! one Rust function that reads `output_plugin_libraries`. Every function that takes a slot

@@ -2,7 +2,7 @@
 //! around `saiki_core`'s option parser and record encoder.
 //!
 //! Invariants:
-//! - One output message per record (DESIGN.md §1), never one per transaction: memory does not
+//! - One output message per record (docs/plugin.md), never one per transaction: memory does not
 //!   grow with the transaction. Every callback allocates in `change_cxt`, reset when it ends.
 //! - Nothing about data raises an ERROR: every datum is written (see `value.rs`); an ERROR is
 //!   raised only for a bad option, naming it, with SQLSTATE 22023.

@@ -29,7 +29,7 @@ pub struct RelInfo {
     pub columns: Vec<Column>,
     /// Natts of the tuple descriptor (dropped columns included).
     pub natts: usize,
-    /// Positions in `columns` of the key (DESIGN.md §1 `key`).
+    /// Positions in `columns` of the key (docs/plugin.md, `key`).
     pub key: Vec<usize>,
     /// Positions in `columns` written in `identity` from an old tuple: the replica identity
     /// index's columns, or every column under REPLICA IDENTITY FULL.

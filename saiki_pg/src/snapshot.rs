@@ -1,6 +1,6 @@
 //! `saiki.snapshot_chunk`: one key-ordered chunk of a table, encoded exactly as the plugin
 //! encodes an insert's columns, for the relay's incremental snapshot (issue #6). The relay
-//! wraps each row into an `R` record (DESIGN.md §1) between two watermark messages.
+//! wraps each row into an `R` record (docs/plugin.md) between two watermark messages.
 //!
 //! Keyset pagination: the rows whose key is greater than `after` (the text output of the
 //! previous chunk's last key), in key order, at most `max_rows`. No transaction is held

@@ -1,4 +1,4 @@
-//! Encodes one PostgreSQL datum as a JSON value (DESIGN.md §1 "Values").
+//! Encodes one PostgreSQL datum as a JSON value (docs/types.md).
 //!
 //! How a type is encoded is decided once per type and cached ([`TypeCache`]): fast paths
 //! for booleans, integers, text and bytea read the datum directly; floats and numerics go

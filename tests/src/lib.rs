@@ -410,8 +410,8 @@ fn tansu_path() -> String {
 }
 
 /// tansu 0.6.0's SQLite schema has no index on `header (topition, offset_id)`, and its fetch
-/// looks up the headers of every record it returns: with headers on every message (DESIGN.md
-/// §3) each fetched record scans the whole header table, so reading a topic is quadratic and
+/// looks up the headers of every record it returns: with headers on every message
+/// (docs/relay.md) each fetched record scans the whole header table, so reading a topic is quadratic and
 /// a 200,000-message partition wedges the broker. The rig adds the index once tansu has
 /// created its schema (it is kept in the database across restarts). See docs/testing.md.
 pub fn add_tansu_header_index(db: &Path) {

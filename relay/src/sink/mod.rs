@@ -1,5 +1,5 @@
 //! `saiki-relay sink`: a Kafka consumer group applying change records to the ODS, exactly
-//! once (DESIGN.md §4 invariant 3, §5).
+//! once (docs/sink.md, "Exactly once").
 //!
 //! Invariants:
 //! - **Offsets live in the ODS.** A batch's rows and its partitions' next offsets commit in

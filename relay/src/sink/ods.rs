@@ -1,4 +1,4 @@
-//! The ODS side of the sink (DESIGN.md §5): bookkeeping tables, ODS tables created and grown
+//! The ODS side of the sink (docs/sink.md, "What lands in the ODS"): bookkeeping tables, ODS tables created and grown
 //! from the records' `types`, and a batch applied in **one** transaction together with the
 //! consumed offsets.
 //!
@@ -30,7 +30,7 @@ use crate::sink::statements::{
 };
 use saiki_core::Lsn;
 
-/// Bookkeeping columns (DESIGN.md §5).
+/// Bookkeeping columns (docs/sink.md, "What lands in the ODS").
 pub(crate) use crate::sink::statements::{APPLIED_COL, LSN_COL, SEQ_COL, SOURCE_COL};
 
 /// An ODS table as the catalog has it.

@@ -1,4 +1,4 @@
-//! The sink's apply planner (DESIGN.md §4 invariant 3, §5). Pure: no I/O, no PostgreSQL.
+//! The sink's apply planner (docs/sink.md, "The apply path"). Pure: no I/O, no PostgreSQL.
 //!
 //! A batch of Kafka messages becomes, per ODS table, a set of **net changes**: one per row
 //! (source and key), folded in consumption order, so that the database applies each row once
@@ -19,7 +19,7 @@ use saiki_core::view::{Fields, RecordView, Types};
 use saiki_core::Lsn;
 use serde_json::value::RawValue;
 
-/// The reason DESIGN.md §5 gives for records of tables without a key.
+/// The dead-letter reason for records of tables without a key (docs/sink.md, "Dead letters").
 pub(crate) const NO_IDENTITY: &str =
     "no replica identity: add a primary key or set REPLICA IDENTITY FULL";
 
@@ -94,7 +94,7 @@ pub(crate) struct ColumnSeen {
 /// Everything a batch does to one ODS table.
 #[derive(Debug, Clone)]
 pub(crate) struct TablePlan<'a> {
-    /// The ODS table name (the source table's name, DESIGN.md §5).
+    /// The ODS table name (the source table's name, docs/sink.md).
     pub(crate) name: String,
     /// `schema.table` at the source, for messages.
     pub(crate) source_table: String,
@@ -459,7 +459,7 @@ fn parse_key(k: &[u8]) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
-// Values: JSON (DESIGN.md §1 "Values") → PostgreSQL text input, escaped for COPY text.
+// Values: JSON (docs/types.md) → PostgreSQL text input, escaped for COPY text.
 
 /// How a column's values are written, from its ODS type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! Which LSN the source relay may confirm to the slot.
 //!
-//! **Invariant (DESIGN.md §4.1): the slot never advances past an unacknowledged change.** The
+//! **Invariant (docs/relay.md): the slot never advances past an unacknowledged change.** The
 //! confirmable position is the `commit_lsn` of the newest transaction whose messages, and every
 //! earlier transaction's messages, Kafka has acknowledged, and whose last record has been seen.
 //! Pure: no I/O; the property tests drive it with every order of acknowledgements.

@@ -1,4 +1,4 @@
-//! `saiki-relay source`: streams a replication slot into Kafka (DESIGN.md §3, §4).
+//! `saiki-relay source`: streams a replication slot into Kafka (docs/relay.md).
 //!
 //! Invariants kept here (with [`AckTracker`] holding the first):
 //! 1. The slot is confirmed only to [`AckTracker::confirmable`]: never past a change Kafka has

@@ -1,4 +1,4 @@
-//! Where a change record goes in Kafka (DESIGN.md §3): topic, key, value, headers. Pure.
+//! Where a change record goes in Kafka (docs/relay.md, "What it does"): topic, key, value, headers. Pure.
 //!
 //! The record is parsed only as far as routing needs (top-level keys; column values stay raw
 //! JSON text, so numbers keep their digits); the value is the record's own bytes with
@@ -163,7 +163,7 @@ pub(crate) fn sanitize_topic(t: &str) -> String {
         .collect()
 }
 
-/// The headers of DESIGN.md §3.
+/// The headers of every message (docs/relay.md, "What it does").
 pub(crate) fn headers(source: &str, rec: &RecordView<'_>) -> [(&'static str, String); 4] {
     [
         ("saiki.source", source.to_string()),

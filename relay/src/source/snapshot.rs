@@ -122,7 +122,7 @@ impl Window {
 }
 
 /// An `R` record: `{"action":"R","xid":…,"lsn":…,"commit_lsn":…,"seq":…,` then the body's
-/// members (`schema`, `table`, `key`, `columns`, `types`), in DESIGN.md §1's key order.
+/// members (`schema`, `table`, `key`, `columns`, `types`), in the key order of docs/plugin.md, "Records".
 pub(crate) fn r_record(body: &str, xid: u64, lsn: &str, commit_lsn: &str, seq: u64) -> Vec<u8> {
     let members = body.strip_prefix('{').unwrap_or(body);
     format!(

@@ -87,7 +87,7 @@ fn changes_materialize_in_the_ods_with_bookkeeping_new_columns_and_resume_after_
         "SELECT order_id, line, sku FROM ods.items",
         &sink,
     );
-    // The bookkeeping of DESIGN.md §5.
+    // The bookkeeping of docs/sink.md, "What lands in the ODS".
     let book = text_rows(
         &mut ods,
         "SELECT DISTINCT _saiki_source, _saiki_commit_lsn IS NOT NULL, _saiki_seq > 0, _saiki_applied_at IS NOT NULL FROM ods.orders",

@@ -1,5 +1,5 @@
 //! PostgreSQL 15.20 loads only the output plugins listed in `output_plugin_libraries`
-//! (DESIGN.md §1). Without `saiki` there, the extension says so and says what to run; after
+//! (docs/plugin.md). Without `saiki` there, the extension says so and says what to run; after
 //! the DBA runs it, slots work.
 
 use saiki_tests::{supports_output_plugin_libraries, PgCluster};
