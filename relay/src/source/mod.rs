@@ -472,14 +472,8 @@ impl Session<'_> {
             .commit_lsn
             .ok_or_else(|| RelayError::Record(format!("record without commit_lsn at {}: streamed transactions are not enabled by the relay", view.lsn)))?;
         let ticket = self.tracker.unit_for(commit_lsn);
-        // Built only when they are sent: four strings per message on the hot path.
-        let all_headers;
-        let headers: &[(&'static str, String)] = if self.rt.kafka.headers {
-            all_headers = route::headers(&self.rt.source.name, &view);
-            &all_headers
-        } else {
-            &[]
-        };
+        let all_headers = self.headers(&view);
+        let headers = all_headers.as_ref().map_or(&[][..], |h| &h[..]);
         match view.action {
             Action::Begin => {
                 self.counts.clear();
@@ -584,6 +578,15 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// The headers of a record's messages, unless `kafka.headers` is off: built only when
+    /// they are sent (four strings per message on the hot path).
+    fn headers(&self, view: &RecordView<'_>) -> Option<[(&'static str, String); 4]> {
+        self.rt
+            .kafka
+            .headers
+            .then(|| route::headers(&self.rt.source.name, view))
+    }
+
     /// Snapshot work as soon as the chunk produced last is acknowledged.
     async fn snapshot_step_if_confirmable(&mut self) {
         let confirmable = self.tracker.confirmable();
@@ -619,13 +622,8 @@ impl Session<'_> {
             if !key.as_deref().is_some_and(|k| window.keeps(k)) {
                 continue;
             }
-            let all_headers;
-            let headers: &[(&'static str, String)] = if self.rt.kafka.headers {
-                all_headers = route::headers(&self.rt.source.name, &r);
-                &all_headers
-            } else {
-                &[]
-            };
+            let all_headers = self.headers(&r);
+            let headers = all_headers.as_ref().map_or(&[][..], |h| &h[..]);
             let value = route::value_with_source(&rec, &self.source_json);
             self.produce(
                 ticket,
