@@ -71,6 +71,19 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Serve the HTTP event API: event types with JSON Schemas, events validated and
+    /// produced to Kafka (docs/ingest.md).
+    Ingest {
+        /// ingest.dsn (the registry database)
+        #[arg(long)]
+        dsn: Option<String>,
+        /// kafka.brokers
+        #[arg(long)]
+        brokers: Option<String>,
+        /// http.listen for /metrics ("" turns the endpoint off)
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Asks the source relay of this config (its slot) to snapshot tables, now, while it runs:
     /// rows that exist are brought into Kafka and the ODS (again), consistent with the stream.
     Snapshot {
@@ -111,7 +124,9 @@ pub fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let Some(command) = cli.command else {
-        eprintln!("saiki-relay: name a command: source, sink, snapshot or status (see --help)");
+        eprintln!(
+            "saiki-relay: name a command: source, sink, ingest, snapshot or status (see --help)"
+        );
         return ExitCode::from(2);
     };
     let mut cfg = match Config::load(cli.config.as_deref(), std::env::vars()) {
@@ -166,6 +181,16 @@ pub fn main() -> ExitCode {
                 if let Some(v) = brokers { cfg.kafka.brokers = v; }
                 if let Some(v) = listen { cfg.http.listen = v; }
                 run_sink(sink, cfg).await
+            }
+            Command::Ingest { dsn, brokers, listen } => {
+                let mut ingest = match cfg.ingest.take() {
+                    Some(i) => i,
+                    None => toml::from_str("").map_err(|e| RelayError::Config(e.to_string()))?,
+                };
+                if let Some(v) = dsn { ingest.dsn = Some(v); }
+                if let Some(v) = brokers { cfg.kafka.brokers = v; }
+                if let Some(v) = listen { cfg.http.listen = v; }
+                run_ingest(ingest, cfg).await
             }
             Command::Snapshot { tables, dsn, slot } => {
                 let dsn = dsn
@@ -253,6 +278,22 @@ async fn run_sink(sink: crate::config::SinkConfig, cfg: Config) -> Result<(), Re
         Some(crate::http::serve(&cfg.http.listen, metrics.clone()).await?)
     };
     sink::run(runtime, metrics, shutdown_signal()).await
+}
+
+async fn run_ingest(ingest: crate::config::IngestConfig, cfg: Config) -> Result<(), RelayError> {
+    let sink_dsn = cfg.sink.as_ref().map(|s| s.dsn.as_str());
+    let runtime = Arc::new(crate::ingest::IngestRuntime::new(
+        ingest,
+        sink_dsn,
+        cfg.kafka.clone(),
+    )?);
+    let metrics = Arc::new(crate::metrics::IngestMetrics::default());
+    let _http = if cfg.http.listen.is_empty() {
+        None
+    } else {
+        Some(crate::http::serve(&cfg.http.listen, metrics.clone()).await?)
+    };
+    crate::ingest::run(runtime, metrics, shutdown_signal()).await
 }
 
 /// A watch that turns true on SIGTERM or Ctrl-C.

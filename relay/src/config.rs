@@ -54,6 +54,16 @@ tombstone_retention = "24h"      # how long a deleted row's (lsn, seq) is kept a
 reconnect_backoff_max = "30s"    # cap of the exponential backoff after an ODS or Kafka failure
 shutdown_grace = "30s"           # SIGTERM: time to commit the batch in hand before exiting
 
+[ingest]
+dsn = "postgres://saiki@127.0.0.1:5432/ods"    # the registry (event types, schemas, tokens); default sink.dsn
+admin_token = "change-me-to-a-long-secret"     # required for `ingest`: the first admin token (SAIKI_INGEST_ADMIN_TOKEN)
+listen = "127.0.0.1:8080"        # the event API (HTTP/1.1 and HTTP/2 without TLS)
+max_body_bytes = 1048576         # a larger request body is refused with 413
+max_batch_events = 1000          # events per request at most (413 beyond)
+registry_cache = "5s"            # how long event types, schemas and tokens are cached
+ack_timeout = "10s"              # a batch Kafka has not acknowledged by then is answered 503
+shutdown_grace = "30s"           # SIGTERM: time to finish the requests in flight
+
 [http]
 listen = "127.0.0.1:9187"        # /metrics /health /ready; "" = off
 
@@ -71,6 +81,8 @@ pub(crate) struct Config {
     pub(crate) kafka: KafkaConfig,
     #[serde(default)]
     pub(crate) sink: Option<SinkConfig>,
+    #[serde(default)]
+    pub(crate) ingest: Option<IngestConfig>,
     #[serde(default)]
     pub(crate) http: HttpConfig,
     #[serde(default)]
@@ -176,6 +188,36 @@ pub(crate) struct SinkConfig {
     pub(crate) tombstone_retention: Duration,
     #[serde(default = "d_30s", with = "duration")]
     pub(crate) reconnect_backoff_max: Duration,
+    #[serde(default = "d_30s", with = "duration")]
+    pub(crate) shutdown_grace: Duration,
+}
+
+/// `[ingest]`: the HTTP event API (docs/ingest.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct IngestConfig {
+    /// The registry database (event types, schemas, tokens); default: `sink.dsn`, the ODS.
+    #[serde(default)]
+    pub(crate) dsn: Option<String>,
+    /// The first admin token (`SAIKI_INGEST_ADMIN_TOKEN`): at least 16 characters; required
+    /// by `saiki-relay ingest`, and only there.
+    #[serde(default)]
+    pub(crate) admin_token: Option<String>,
+    #[serde(default = "d_ingest_listen")]
+    pub(crate) listen: String,
+    /// The largest request body; a larger one is refused with 413.
+    #[serde(default = "d_body")]
+    pub(crate) max_body_bytes: usize,
+    /// Events of one request at most; more are refused with 413.
+    #[serde(default = "d_events")]
+    pub(crate) max_batch_events: usize,
+    /// How long the registry's answers are cached (event types, schemas, tokens).
+    #[serde(default = "d_5s", with = "duration")]
+    pub(crate) registry_cache: Duration,
+    /// How long a publishing request waits for Kafka's acknowledgements before it is
+    /// answered 503.
+    #[serde(default = "d_10s", with = "duration")]
+    pub(crate) ack_timeout: Duration,
     #[serde(default = "d_30s", with = "duration")]
     pub(crate) shutdown_grace: Duration,
 }
@@ -299,6 +341,15 @@ fn d_template() -> String {
 fn d_one() -> i32 {
     1
 }
+fn d_ingest_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn d_body() -> usize {
+    1 << 20
+}
+fn d_events() -> usize {
+    1000
+}
 fn d_listen() -> String {
     "127.0.0.1:9187".into()
 }
@@ -345,7 +396,7 @@ pub(crate) fn apply_env(
     doc: &mut toml::Table,
     vars: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Vec<String>, RelayError> {
-    const SECTIONS: [&str; 5] = ["source", "kafka", "sink", "http", "log"];
+    const SECTIONS: [&str; 6] = ["source", "kafka", "sink", "ingest", "http", "log"];
     let mut warnings = Vec::new();
     for (k, v) in vars {
         let Some(rest) = k.strip_prefix("SAIKI_") else {
@@ -357,7 +408,7 @@ pub(crate) fn apply_env(
             .find(|s| lower.starts_with(&format!("{s}_")))
         else {
             warnings.push(format!(
-                "ignoring environment variable {k}: not SAIKI_SOURCE_…, SAIKI_KAFKA_…, SAIKI_SINK_…, SAIKI_HTTP_… or SAIKI_LOG_…"
+                "ignoring environment variable {k}: not SAIKI_SOURCE_…, SAIKI_KAFKA_…, SAIKI_SINK_…, SAIKI_INGEST_…, SAIKI_HTTP_… or SAIKI_LOG_…"
             ));
             continue;
         };
@@ -442,6 +493,33 @@ mod tests {
         mk.instance_id.clone_from(&rk.instance_id);
         mk.topics.clone_from(&rk.topics);
         mk.dead_letter_topic.clone_from(&rk.dead_letter_topic);
+        minimal.ingest.clone_from(&reference.ingest);
+        let i = toml::from_str::<Config>("[ingest]\n").unwrap();
+        let (ri, mi) = (reference.ingest.as_ref().unwrap(), i.ingest.unwrap());
+        assert_eq!(
+            format!(
+                "{:?}",
+                (
+                    &mi.listen,
+                    mi.max_body_bytes,
+                    mi.max_batch_events,
+                    mi.registry_cache,
+                    mi.ack_timeout,
+                    mi.shutdown_grace
+                )
+            ),
+            format!(
+                "{:?}",
+                (
+                    &ri.listen,
+                    ri.max_body_bytes,
+                    ri.max_batch_events,
+                    ri.registry_cache,
+                    ri.ack_timeout,
+                    ri.shutdown_grace
+                )
+            )
+        );
         assert_eq!(format!("{minimal:#?}"), format!("{reference:#?}"));
         assert_eq!(
             format!("{:?}", Config::default().kafka),

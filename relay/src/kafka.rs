@@ -122,6 +122,11 @@ impl Kafka {
         })
     }
 
+    /// Whether [`Kafka::ensure_topic`] has seen the topic exist.
+    pub(crate) fn knows(&self, topic: &str) -> bool {
+        self.topics.contains_key(topic)
+    }
+
     /// Makes sure the topic exists (creating it with the configured partitions and
     /// replication factor) and returns its partition count.
     pub(crate) async fn ensure_topic(&mut self, topic: &str) -> Result<i32, RelayError> {

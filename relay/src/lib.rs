@@ -6,6 +6,8 @@
 //! - [`sink`]: Kafka → ODS, exactly once. The consumer loop, the offset ledger
 //!   (`sink/offsets.rs`), the pure planner (`sink/plan.rs`), batches in flight and the ODS
 //!   statements.
+//! - [`ingest`]: the HTTP event API: event types with JSON Schemas, batches of events
+//!   validated and produced to Kafka, bearer tokens.
 //! - [`pg`]: the PostgreSQL client pieces both sides share: the replication wire codec,
 //!   connections, TLS with libpq's `sslmode`, DSN parsing, SQL quoting.
 //! - Beside them, shared by every daemon: [`config`], [`error`] and [`retry`] (transient
@@ -19,6 +21,7 @@ pub mod cli;
 pub(crate) mod config;
 pub(crate) mod error;
 pub(crate) mod http;
+pub(crate) mod ingest;
 pub(crate) mod kafka;
 pub(crate) mod metrics;
 pub(crate) mod pg;
@@ -33,4 +36,4 @@ pub use sink::batch::{plan as plan_batch, Applier, Done};
 pub use sink::ods::{ApplyError, Ods, PartitionOffsets};
 
 /// The metrics, checked against the docs and the dashboard by `tests/it/docs.rs`.
-pub use metrics::{Exporter, SinkMetrics, SourceMetrics, ALL as METRIC_NAMES};
+pub use metrics::{Exporter, IngestMetrics, SinkMetrics, SourceMetrics, ALL as METRIC_NAMES};

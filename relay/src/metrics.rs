@@ -27,6 +27,11 @@ pub(crate) const SINK_RETRIES_TOTAL: &str = "saiki_sink_retries_total";
 pub(crate) const SINK_ASSIGNED_PARTITIONS: &str = "saiki_sink_assigned_partitions";
 pub(crate) const SINK_FRESHNESS_SECONDS: &str = "saiki_sink_freshness_seconds";
 
+pub(crate) const INGEST_EVENTS_PUBLISHED_TOTAL: &str = "saiki_ingest_events_published_total";
+pub(crate) const INGEST_EVENTS_REJECTED_TOTAL: &str = "saiki_ingest_events_rejected_total";
+pub(crate) const INGEST_KAFKA_FAILURES_TOTAL: &str = "saiki_ingest_kafka_failures_total";
+pub(crate) const INGEST_PUBLISH_SECONDS: &str = "saiki_ingest_publish_seconds";
+
 /// Every metric name, for the reference in docs/metrics.md and the dashboard (both checked
 /// against this list by the tests).
 pub const ALL: &[&str] = &[
@@ -52,6 +57,10 @@ pub const ALL: &[&str] = &[
     SINK_RETRIES_TOTAL,
     SINK_ASSIGNED_PARTITIONS,
     SINK_FRESHNESS_SECONDS,
+    INGEST_EVENTS_PUBLISHED_TOTAL,
+    INGEST_EVENTS_REJECTED_TOTAL,
+    INGEST_KAFKA_FAILURES_TOTAL,
+    INGEST_PUBLISH_SECONDS,
 ];
 
 /// What `/metrics` and `/ready` show: the source's or the sink's metrics.
@@ -251,6 +260,70 @@ impl Exporter for SinkMetrics {
             SINK_FRESHNESS_SECONDS,
             "Per applied change: ODS commit time minus the source commit time (needs source.include_timestamp).",
             l,
+        );
+        out
+    }
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// The event API's metrics (`saiki-relay ingest`).
+pub struct IngestMetrics {
+    /// Events Kafka acknowledged (answered 200).
+    pub(crate) published: AtomicU64,
+    /// Events of refused batches (422: failed and aborted ones; 413).
+    pub(crate) rejected: AtomicU64,
+    /// Batches answered 503 because Kafka did not acknowledge them.
+    pub(crate) kafka_failures: AtomicU64,
+    /// Time from a publishing request's receipt to its answer.
+    pub(crate) publish: Histogram,
+    pub(crate) ready: AtomicBool,
+}
+
+impl Default for IngestMetrics {
+    fn default() -> Self {
+        IngestMetrics {
+            published: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            kafka_failures: AtomicU64::new(0),
+            publish: Histogram::new(APPLY_BUCKETS),
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Exporter for IngestMetrics {
+    fn render(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let l = label("relay", "ingest");
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
+            write_metric(&mut out, name, kind, help, &l, v)
+        };
+        metric(
+            INGEST_EVENTS_PUBLISHED_TOTAL,
+            "counter",
+            "Events Kafka acknowledged (their batch was answered 200).",
+            g(&self.published),
+        );
+        metric(
+            INGEST_EVENTS_REJECTED_TOTAL,
+            "counter",
+            "Events of batches refused for their content (422) or size (413).",
+            g(&self.rejected),
+        );
+        metric(
+            INGEST_KAFKA_FAILURES_TOTAL,
+            "counter",
+            "Batches answered 503 because Kafka did not acknowledge every event in time.",
+            g(&self.kafka_failures),
+        );
+        self.publish.write(
+            &mut out,
+            INGEST_PUBLISH_SECONDS,
+            "Time from a publishing request's receipt to its answer.",
+            ("relay", "ingest"),
         );
         out
     }

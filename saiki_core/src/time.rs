@@ -8,6 +8,13 @@ pub fn unix_micros_now() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` (unquoted) for microseconds since the Unix epoch.
+pub fn format_unix_micros(unix_micros: i64) -> String {
+    let mut b = Vec::with_capacity(29);
+    write_timestamptz(&mut b, unix_micros - PG_EPOCH_UNIX_SECS * 1_000_000);
+    String::from_utf8_lossy(&b[1..b.len() - 1]).into_owned()
+}
+
 /// Seconds from the Unix epoch to PostgreSQL's epoch, 2000-01-01.
 const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
 const MICROS_PER_DAY: i64 = 86_400_000_000;
@@ -125,6 +132,13 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unix_micros_format_and_parse_back() {
+        let t = 1_764_576_000_123_456; // 2025-12-01T08:00:00.123456Z
+        assert_eq!(format_unix_micros(t), "2025-12-01T08:00:00.123456Z");
+        assert_eq!(parse_rfc3339_utc_micros(&format_unix_micros(t)), Some(t));
+    }
 
     fn ts(v: i64) -> String {
         let mut b = Vec::new();

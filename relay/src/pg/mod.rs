@@ -3,6 +3,7 @@
 //! queries, and the switch into the replication stream. Used twice by the source relay: a
 //! `replication=database` connection for the slot, and a plain one for heartbeats.
 
+pub(crate) mod client;
 pub(crate) mod dsn;
 pub(crate) mod quote;
 pub(crate) mod tls;

@@ -619,3 +619,24 @@ impl Session<'_> {
         .map_err(|e| RelayError::Kafka(format!("seek {}[{}] to {offset}: {e}", tp.0, tp.1)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sink_reads_change_topics_only() {
+        let cfg: crate::config::Config = toml::from_str("[sink]\ndsn = \"x\"\n").expect("a config");
+        let rt = SinkRuntime::new(cfg.sink.unwrap(), cfg.kafka).unwrap();
+        assert!(rt.wants("saiki.public.orders"));
+        for t in [
+            "saiki.dead-letter",
+            "saiki.transactions",
+            "saiki.messages",
+            "__consumer_offsets",
+            "other.public.orders",
+        ] {
+            assert!(!rt.wants(t), "{t}");
+        }
+    }
+}

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures::SinkExt;
 use indexmap::IndexMap;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
 use crate::error::RelayError;
@@ -135,54 +135,8 @@ impl Ods {
         group: &str,
         key_includes_source: bool,
     ) -> Result<Ods, RelayError> {
-        let dsn = crate::pg::dsn::Dsn::parse(dsn)
-            .map_err(|e| RelayError::Config(format!("sink.dsn: {e}")))?;
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host(&dsn.host)
-            .port(dsn.port)
-            .user(&dsn.user)
-            .dbname(&dsn.dbname)
-            // TLS is negotiated by crate::pg::tls before tokio-postgres sees the stream.
-            .ssl_mode(tokio_postgres::config::SslMode::Disable)
-            .application_name(if dsn.application_name == "saiki-relay" {
-                "saiki-relay sink"
-            } else {
-                &dsn.application_name
-            });
-        if let Some(pw) = &dsn.password {
-            config.password(pw);
-        }
-        let target = describe(&config);
-        info!(ods = %target, "connecting to the ODS");
-        let stream = crate::pg::tls::connect(&dsn.host, dsn.port, &dsn.tls, &target)
-            .await
-            .map_err(|e| match e {
-                // A certificate refused or TLS refused: definite, like a wrong password.
-                RelayError::Tls { target, message } => RelayError::Ods {
-                    target,
-                    code: Some("28000".into()),
-                    message: format!("TLS: {message}"),
-                },
-                RelayError::Connect { target, source } => RelayError::Ods {
-                    target,
-                    code: None,
-                    message: format!("cannot connect: {source}"),
-                },
-                other => other,
-            })?;
-        let tls = stream.is_tls();
-        let (client, conn) = config
-            .connect_raw(stream, NoTls)
-            .await
-            .map_err(|e| pg_error(&target, &e))?;
-        info!(ods = %target, tls, "connected to the ODS");
-        let t2 = target.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                warn!(target = %t2, error = %e, "ODS connection ended");
-            }
-        });
+        let (client, target) =
+            crate::pg::client::connect(dsn, "the ODS", "sink.dsn", "saiki-relay sink").await?;
         let ods = Ods {
             client,
             target,
@@ -1004,20 +958,4 @@ fn encode_row(
     }
     out.push(b'\n');
     (op, !absent.is_empty())
-}
-
-fn describe(c: &tokio_postgres::Config) -> String {
-    let host = c
-        .get_hosts()
-        .first()
-        .map(|h| match h {
-            tokio_postgres::config::Host::Tcp(s) => s.clone(),
-            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-        })
-        .unwrap_or_else(|| "localhost".into());
-    let port = c.get_ports().first().copied().unwrap_or(5432);
-    format!(
-        "{host}:{port}/{}",
-        c.get_dbname().unwrap_or(c.get_user().unwrap_or("postgres"))
-    )
 }

@@ -105,6 +105,10 @@ impl Relay {
         Relay::start_command(dir, config, http_port, "sink")
     }
 
+    pub fn start_ingest(dir: &std::path::Path, config: &str, http_port: u16) -> Relay {
+        Relay::start_command(dir, config, http_port, "ingest")
+    }
+
     fn start_command(dir: &std::path::Path, config: &str, http_port: u16, command: &str) -> Relay {
         let cfg = dir.join(format!("relay-{http_port}.toml"));
         std::fs::write(&cfg, config).unwrap();

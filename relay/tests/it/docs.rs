@@ -23,7 +23,7 @@ fn read(rel: &str) -> String {
 
 /// Every `saiki_…` metric name in `text`, without histogram suffixes.
 fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
-    let re = regex::Regex::new(r"saiki_(source|sink)_[a-z_]+").unwrap();
+    let re = regex::Regex::new(r"saiki_(source|sink|ingest)_[a-z_]+").unwrap();
     re.find_iter(text)
         .map(|m| {
             let n = m.as_str();
@@ -237,7 +237,13 @@ fn the_dashboard_and_the_metrics_reference_name_exactly_the_exported_metrics() {
     let source = saiki_relay::SourceMetrics::default();
     source.snapshot_progress("public.orders", 10, 100); // per-table series appear with a snapshot
     use saiki_relay::Exporter;
-    let rendered = metric_names(&format!("{}{}", sink.render(), source.render("s")));
+    let ingest = saiki_relay::IngestMetrics::default();
+    let rendered = metric_names(&format!(
+        "{}{}{}",
+        sink.render(),
+        source.render("s"),
+        ingest.render()
+    ));
     assert_eq!(rendered, exported, "metrics::ALL against /metrics");
 
     let dashboard = read("docker/grafana/saiki.json");

@@ -6,6 +6,7 @@ mod apply;
 mod common;
 mod docs;
 mod faults;
+mod ingest;
 mod shards;
 mod sink;
 mod snapshot;
