@@ -2,8 +2,9 @@
 # The main job on local defaults (README's first command): a source PostgreSQL with the saiki
 # extension, a Kafka-protocol broker (tansu), an ODS database, `saiki-relay source` streaming a
 # small order workload from the slot into Kafka and `saiki-relay sink` materializing it into
-# the ODS. Every two seconds: changes/s, messages Kafka acknowledged, slot lag, rows in the ODS
-# and commit -> ODS freshness.
+# the ODS, and `saiki-relay ingest` taking "parcel packed" events that a warehouse service
+# pushes over HTTP. Every two seconds: changes/s, messages Kafka acknowledged, slot lag, rows
+# in the ODS, commit -> ODS freshness, and events Kafka acknowledged from the event API.
 #
 #   scripts/demo.sh                 run until Ctrl-C, then stop everything it started
 #   scripts/demo.sh --seconds 30    run for 30 seconds (headless)
@@ -20,7 +21,7 @@ while [ $# -gt 0 ]; do
     --seconds) SECONDS_TO_RUN="$2"; shift 2 ;;
     --keep) KEEP=1; shift ;;
     --rate) RATE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -36,6 +37,9 @@ PORT=${SAIKI_DEMO_PORT:-54329}
 KAFKA_PORT=${SAIKI_DEMO_KAFKA_PORT:-19092}
 HTTP_PORT=${SAIKI_DEMO_HTTP_PORT:-19187}
 SINK_HTTP_PORT=${SAIKI_DEMO_SINK_HTTP_PORT:-19188}
+INGEST_PORT=${SAIKI_DEMO_INGEST_PORT:-18080}
+INGEST_HTTP_PORT=${SAIKI_DEMO_INGEST_HTTP_PORT:-19189}
+ADMIN_TOKEN=demo-admin-token-0123456789
 if [ -f "$DIR/data/postmaster.pid" ]; then
   runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/data" -m fast stop >/dev/null 2>&1 || true
 fi
@@ -64,6 +68,7 @@ cleanup() {
     echo "[demo]   try: SELECT * FROM saiki.slot_status();  SELECT * FROM saiki.peek('saiki_demo', 5);"
     echo "[demo]   or:  $RELAY status --dsn 'host=127.0.0.1 port=$PORT user=postgres dbname=shop'"
     echo "[demo] ODS:    psql 'host=127.0.0.1 port=$PORT user=postgres dbname=ods'"
+    echo "[demo]   event types: SELECT name, owning_team FROM saiki_ingest.event_types;"
     echo "[demo]   try: SELECT status, count(*) FROM ods.orders GROUP BY 1;  SELECT * FROM saiki_sink.offsets;"
     echo "[demo] stop with: runuser -u postgres -- $PG_BIN/pg_ctl -D $DIR/data stop"
   else
@@ -131,9 +136,48 @@ brokers = "127.0.0.1:$KAFKA_PORT"
 [http]
 listen = "127.0.0.1:$SINK_HTTP_PORT"
 TOML
+cat > "$DIR/ingest.toml" <<TOML
+[ingest]
+dsn = "host=127.0.0.1 port=$PORT user=postgres dbname=ods"
+admin_token = "$ADMIN_TOKEN"
+listen = "127.0.0.1:$INGEST_PORT"
+[kafka]
+brokers = "127.0.0.1:$KAFKA_PORT"
+[http]
+listen = "127.0.0.1:$INGEST_HTTP_PORT"
+TOML
 "$RELAY" --config "$DIR/relay.toml" source >/dev/null 2>"$DIR/relay.log" &
 PIDS+=($!)
 "$RELAY" --config "$DIR/sink.toml" sink >/dev/null 2>"$DIR/sink.log" &
+PIDS+=($!)
+"$RELAY" --config "$DIR/ingest.toml" ingest >/dev/null 2>"$DIR/ingest.log" &
+PIDS+=($!)
+# The warehouse service: registers its event type, gets a token that may publish it, and
+# pushes a batch of "parcel packed" events five times a second.
+API="http://127.0.0.1:$INGEST_PORT"
+for _ in $(seq 100); do
+  curl -sf -o /dev/null -H "Authorization: Bearer $ADMIN_TOKEN" "$API/event-types" && break; sleep 0.1
+done
+curl -sf -o /dev/null -X POST "$API/event-types" -H "Authorization: Bearer $ADMIN_TOKEN" \
+  -H 'Content-Type: application/json' --data-binary @- <<'JSON'
+{"name": "parcel.packed", "owning_team": "warehouse", "partition_key": ["/parcel_id"],
+ "schema": {"type": "object", "required": ["parcel_id", "warehouse", "items"],
+            "properties": {"parcel_id": {"type": "string"}, "warehouse": {"enum": ["BER", "HAM", "MUC"]},
+                           "items": {"type": "integer", "minimum": 1}}}}
+JSON
+WAREHOUSE_TOKEN=$(curl -sf -X POST "$API/tokens" -H "Authorization: Bearer $ADMIN_TOKEN" \
+  --data-binary '{"scopes": ["write:parcel.packed"]}' | python3 -c 'import json, sys; print(json.load(sys.stdin)["token"])')
+(
+  i=0
+  while :; do
+    i=$((i + 1))
+    curl -s -o /dev/null -X POST "$API/event-types/parcel.packed/events" \
+      -H "Authorization: Bearer $WAREHOUSE_TOKEN" -H 'Content-Type: application/json' \
+      --data-binary "[{\"parcel_id\": \"P-$i-a\", \"warehouse\": \"BER\", \"items\": $((1 + i % 3))},
+                      {\"parcel_id\": \"P-$i-b\", \"warehouse\": \"HAM\", \"items\": 1}]" || true
+    sleep 0.2
+  done
+) &
 PIDS+=($!)
 DURATION=$([ "$SECONDS_TO_RUN" -gt 0 ] && echo "$SECONDS_TO_RUN" || echo 86400)
 "$PG_BIN/pgbench" -n -c 2 -R "$RATE" -T "$DURATION" -f "$DIR/order.sql" >"$DIR/pgbench.log" 2>&1 &
@@ -142,8 +186,9 @@ PIDS+=($!)
 echo "[demo] source: postgres://postgres@127.0.0.1:$PORT/shop, slot saiki_demo, workload $RATE orders/s"
 echo "[demo] Kafka: 127.0.0.1:$KAFKA_PORT, topics saiki.public.orders, saiki.public.order_items, saiki.transactions"
 echo "[demo] relays: source http://127.0.0.1:$HTTP_PORT/metrics (log $DIR/relay.log), sink http://127.0.0.1:$SINK_HTTP_PORT/metrics (log $DIR/sink.log)"
+echo "[demo] event API: $API (admin token $ADMIN_TOKEN, log $DIR/ingest.log), events in saiki.events.parcel.packed"
 echo "[demo] ODS: postgres://postgres@127.0.0.1:$PORT/ods, schema ods; Ctrl-C stops everything"
-printf '%7s %10s %10s %12s %10s %12s %12s\n' "time" "changes" "changes/s" "kafka acked" "slot lag" "ODS orders" "fresh p50"
+printf '%7s %10s %10s %12s %10s %12s %12s %10s\n' "time" "changes" "changes/s" "kafka acked" "slot lag" "ODS orders" "fresh p50" "events"
 metric() { curl -s "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v m="$2" '$1 ~ "^"m"\\{" {print $2}'; }
 start=$(date +%s); prev=0
 while :; do
@@ -156,7 +201,8 @@ while :; do
   # (an order's created time is its transaction's start, a moment before its commit).
   rows=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.orders" 2>/dev/null || echo 0)
   fresh=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT coalesce(round(1000 * extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY _saiki_applied_at - created)))::text || 'ms', '-') FROM ods.orders WHERE _saiki_applied_at > now() - interval '2 s'" 2>/dev/null || echo "-")
-  printf '%6ss %10s %10s %12s %10s %12s %12s\n' "$el" "$n" "$(( (n - prev) / 2 ))" "${acked:-?}" "$lag" "${rows:-0}" "${fresh:--}"
+  events=$(metric "$INGEST_HTTP_PORT" saiki_ingest_events_published_total)
+  printf '%6ss %10s %10s %12s %10s %12s %12s %10s\n' "$el" "$n" "$(( (n - prev) / 2 ))" "${acked:-?}" "$lag" "${rows:-0}" "${fresh:--}" "${events:-0}"
   prev=$n
   if [ "$SECONDS_TO_RUN" -gt 0 ] && [ "$el" -ge "$SECONDS_TO_RUN" ]; then break; fi
 done

@@ -1,12 +1,15 @@
 #!/bin/bash
-# First start of the ODS container: a least-privilege role for the sink. It needs CREATE on
-# the database (it creates the schemas ods and saiki_sink and owns what is in them) and
-# nothing else (docs/operations.md, "Security"). Analysts get read access to schema ods.
+# First start of the ODS container: least-privilege roles for the sink and the event API. Each
+# needs CREATE on the database (the sink creates the schemas ods and saiki_sink, the event API
+# the schema saiki_ingest, and each owns what is in them) and nothing else
+# (docs/operations.md, "Security"). Analysts get read access to schema ods.
 set -euo pipefail
 psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
-     -v pw="$SAIKI_SINK_PASSWORD" -v db="$POSTGRES_DB" <<'SQL'
+     -v pw="$SAIKI_SINK_PASSWORD" -v ipw="$SAIKI_INGEST_PASSWORD" -v db="$POSTGRES_DB" <<'SQL'
 CREATE ROLE saiki_sink LOGIN PASSWORD :'pw';
 GRANT CONNECT, CREATE ON DATABASE :"db" TO saiki_sink;
+CREATE ROLE saiki_ingest LOGIN PASSWORD :'ipw';
+GRANT CONNECT, CREATE ON DATABASE :"db" TO saiki_ingest;
 CREATE ROLE ods_reader NOLOGIN;
 GRANT CONNECT ON DATABASE :"db" TO ods_reader;
 SQL

@@ -31,6 +31,7 @@ pub(crate) const INGEST_EVENTS_PUBLISHED_TOTAL: &str = "saiki_ingest_events_publ
 pub(crate) const INGEST_EVENTS_REJECTED_TOTAL: &str = "saiki_ingest_events_rejected_total";
 pub(crate) const INGEST_KAFKA_FAILURES_TOTAL: &str = "saiki_ingest_kafka_failures_total";
 pub(crate) const INGEST_PUBLISH_SECONDS: &str = "saiki_ingest_publish_seconds";
+pub(crate) const INGEST_THROTTLED_TOTAL: &str = "saiki_ingest_throttled_total";
 
 /// Every metric name, for the reference in docs/metrics.md and the dashboard (both checked
 /// against this list by the tests).
@@ -61,6 +62,7 @@ pub const ALL: &[&str] = &[
     INGEST_EVENTS_REJECTED_TOTAL,
     INGEST_KAFKA_FAILURES_TOTAL,
     INGEST_PUBLISH_SECONDS,
+    INGEST_THROTTLED_TOTAL,
 ];
 
 /// What `/metrics` and `/ready` show: the source's or the sink's metrics.
@@ -276,6 +278,8 @@ pub struct IngestMetrics {
     pub(crate) rejected: AtomicU64,
     /// Batches answered 503 because Kafka did not acknowledge them.
     pub(crate) kafka_failures: AtomicU64,
+    /// Batches answered 429: the in-flight window was full.
+    pub(crate) throttled: AtomicU64,
     /// Time from a publishing request's receipt to its answer.
     pub(crate) publish: Histogram,
     pub(crate) ready: AtomicBool,
@@ -287,6 +291,7 @@ impl Default for IngestMetrics {
             published: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             kafka_failures: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
             publish: Histogram::new(APPLY_BUCKETS),
             ready: AtomicBool::new(false),
         }
@@ -318,6 +323,12 @@ impl Exporter for IngestMetrics {
             "counter",
             "Batches answered 503 because Kafka did not acknowledge every event in time.",
             g(&self.kafka_failures),
+        );
+        metric(
+            INGEST_THROTTLED_TOTAL,
+            "counter",
+            "Batches answered 429 because ingest.max_in_flight_events events waited for Kafka.",
+            g(&self.throttled),
         );
         self.publish.write(
             &mut out,

@@ -52,7 +52,7 @@ pub(crate) struct RelayStatus {
     pub(crate) healthy: bool,
     /// `/ready` answered 200: streaming (source) or consuming and applying (sink).
     pub(crate) ready: bool,
-    /// "source" or "sink", from the metric names it exports.
+    /// "source", "sink" or "ingest", from the metric names it exports.
     pub(crate) role: Option<String>,
     /// The source's name or the sink's consumer group.
     pub(crate) name: Option<String>,
@@ -60,14 +60,15 @@ pub(crate) struct RelayStatus {
     pub(crate) lag_bytes: Option<u64>,
     /// Source: messages handed to Kafka and not yet acknowledged.
     pub(crate) in_flight: Option<u64>,
-    /// Source: change records read; sink: ODS rows written.
+    /// Source: change records read; sink: ODS rows written; ingest: events published.
     pub(crate) changes_total: Option<u64>,
     /// Sink: messages not yet applied.
     pub(crate) lag_messages: Option<u64>,
     /// Sink: commit → ODS freshness quantiles (seconds), from the histogram's buckets.
     pub(crate) freshness_p50: Option<f64>,
     pub(crate) freshness_p99: Option<f64>,
-    /// Source: delivery errors; sink: dead letters.
+    /// Source: delivery errors; sink: dead letters; ingest: batches Kafka did not
+    /// acknowledge.
     pub(crate) errors_total: Option<u64>,
     /// Why the relay could not be read.
     pub(crate) error: Option<String>,
@@ -141,12 +142,18 @@ impl RelayStatus {
             } else if name.starts_with("saiki_sink_") {
                 s.role = Some("sink".into());
                 s.name = label_value(labels, "group").map(str::to_string);
+            } else if name.starts_with("saiki_ingest_") {
+                s.role = Some("ingest".into());
             }
             match name {
                 SOURCE_LAG_BYTES => s.lag_bytes = n,
                 SOURCE_IN_FLIGHT_MESSAGES => s.in_flight = n,
-                SOURCE_CHANGES_TOTAL | SINK_ROWS_APPLIED_TOTAL => s.changes_total = n,
-                SOURCE_DELIVERY_ERRORS_TOTAL | SINK_DEAD_LETTERS_TOTAL => s.errors_total = n,
+                SOURCE_CHANGES_TOTAL | SINK_ROWS_APPLIED_TOTAL | INGEST_EVENTS_PUBLISHED_TOTAL => {
+                    s.changes_total = n
+                }
+                SOURCE_DELIVERY_ERRORS_TOTAL
+                | SINK_DEAD_LETTERS_TOTAL
+                | INGEST_KAFKA_FAILURES_TOTAL => s.errors_total = n,
                 SINK_CONSUMER_LAG_MESSAGES => s.lag_messages = n,
                 _ if name == freshness_bucket => {
                     let le = label_value(labels, "le").and_then(|le| match le {
@@ -508,5 +515,17 @@ mod tests {
         let text = render(None, &[], &[s]);
         assert!(text.starts_with("relay"), "{text}");
         assert!(text.contains("3.9 kB"), "{text}");
+    }
+
+    #[test]
+    fn an_ingest_relays_metrics_summarize_to_events_published() {
+        let m = IngestMetrics::default();
+        m.published.store(42, std::sync::atomic::Ordering::Relaxed);
+        m.kafka_failures
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+        let s = RelayStatus::from_metrics("http://x", &m.render());
+        assert_eq!(s.role.as_deref(), Some("ingest"));
+        assert_eq!((s.changes_total, s.errors_total), (Some(42), Some(1)));
+        assert!(render(None, &[], &[s]).contains("ingest"));
     }
 }

@@ -18,6 +18,7 @@
 
 pub(crate) mod auth;
 pub(crate) mod compat;
+pub(crate) mod dedup;
 pub(crate) mod events;
 pub(crate) mod registry;
 
@@ -81,6 +82,11 @@ impl IngestRuntime {
                 "ingest.max_body_bytes and ingest.max_batch_events must be at least 1".into(),
             ));
         }
+        if ingest.max_in_flight_events < ingest.max_batch_events {
+            return Err(RelayError::Config(
+                "ingest.max_in_flight_events must be at least ingest.max_batch_events (a batch must fit)".into(),
+            ));
+        }
         if ingest.ack_timeout.is_zero() {
             return Err(RelayError::Config(
                 "ingest.ack_timeout must be more than 0s".into(),
@@ -105,6 +111,9 @@ struct App {
     registry: Registry,
     kafka: RwLock<Kafka>,
     metrics: Arc<IngestMetrics>,
+    /// One permit per event handed to Kafka and not yet acknowledged.
+    in_flight: Arc<tokio::sync::Semaphore>,
+    recent: std::sync::Mutex<dedup::Recent>,
 }
 
 /// Serves the event API until `shutdown` turns true, then finishes the requests in flight
@@ -126,6 +135,11 @@ pub(crate) async fn run(
         registry,
         kafka: RwLock::new(kafka),
         metrics: metrics.clone(),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(rt.ingest.max_in_flight_events)),
+        recent: std::sync::Mutex::new(dedup::Recent::new(
+            rt.ingest.dedup_window,
+            rt.ingest.dedup_capacity,
+        )),
     });
     let router = Router::new()
         .route("/event-types", get(list_types).post(create_type))
@@ -634,9 +648,48 @@ async fn publish_batch(
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         return json_response(StatusCode::UNPROCESSABLE_ENTITY, &report);
     }
-    if batch.is_empty() {
+    // Events Kafka has from an earlier try of this batch (their eid is known), or twice in
+    // this batch, are not produced again.
+    let given: Vec<Option<String>> = batch
+        .iter()
+        .map(|e| {
+            e.pointer("/metadata/eid")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .collect();
+    let skip: Vec<bool> = {
+        let now = Instant::now();
+        let mut recent = app.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut in_batch = std::collections::HashSet::new();
+        given
+            .iter()
+            .map(|eid| {
+                eid.as_deref().is_some_and(|e| {
+                    recent.contains(name, e, now) || !in_batch.insert(e.to_string())
+                })
+            })
+            .collect()
+    };
+    let to_send = skip.iter().filter(|s| !**s).count();
+    if to_send == 0 {
         return StatusCode::OK.into_response();
     }
+    let Ok(_permits) = app.in_flight.clone().try_acquire_many_owned(to_send as u32) else {
+        app.metrics.throttled.fetch_add(1, Ordering::Relaxed);
+        let mut r = problem(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "more than ingest.max_in_flight_events ({}) events wait for Kafka: retry after a second",
+                app.rt.ingest.max_in_flight_events
+            ),
+        );
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            HeaderValue::from_static("1"),
+        );
+        return r;
+    };
 
     let received_at = saiki_core::time::format_unix_micros(saiki_core::time::unix_micros_now());
     let stamp = events::Stamp {
@@ -656,7 +709,7 @@ async fn publish_batch(
     let mut pending = Vec::with_capacity(batch.len());
     {
         let kafka = app.kafka.read().await;
-        for event in &mut batch {
+        for (event, _) in batch.iter_mut().zip(&skip).filter(|(_, s)| !**s) {
             let eid = events::enrich(event, &stamp);
             let key = events::key(event, &et.partition_key);
             let payload = event.to_string();
@@ -705,7 +758,12 @@ async fn publish_batch(
         None => {
             app.metrics
                 .published
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                .fetch_add(to_send as u64, Ordering::Relaxed);
+            let now = Instant::now();
+            let mut recent = app.recent.lock().unwrap_or_else(|p| p.into_inner());
+            for eid in given.iter().flatten() {
+                recent.insert(name, eid, now);
+            }
             StatusCode::OK.into_response()
         }
         Some(why) => {

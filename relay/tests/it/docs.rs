@@ -320,18 +320,22 @@ fn the_least_privilege_roles_of_the_images_run_the_pipeline() {
         "docker/ods/initdb-ods.sh",
         &pg,
         "ods",
-        &[("SAIKI_SINK_PASSWORD", "sink-pw")],
+        &[
+            ("SAIKI_SINK_PASSWORD", "sink-pw"),
+            ("SAIKI_INGEST_PASSWORD", "ingest-pw"),
+        ],
     );
     let roles = |c: &mut saiki_tests::postgres::Client| {
         text_rows(
             c,
-            "SELECT rolname, rolsuper::text, rolreplication::text FROM pg_roles WHERE rolname IN ('saiki_relay', 'saiki_sink') ORDER BY 1",
+            "SELECT rolname, rolsuper::text, rolreplication::text FROM pg_roles WHERE rolname IN ('saiki_relay', 'saiki_sink', 'saiki_ingest') ORDER BY 1",
         )
     };
     let s = |v: &str| Some(v.to_string());
     assert_eq!(
         roles(&mut db),
         vec![
+            vec![s("saiki_ingest"), s("false"), s("false")],
             vec![s("saiki_relay"), s("false"), s("true")],
             vec![s("saiki_sink"), s("false"), s("false")],
         ]
@@ -404,4 +408,50 @@ fn the_least_privilege_roles_of_the_images_run_the_pipeline() {
     );
     let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(st["slots"][0]["slot"], "saiki_test", "{st}");
+
+    // The event API's role creates its registry in the ODS database and publishes.
+    let (api, iport) = (loopback_port(), loopback_port());
+    let icfg = format!(
+        "[ingest]\ndsn = \"host=127.0.0.1 port={} user=saiki_ingest password=ingest-pw dbname=ods\"\nadmin_token = \"least-privilege-admin-token\"\nlisten = \"127.0.0.1:{api}\"\n[kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:{iport}\"\n",
+        pg.port,
+        broker.addr()
+    );
+    let ingest = Relay::start_ingest(&pg.dir, &icfg, iport);
+    let curl = |args: &[&str]| {
+        Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg("Authorization: Bearer least-privilege-admin-token")
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let base = format!("http://127.0.0.1:{api}");
+    wait_until(Duration::from_secs(60), &ingest, || {
+        let code = curl(&[&format!("{base}/event-types")]);
+        (code != "200").then(|| format!("GET /event-types: {code}"))
+    });
+    let et = r#"{"name": "t.done", "owning_team": "t", "schema": {"type": "object"}}"#;
+    assert_eq!(
+        curl(&[
+            "-X",
+            "POST",
+            "--data-binary",
+            et,
+            &format!("{base}/event-types")
+        ]),
+        "201"
+    );
+    let events = format!("{base}/event-types/t.done/events");
+    assert_eq!(
+        curl(&["-X", "POST", "--data-binary", r#"[{"n": 1}]"#, &events]),
+        "200"
+    );
+    assert_eq!(
+        text_rows(
+            &mut ods,
+            "SELECT tableowner::text FROM pg_tables WHERE schemaname = 'saiki_ingest' AND tablename = 'event_types'"
+        ),
+        vec![vec![s("saiki_ingest")]]
+    );
 }

@@ -281,6 +281,12 @@ fn event_types_are_registered_and_their_valid_batches_reach_kafka_whole() {
         second["metadata"]["received_at"]
     );
 
+    // A retry of an acknowledged event (same eid) is answered 200 and not produced again;
+    // so is an eid given twice in one batch.
+    let retry = json!([batch[0].clone(), batch[0].clone()]);
+    let again = curl(api, "POST", path, Some(&writer), Some(&body(&retry)), &[]);
+    assert_eq!(again.status, 200, "{}", again.body);
+
     // One bad event refuses the whole batch, with a report of every event.
     let mixed = json!([
         {"parcel_id": "P4", "warehouse": "BER"},
@@ -441,7 +447,13 @@ fn a_broker_outage_is_answered_503_and_publishing_resumes_after_it() {
     let (api, http) = (loopback_port(), loopback_port());
     let relay = Relay::start_ingest(
         &pg.dir,
-        &ingest_config(&pg, &broker, api, http, r#"ack_timeout = "2s""#),
+        &ingest_config(
+            &pg,
+            &broker,
+            api,
+            http,
+            "ack_timeout = \"3s\"\nmax_in_flight_events = 50",
+        ),
         http,
     );
     wait_api(api, &relay);
@@ -465,7 +477,24 @@ fn a_broker_outage_is_answered_503_and_publishing_resumes_after_it() {
     );
 
     broker.stop();
-    let down = curl(api, "POST", path, Some(ADMIN), Some(&one("B")), &[]);
+    // A batch that fills the in-flight window waits for Kafka; meanwhile another is told 429.
+    let full: Vec<Value> = (0..50)
+        .map(|i| json!({"parcel_id": format!("B{i}"), "warehouse": "BER"}))
+        .collect();
+    let waiting = std::thread::spawn(move || {
+        curl(
+            api,
+            "POST",
+            path,
+            Some(ADMIN),
+            Some(&body(&json!(full))),
+            &[],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let throttled = curl(api, "POST", path, Some(ADMIN), Some(&one("X")), &[]);
+    assert_eq!(throttled.status, 429, "{}", throttled.body);
+    let down = waiting.join().unwrap();
     assert_eq!(down.status, 503, "{}", down.body);
     assert!(down.json()["detail"].as_str().unwrap().contains("retry"));
 
@@ -485,14 +514,22 @@ fn a_broker_outage_is_answered_503_and_publishing_resumes_after_it() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    // B was answered 503: it may or may not have reached Kafka after the restart.
-    let ids: Vec<String> = consume(&broker.addr(), &[TOPIC], 3, Duration::from_secs(5))
+    // The B batch was answered 503: its events may or may not have reached Kafka after the
+    // restart.
+    let ids: Vec<String> = consume(&broker.addr(), &[TOPIC], 60, Duration::from_secs(5))
         .iter()
         .map(|m| m.json()["parcel_id"].as_str().unwrap().to_string())
         .collect();
     assert!(
         ids.contains(&"A".to_string()) && ids.contains(&"C".to_string()),
         "{ids:?}"
+    );
+    assert!(!ids.contains(&"X".to_string()), "a 429 produces nothing");
+    let metrics = relay.http_get("/metrics").unwrap_or_default();
+    assert_eq!(
+        metric(&metrics, "saiki_ingest_throttled_total"),
+        Some(1.0),
+        "{metrics}"
     );
 }
 

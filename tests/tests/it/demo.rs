@@ -1,5 +1,6 @@
 //! The README's first command, headless: `scripts/demo.sh --seconds N` streams changes through
-//! the source relay into Kafka and the sink into the ODS, and leaves nothing running.
+//! the source relay into Kafka and the sink into the ODS, pushes events through the event API,
+//! and leaves nothing running.
 
 use std::process::Command;
 
@@ -24,13 +25,21 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
             "SAIKI_DEMO_SINK_HTTP_PORT",
             saiki_tests::loopback_port().to_string(),
         )
+        .env(
+            "SAIKI_DEMO_INGEST_PORT",
+            saiki_tests::loopback_port().to_string(),
+        )
+        .env(
+            "SAIKI_DEMO_INGEST_HTTP_PORT",
+            saiki_tests::loopback_port().to_string(),
+        )
         .output()
         .expect("run the demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
     // The last status line: time, changes, changes/s, Kafka acknowledged, slot lag, ODS
-    // orders, freshness.
+    // orders, freshness, events published through the event API.
     let last = stdout
         .lines()
         .rev()
@@ -45,6 +54,11 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
     let changes: u64 = cols[1].parse().unwrap_or(0);
     let acked: u64 = cols[3].parse().unwrap_or(0);
     let ods_orders: u64 = cols[5].parse().unwrap_or(0);
+    let events: u64 = cols.get(7).and_then(|c| c.parse().ok()).unwrap_or(0);
+    assert!(
+        events > 10,
+        "events reached Kafka through the event API: {last}\n{stdout}"
+    );
     assert!(
         changes > 100 && acked > 100,
         "changes reached Kafka: {last}"
