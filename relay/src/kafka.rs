@@ -75,8 +75,8 @@ impl ClientContext for KafkaContext {
 pub struct Kafka {
     producer: FutureProducer<KafkaContext>,
     admin: AdminClient<KafkaContext>,
-    /// Known topics and their partition counts.
-    topics: HashMap<String, i32>,
+    /// Known topics and their partition counts (shared by the requests of the event API).
+    topics: std::sync::Mutex<HashMap<String, i32>>,
     cfg: KafkaConfig,
 }
 
@@ -117,24 +117,20 @@ impl Kafka {
         Ok(Kafka {
             producer,
             admin,
-            topics: HashMap::new(),
+            topics: std::sync::Mutex::new(HashMap::new()),
             cfg: cfg.clone(),
         })
     }
 
-    /// Whether [`Kafka::ensure_topic`] has seen the topic exist.
-    pub(crate) fn knows(&self, topic: &str) -> bool {
-        self.topics.contains_key(topic)
-    }
-
     /// Makes sure the topic exists (creating it with the configured partitions and
     /// replication factor) and returns its partition count.
-    pub(crate) async fn ensure_topic(&mut self, topic: &str) -> Result<i32, RelayError> {
-        if let Some(n) = self.topics.get(topic) {
-            return Ok(*n);
+    /// Concurrent callers may both create it; the second finds it there.
+    pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<i32, RelayError> {
+        if let Some(n) = self.known(topic) {
+            return Ok(n);
         }
         if let Some(n) = self.partitions(topic).await? {
-            self.topics.insert(topic.to_string(), n);
+            self.remember(topic, n);
             return Ok(n);
         }
         let new = NewTopic::new(
@@ -168,7 +164,7 @@ impl Kafka {
         // Metadata can lag the creation by a moment.
         for _ in 0..50 {
             if let Some(n) = self.partitions(topic).await? {
-                self.topics.insert(topic.to_string(), n);
+                self.remember(topic, n);
                 return Ok(n);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -176,6 +172,16 @@ impl Kafka {
         Err(RelayError::Kafka(format!(
             "topic {topic} was created but does not appear in the metadata"
         )))
+    }
+
+    fn known(&self, topic: &str) -> Option<i32> {
+        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics.get(topic).copied()
+    }
+
+    fn remember(&self, topic: &str, partitions: i32) {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics.insert(topic.to_string(), partitions);
     }
 
     async fn partitions(&self, topic: &str) -> Result<Option<i32>, RelayError> {

@@ -127,15 +127,16 @@ pub(crate) fn check_envelope(event: &Value, partition_key: &[String]) -> Vec<Fai
     out
 }
 
-/// The event without its `metadata`: what the event type's schema describes.
-pub(crate) fn body(event: &Value) -> Value {
+/// The event without its `metadata`: what the event type's schema describes. Copied only
+/// when there is a `metadata` to leave out.
+pub(crate) fn body(event: &Value) -> std::borrow::Cow<'_, Value> {
     match event {
         Value::Object(m) if m.contains_key("metadata") => {
             let mut m = m.clone();
             m.remove("metadata");
-            Value::Object(m)
+            std::borrow::Cow::Owned(Value::Object(m))
         }
-        other => other.clone(),
+        other => std::borrow::Cow::Borrowed(other),
     }
 }
 
@@ -285,7 +286,11 @@ mod tests {
             Some(r#"["A-17",2]"#)
         );
         assert_eq!(key(&e, &[]), None);
-        assert_eq!(body(&e), json!({"order": {"id": "A-17"}, "n": 2}));
+        assert_eq!(*body(&e), json!({"order": {"id": "A-17"}, "n": 2}));
+        assert!(matches!(
+            body(&json!({"n": 1})),
+            std::borrow::Cow::Borrowed(_)
+        ));
         assert!(valid_name("parcel.packed_v2-x"));
         assert!(!valid_name("a/b") && !valid_name("") && !valid_name(&"x".repeat(101)));
     }

@@ -34,7 +34,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
-use tokio::sync::{watch, RwLock};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{IngestConfig, KafkaConfig};
@@ -109,7 +109,7 @@ impl IngestRuntime {
 struct App {
     rt: Arc<IngestRuntime>,
     registry: Registry,
-    kafka: RwLock<Kafka>,
+    kafka: Kafka,
     metrics: Arc<IngestMetrics>,
     /// One permit per event handed to Kafka and not yet acknowledged.
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -133,7 +133,7 @@ pub(crate) async fn run(
     let app = Arc::new(App {
         rt: rt.clone(),
         registry,
-        kafka: RwLock::new(kafka),
+        kafka,
         metrics: metrics.clone(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(rt.ingest.max_in_flight_events)),
         recent: std::sync::Mutex::new(dedup::Recent::new(
@@ -370,8 +370,13 @@ async fn get_type(
     if let Err(r) = authorize(&app, &headers, Action::Read).await {
         return r;
     }
-    match app.registry.get(&name).await {
-        Ok(Some(c)) => json_response(StatusCode::OK, &c.event_type),
+    answer_type(&app, &name, StatusCode::OK).await
+}
+
+/// Answers with the event type as the registry holds it now (404 if it does not).
+async fn answer_type(app: &App, name: &str, status: StatusCode) -> Response {
+    match app.registry.get(name).await {
+        Ok(Some(c)) => json_response(status, &c.event_type),
         Ok(None) => problem(StatusCode::NOT_FOUND, format!("no event type {name:?}")),
         Err(e) => unavailable(&e),
     }
@@ -392,11 +397,7 @@ async fn create_type(
     match app.registry.create(&t).await {
         Ok(Ok(())) => {
             info!(event_type = %t.name, team = %t.owning_team, "event type created");
-            match app.registry.get(&t.name).await {
-                Ok(Some(c)) => json_response(StatusCode::CREATED, &c.event_type),
-                Ok(None) => problem(StatusCode::INTERNAL_SERVER_ERROR, "created, then not found"),
-                Err(e) => unavailable(&e),
-            }
+            answer_type(&app, &t.name, StatusCode::CREATED).await
         }
         Ok(Err(_)) => problem(
             StatusCode::CONFLICT,
@@ -469,11 +470,7 @@ async fn update_type(
     match app.registry.update(&t, old.schema_version).await {
         Ok(Ok(version)) => {
             info!(event_type = %name, version, "event type changed");
-            match app.registry.get(&name).await {
-                Ok(Some(c)) => json_response(StatusCode::OK, &c.event_type),
-                Ok(None) => problem(StatusCode::NOT_FOUND, format!("no event type {name:?}")),
-                Err(e) => unavailable(&e),
-            }
+            answer_type(&app, &name, StatusCode::OK).await
         }
         Ok(Err(Refused::Missing)) => {
             problem(StatusCode::NOT_FOUND, format!("no event type {name:?}"))
@@ -699,16 +696,13 @@ async fn publish_batch(
         flow_id,
     };
     let topic = app.rt.topic(name);
-    let known = app.kafka.read().await.knows(&topic);
-    if !known {
-        if let Err(e) = app.kafka.write().await.ensure_topic(&topic).await {
-            app.metrics.kafka_failures.fetch_add(1, Ordering::Relaxed);
-            return unavailable(&e);
-        }
+    if let Err(e) = app.kafka.ensure_topic(&topic).await {
+        app.metrics.kafka_failures.fetch_add(1, Ordering::Relaxed);
+        return unavailable(&e);
     }
     let mut pending = Vec::with_capacity(batch.len());
     {
-        let kafka = app.kafka.read().await;
+        let kafka = &app.kafka;
         for (event, _) in batch.iter_mut().zip(&skip).filter(|(_, s)| !**s) {
             let eid = events::enrich(event, &stamp);
             let key = events::key(event, &et.partition_key);

@@ -126,7 +126,7 @@ impl Registry {
         client
             .batch_execute(BOOTSTRAP)
             .await
-            .map_err(|e| crate::sink::ods::pg_error("the ingest registry (ingest.dsn)", &e))?;
+            .map_err(|e| crate::pg::client::pg_error("the ingest registry (ingest.dsn)", &e))?;
         Ok(Registry {
             client: RwLock::new(client),
             dsn: dsn.to_string(),
@@ -152,7 +152,7 @@ impl Registry {
     }
 
     fn err(e: &tokio_postgres::Error) -> RelayError {
-        crate::sink::ods::pg_error("the ingest registry (ingest.dsn)", e)
+        crate::pg::client::pg_error("the ingest registry (ingest.dsn)", e)
     }
 
     /// Every event type at its current version.

@@ -55,7 +55,7 @@ pub(crate) async fn connect(
     let (client, conn) = config
         .connect_raw(stream, NoTls)
         .await
-        .map_err(|e| crate::sink::ods::pg_error(&target, &e))?;
+        .map_err(|e| pg_error(&target, &e))?;
     info!(%target, tls, "connected to {what}");
     let (t2, what) = (target.clone(), what.to_string());
     tokio::spawn(async move {
@@ -64,6 +64,29 @@ pub(crate) async fn connect(
         }
     });
     Ok((client, target))
+}
+
+/// A server or connection error, classified.
+pub(crate) fn pg_error(target: &str, e: &tokio_postgres::Error) -> RelayError {
+    let code = e.code().map(|c| c.code().to_string());
+    let message = match e.as_db_error() {
+        Some(db) => {
+            let mut m = format!("{}: {}", db.severity(), db.message());
+            if let Some(d) = db.detail() {
+                m.push_str(&format!(" DETAIL: {d}"));
+            }
+            if let Some(h) = db.hint() {
+                m.push_str(&format!(" HINT: {h}"));
+            }
+            m
+        }
+        None => e.to_string(),
+    };
+    RelayError::Ods {
+        target: target.to_string(),
+        code,
+        message,
+    }
 }
 
 fn describe(c: &tokio_postgres::Config) -> String {

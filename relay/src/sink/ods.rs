@@ -23,6 +23,7 @@ use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
 use crate::error::RelayError;
+use crate::pg::client::pg_error;
 use crate::pg::quote::{ident, literal};
 use crate::sink::plan::{self, ColumnKind, NetRow, Op, TablePlan};
 use crate::sink::statements::{
@@ -90,29 +91,6 @@ pub struct Ods {
     /// Tables where a plain INSERT met a key that was there: upserts only, for this session.
     upserts_only: std::collections::HashSet<String>,
     in_transaction: bool,
-}
-
-/// A server or connection error, classified.
-pub(crate) fn pg_error(target: &str, e: &tokio_postgres::Error) -> RelayError {
-    let code = e.code().map(|c| c.code().to_string());
-    let message = match e.as_db_error() {
-        Some(db) => {
-            let mut m = format!("{}: {}", db.severity(), db.message());
-            if let Some(d) = db.detail() {
-                m.push_str(&format!(" DETAIL: {d}"));
-            }
-            if let Some(h) = db.hint() {
-                m.push_str(&format!(" HINT: {h}"));
-            }
-            m
-        }
-        None => e.to_string(),
-    };
-    RelayError::Ods {
-        target: target.to_string(),
-        code,
-        message,
-    }
 }
 
 /// Whether an error comes from the data being applied (so isolating the record helps).

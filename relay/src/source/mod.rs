@@ -136,7 +136,7 @@ pub(crate) async fn run(
     metrics: Arc<SourceMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
-    let mut kafka = Kafka::new(&rt.kafka, rt.source.max_in_flight)?;
+    let kafka = Kafka::new(&rt.kafka, rt.source.max_in_flight)?;
     let supervised = Supervised {
         ready: &metrics.ready,
         restarts: &metrics.reconnects,
@@ -144,7 +144,7 @@ pub(crate) async fn run(
     };
     let span = || info_span!("source", name = %rt.source.name, slot = %rt.slot);
     supervise(supervised, &mut shutdown, span, async |shutdown| {
-        session(&rt, &metrics, &mut kafka, shutdown).await
+        session(&rt, &metrics, &kafka, shutdown).await
     })
     .await
 }
@@ -263,7 +263,7 @@ async fn request_initial_snapshots(
 struct Session<'a> {
     rt: &'a SourceRuntime,
     metrics: &'a SourceMetrics,
-    kafka: &'a mut Kafka,
+    kafka: &'a Kafka,
     topics: TopicTemplate,
     source_json: Vec<u8>,
     tx_key: Vec<u8>,
@@ -277,7 +277,7 @@ struct Session<'a> {
 async fn session(
     rt: &SourceRuntime,
     metrics: &SourceMetrics,
-    kafka: &mut Kafka,
+    kafka: &Kafka,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
     let mut conn = PgConn::connect(&rt.dsn, true, SESSION_OPTIONS).await?;
