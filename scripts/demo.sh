@@ -4,7 +4,8 @@
 # small order workload from the slot into Kafka and `saiki-relay sink` materializing it into
 # the ODS, and `saiki-relay ingest` taking "parcel packed" events that a warehouse service
 # pushes over HTTP. Every two seconds: changes/s, messages Kafka acknowledged, slot lag, rows
-# in the ODS, commit -> ODS freshness, and events Kafka acknowledged from the event API.
+# in the ODS, commit -> ODS freshness, events Kafka acknowledged from the event API, and
+# those events in the ODS table ods.ev_parcel_packed.
 #
 #   scripts/demo.sh                 run until Ctrl-C, then stop everything it started
 #   scripts/demo.sh --seconds 30    run for 30 seconds (headless)
@@ -69,6 +70,7 @@ cleanup() {
     echo "[demo]   or:  $RELAY status --dsn 'host=127.0.0.1 port=$PORT user=postgres dbname=shop'"
     echo "[demo] ODS:    psql 'host=127.0.0.1 port=$PORT user=postgres dbname=ods'"
     echo "[demo]   event types: SELECT name, owning_team FROM saiki_ingest.event_types;"
+    echo "[demo]   events: SELECT warehouse, count(*), sum(items) FROM ods.ev_parcel_packed GROUP BY 1;"
     echo "[demo]   try: SELECT status, count(*) FROM ods.orders GROUP BY 1;  SELECT * FROM saiki_sink.offsets;"
     echo "[demo] stop with: runuser -u postgres -- $PG_BIN/pg_ctl -D $DIR/data stop"
   else
@@ -188,7 +190,7 @@ echo "[demo] Kafka: 127.0.0.1:$KAFKA_PORT, topics saiki.public.orders, saiki.pub
 echo "[demo] relays: source http://127.0.0.1:$HTTP_PORT/metrics (log $DIR/relay.log), sink http://127.0.0.1:$SINK_HTTP_PORT/metrics (log $DIR/sink.log)"
 echo "[demo] event API: $API (admin token $ADMIN_TOKEN, log $DIR/ingest.log), events in saiki.events.parcel.packed"
 echo "[demo] ODS: postgres://postgres@127.0.0.1:$PORT/ods, schema ods; Ctrl-C stops everything"
-printf '%7s %10s %10s %12s %10s %12s %12s %10s\n' "time" "changes" "changes/s" "kafka acked" "slot lag" "ODS orders" "fresh p50" "events"
+printf '%7s %10s %10s %12s %10s %12s %12s %10s %11s\n' "time" "changes" "changes/s" "kafka acked" "slot lag" "ODS orders" "fresh p50" "events" "ODS events"
 metric() { curl -s "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v m="$2" '$1 ~ "^"m"\\{" {print $2}'; }
 start=$(date +%s); prev=0
 while :; do
@@ -202,7 +204,8 @@ while :; do
   rows=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.orders" 2>/dev/null || echo 0)
   fresh=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT coalesce(round(1000 * extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY _saiki_applied_at - created)))::text || 'ms', '-') FROM ods.orders WHERE _saiki_applied_at > now() - interval '2 s'" 2>/dev/null || echo "-")
   events=$(metric "$INGEST_HTTP_PORT" saiki_ingest_events_published_total)
-  printf '%6ss %10s %10s %12s %10s %12s %12s %10s\n' "$el" "$n" "$(( (n - prev) / 2 ))" "${acked:-?}" "$lag" "${rows:-0}" "${fresh:--}" "${events:-0}"
+  ods_events=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.ev_parcel_packed" 2>/dev/null || echo 0)
+  printf '%6ss %10s %10s %12s %10s %12s %12s %10s %11s\n' "$el" "$n" "$(( (n - prev) / 2 ))" "${acked:-?}" "$lag" "${rows:-0}" "${fresh:--}" "${events:-0}" "${ods_events:-0}"
   prev=$n
   if [ "$SECONDS_TO_RUN" -gt 0 ] && [ "$el" -ge "$SECONDS_TO_RUN" ]; then break; fi
 done

@@ -270,7 +270,8 @@ async fn run_source(src: crate::config::SourceConfig, cfg: Config) -> Result<(),
 }
 
 async fn run_sink(sink: crate::config::SinkConfig, cfg: Config) -> Result<(), RelayError> {
-    let runtime = Arc::new(SinkRuntime::new(sink, cfg.kafka.clone())?);
+    let registry = cfg.ingest.as_ref().and_then(|i| i.dsn.as_deref());
+    let runtime = Arc::new(SinkRuntime::new(sink, cfg.kafka.clone(), registry)?);
     let metrics = Arc::new(SinkMetrics::new(&runtime.sink.group));
     let _http = if cfg.http.listen.is_empty() {
         None

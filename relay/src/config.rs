@@ -45,6 +45,7 @@ instance_id = "sink-1"           # group.instance.id (static membership): unique
                                  # restart takes its partitions back at once. Unset: dynamic
 topics = "^saiki\\..*"            # regex over topic names; default: every {topic_prefix}.* topic
 key_includes_source = true       # primary key (_saiki_source, key...): shards whose keys collide
+events = true                    # materialize the event API's events as {schema}.ev_{type} (registry: ingest.dsn)
 batch_max_rows = 10000           # messages per ODS transaction
 batch_max_bytes = 33554432       # message bytes per ODS transaction
 batch_linger = "10ms"            # how long a batch waits to fill after its first message
@@ -57,7 +58,9 @@ shutdown_grace = "30s"           # SIGTERM: time to commit the batch in hand bef
 [ingest]
 dsn = "postgres://saiki@127.0.0.1:5432/ods"    # the registry (event types, schemas, tokens); default sink.dsn
 admin_token = "change-me-to-a-long-secret"     # required for `ingest`: the first admin token (SAIKI_INGEST_ADMIN_TOKEN)
-listen = "127.0.0.1:8080"        # the event API (HTTP/1.1 and HTTP/2 without TLS)
+listen = "127.0.0.1:8080"        # the event API (HTTP/1.1 and HTTP/2)
+# tls_cert = "/etc/saiki/ingest.pem"   # PEM certificate chain; with tls_key the API speaks only HTTPS
+# tls_key = "/etc/saiki/ingest.key"    # PEM private key (PKCS#8, PKCS#1 or SEC1)
 max_body_bytes = 1048576         # a larger request body is refused with 413
 max_batch_events = 1000          # events per request at most (413 beyond)
 registry_cache = "5s"            # how long event types, schemas and tokens are cached
@@ -176,6 +179,10 @@ pub(crate) struct SinkConfig {
     pub(crate) topics: Option<String>,
     #[serde(default = "d_true")]
     pub(crate) key_includes_source: bool,
+    /// Materialize the event API's events into `{schema}.ev_{type}` tables (their layouts
+    /// come from the registry at `ingest.dsn`); false: events are skipped.
+    #[serde(default = "d_true")]
+    pub(crate) events: bool,
     #[serde(default = "d_batch_rows")]
     pub(crate) batch_max_rows: usize,
     #[serde(default = "d_batch_bytes")]
@@ -208,6 +215,11 @@ pub(crate) struct IngestConfig {
     pub(crate) admin_token: Option<String>,
     #[serde(default = "d_ingest_listen")]
     pub(crate) listen: String,
+    /// PEM certificate chain and private key: both set, the API speaks HTTPS only.
+    #[serde(default)]
+    pub(crate) tls_cert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub(crate) tls_key: Option<std::path::PathBuf>,
     /// The largest request body; a larger one is refused with 413.
     #[serde(default = "d_body")]
     pub(crate) max_body_bytes: usize,

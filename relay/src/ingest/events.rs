@@ -198,10 +198,10 @@ pub(crate) fn key(event: &Value, partition_key: &[String]) -> Option<String> {
     serde_json::to_string(&values).ok()
 }
 
-/// A name for an event type: letters, digits, `_`, `-`, `.`; 1 to 100 characters (it
-/// becomes part of a Kafka topic name).
+/// A name for an event type: letters, digits, `_`, `-`, `.`; 1 to 60 characters (it
+/// becomes part of a Kafka topic name and of an ODS table name, `ev_{name}`).
 pub(crate) fn valid_name(name: &str) -> bool {
-    (1..=100).contains(&name.len())
+    (1..=60).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
@@ -292,6 +292,6 @@ mod tests {
             std::borrow::Cow::Borrowed(_)
         ));
         assert!(valid_name("parcel.packed_v2-x"));
-        assert!(!valid_name("a/b") && !valid_name("") && !valid_name(&"x".repeat(101)));
+        assert!(!valid_name("a/b") && !valid_name("") && !valid_name(&"x".repeat(61)));
     }
 }

@@ -21,6 +21,7 @@ pub(crate) mod compat;
 pub(crate) mod dedup;
 pub(crate) mod events;
 pub(crate) mod registry;
+pub(crate) mod tls;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -58,6 +59,8 @@ pub(crate) struct IngestRuntime {
     /// The registry database: `ingest.dsn`, or `sink.dsn`.
     pub(crate) dsn: String,
     pub(crate) admin_token: String,
+    /// HTTPS: `ingest.tls_cert` and `ingest.tls_key`, read and checked.
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl IngestRuntime {
@@ -92,11 +95,20 @@ impl IngestRuntime {
                 "ingest.ack_timeout must be more than 0s".into(),
             ));
         }
+        let tls = match (&ingest.tls_cert, &ingest.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+            (None, None) => None,
+            _ => return Err(RelayError::Config(
+                "ingest.tls_cert and ingest.tls_key go together: set both for HTTPS, or neither"
+                    .into(),
+            )),
+        };
         Ok(IngestRuntime {
             ingest,
             kafka,
             dsn,
             admin_token,
+            tls,
         })
     }
 
@@ -146,26 +158,39 @@ pub(crate) async fn run(
         .route("/event-types/{name}", get(get_type).put(update_type))
         .route("/event-types/{name}/events", post(publish))
         .route("/tokens", post(create_token))
+        .route("/openapi.json", get(openapi))
         .fallback(|| async {
             problem(
                 StatusCode::NOT_FOUND,
-                "no such resource: see docs/ingest.md (/event-types, /event-types/{name}/events, /tokens)",
+                "no such resource: see /openapi.json or docs/ingest.md (/event-types, /event-types/{name}/events, /tokens)",
             )
         })
         .layer(DefaultBodyLimit::max(rt.ingest.max_body_bytes))
         .with_state(app);
-    info!(listen = %rt.ingest.listen, "event API listening");
+    info!(listen = %rt.ingest.listen, tls = rt.tls.is_some(), "event API listening");
     metrics.ready.store(true, Ordering::Relaxed);
     let grace = rt.ingest.shutdown_grace;
     let mut stop = shutdown.clone();
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+    let stopped = async move {
         while !*stop.borrow_and_update() {
             if stop.changed().await.is_err() {
                 break;
             }
         }
-    });
-    let server = tokio::spawn(async move { server.await });
+    };
+    let server = match rt.tls.clone() {
+        Some(acceptor) => {
+            let listener = tls::TlsListener::new(listener, acceptor).map_err(|e| {
+                RelayError::Config(format!("ingest.listen = \"{}\": {e}", rt.ingest.listen))
+            })?;
+            let serve = axum::serve(listener, router).with_graceful_shutdown(stopped);
+            tokio::spawn(async move { serve.await })
+        }
+        None => {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(stopped);
+            tokio::spawn(async move { serve.await })
+        }
+    };
     // Wait for the shutdown, then give the requests in flight their grace period.
     while !*shutdown.borrow_and_update() {
         if shutdown.changed().await.is_err() {
@@ -190,6 +215,13 @@ pub(crate) async fn run(
             Ok(())
         }
     }
+}
+
+/// The API's OpenAPI document (docs/ingest-openapi.json), served as it is.
+const OPENAPI: &str = include_str!("../../../docs/ingest-openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 /// A refused request: its status and what to do, answered as a [`problem`].
@@ -318,7 +350,7 @@ fn event_type_of(body: Result<Bytes, BytesRejection>) -> Result<EventType, Refus
         return Err(Refusal::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
-                "name {:?}: use 1 to 100 letters, digits, '_', '-' or '.'",
+                "name {:?}: use 1 to 60 letters, digits, '_', '-' or '.' (it names a Kafka topic and an ODS table)",
                 b.name
             ),
         ));
@@ -339,13 +371,29 @@ fn event_type_of(body: Result<Bytes, BytesRejection>) -> Result<EventType, Refus
             ));
         }
     }
+    // The events of one key must keep their order: they share a partition when the
+    // partition key is within the key (by default, it is the key).
+    let key = b.key.filter(|k| !k.is_empty());
+    let mut partition_key = b.partition_key;
+    if let Some(k) = &key {
+        if partition_key.is_empty() {
+            partition_key.clone_from(k);
+        } else if let Some(p) = partition_key.iter().find(|p| !k.contains(p)) {
+            return Err(Refusal::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("partition_key {p:?} is not part of the key: the events of one key must share a partition to keep their order in the ODS; leave partition_key out to partition by the key"),
+            ));
+        }
+    }
+    crate::event_table::layout(&b.name, &b.schema, key.as_deref())
+        .map_err(|e| Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     Ok(EventType {
         name: b.name,
         owning_team: b.owning_team,
         schema: b.schema,
         schema_version: 1,
-        partition_key: b.partition_key,
-        key: b.key,
+        partition_key,
+        key,
         compatibility: b.compatibility,
         created_at: String::new(),
         updated_at: String::new(),
@@ -394,6 +442,26 @@ async fn create_type(
         Ok(t) => t,
         Err(r) => return r.into_response(),
     };
+    // Two names that differ only where the ODS table name cannot (`a.b`, `a_b`, `A-b`)
+    // would share a table.
+    let table = crate::event_table::table_name(&t.name).unwrap_or_default();
+    match app.registry.list().await {
+        Ok(types) => {
+            if let Some(other) = types.iter().find(|o| {
+                o.name != t.name
+                    && crate::event_table::table_name(&o.name).is_ok_and(|n| n == table)
+            }) {
+                return problem(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "event type {:?} would share the ODS table {table} with event type {:?}: choose another name",
+                        t.name, other.name
+                    ),
+                );
+            }
+        }
+        Err(e) => return unavailable(&e),
+    }
     match app.registry.create(&t).await {
         Ok(Ok(())) => {
             info!(event_type = %t.name, team = %t.owning_team, "event type created");
@@ -438,6 +506,16 @@ async fn update_type(
         Err(e) => return unavailable(&e),
     };
     let old = &current.event_type;
+    if (&old.key, &old.partition_key) != (&t.key, &t.partition_key) {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "partition_key and key of {name:?} cannot change (the order of each key's events and the ODS table's primary key depend on them): keep partition_key {:?} and key {:?}, or create a new event type",
+                old.partition_key,
+                old.key.as_deref().unwrap_or_default()
+            ),
+        );
+    }
     // The rule of the current version decides; a looser rule applies from the next change.
     let breaks = old.compatibility.breaks(&old.schema, &t.schema);
     if !breaks.is_empty() {

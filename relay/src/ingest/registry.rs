@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS saiki_ingest.event_types (
 CREATE TABLE IF NOT EXISTS saiki_ingest.schemas (
     event_type text NOT NULL REFERENCES saiki_ingest.event_types (name),
     version int NOT NULL,
-    schema jsonb NOT NULL,
+    schema json NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (event_type, version));
 CREATE TABLE IF NOT EXISTS saiki_ingest.tokens (
@@ -38,6 +38,20 @@ CREATE TABLE IF NOT EXISTS saiki_ingest.tokens (
 COMMENT ON TABLE saiki_ingest.event_types IS 'saiki-relay ingest: the event types of the event API';
 COMMENT ON TABLE saiki_ingest.schemas IS 'saiki-relay ingest: every JSON Schema version of every event type';
 COMMENT ON TABLE saiki_ingest.tokens IS 'saiki-relay ingest: SHA-256 hashes of the API tokens and their scopes';
+DO $$ BEGIN
+  -- json, not jsonb: a schema keeps its properties' order (the ODS table's column order).
+  -- Registries made before stored jsonb.
+  IF (SELECT atttypid = 'jsonb'::regtype FROM pg_attribute
+      WHERE attrelid = 'saiki_ingest.schemas'::regclass AND attname = 'schema') THEN
+    ALTER TABLE saiki_ingest.schemas ALTER COLUMN schema TYPE json USING schema::json;
+  END IF;
+  -- The sink reads event types and schemas (never tokens) to materialize events: through
+  -- this role when the DBA made it (docker/ods/initdb-ods.sh, docs/ingest.md).
+  IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'saiki_registry_reader') THEN
+    GRANT USAGE ON SCHEMA saiki_ingest TO saiki_registry_reader;
+    GRANT SELECT ON saiki_ingest.event_types, saiki_ingest.schemas TO saiki_registry_reader;
+  END IF;
+END $$;
 ";
 
 /// An event type at its current schema version.
@@ -214,7 +228,7 @@ impl Registry {
             return Ok(Err(Refused::Exists));
         }
         tx.execute(
-            "INSERT INTO saiki_ingest.schemas (event_type, version, schema) VALUES ($1, 1, $2::text::jsonb)",
+            "INSERT INTO saiki_ingest.schemas (event_type, version, schema) VALUES ($1, 1, $2::text::json)",
             &[&t.name, &t.schema.to_string()],
         )
         .await
@@ -248,7 +262,7 @@ impl Registry {
         // answers 409 and the client reads the type again.
         let stored = tx
             .execute(
-                "INSERT INTO saiki_ingest.schemas (event_type, version, schema) VALUES ($1, $2, $3::text::jsonb) ON CONFLICT DO NOTHING",
+                "INSERT INTO saiki_ingest.schemas (event_type, version, schema) VALUES ($1, $2, $3::text::json) ON CONFLICT DO NOTHING",
                 &[&t.name, &version, &t.schema.to_string()],
             )
             .await

@@ -14,6 +14,7 @@
 //!   they start from ([`PartitionOffsets::stored`]), moved on to batch N's when N commits. If
 //!   N does not commit, the sink drops N+1 as well and rewinds both (`sink.rs`).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -22,7 +23,7 @@ use tracing::{info, warn, Instrument};
 use crate::error::RelayError;
 use crate::kafka::Kafka;
 use crate::sink::ods::{ApplyError, Ods, PartitionOffsets};
-use crate::sink::plan::{Msg, Outcome, Planner};
+use crate::sink::plan::{EventTables, Msg, Outcome, Planner};
 
 /// A batch's plan: the messages, and what they do to each ODS table.
 pub(crate) struct Planned<'a> {
@@ -55,11 +56,21 @@ impl PlannedBatch {
     }
 }
 
-/// Parses and nets a batch (the relay's CPU share of applying it).
+/// Parses and nets a batch (the relay's CPU share of applying it), without event tables.
 pub fn plan(messages: Vec<OwnedMessage>, key_includes_source: bool) -> PlannedBatch {
+    plan_with_events(messages, key_includes_source, None)
+}
+
+/// Parses and nets a batch; events are materialized into the `events` tables (`None`:
+/// skipped).
+pub(crate) fn plan_with_events(
+    messages: Vec<OwnedMessage>,
+    key_includes_source: bool,
+    events: Option<Arc<EventTables>>,
+) -> PlannedBatch {
     PlannedBatch::new(messages, |owned| {
         let msgs: Vec<Msg<'_>> = owned.iter().map(msg_of).collect();
-        let mut planner = Planner::new(key_includes_source);
+        let mut planner = Planner::new(key_includes_source, events);
         let mut dead = Vec::new();
         for (i, m) in msgs.iter().enumerate() {
             if let Outcome::DeadLetter(reason) = planner.add(i, m) {
@@ -76,6 +87,9 @@ pub fn plan(messages: Vec<OwnedMessage>, key_includes_source: bool) -> PlannedBa
 
 pub(crate) fn msg_of(m: &OwnedMessage) -> Msg<'_> {
     Msg {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
         key: m.key(),
         payload: m.payload(),
     }
@@ -202,7 +216,7 @@ impl Applier {
                 if already.contains(&i) {
                     continue;
                 }
-                let mut one = Planner::new(kis);
+                let mut one = Planner::new(kis, planned.planner.events());
                 if one.add(i, m) != Outcome::Planned {
                     continue;
                 }

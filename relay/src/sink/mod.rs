@@ -18,6 +18,7 @@
 //!   read); librdkafka's prefetch queue is bounded by its settings.
 
 pub(crate) mod batch;
+pub(crate) mod events;
 pub(crate) mod ods;
 pub(crate) mod offsets;
 pub(crate) mod plan;
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use regex::Regex;
 use tokio::sync::watch;
@@ -42,9 +43,12 @@ use crate::kafka::Kafka;
 use crate::metrics::SinkMetrics;
 use crate::retry::{supervise, Supervised};
 use crate::sink::batch::{Applied, Applier, Done};
+use crate::sink::events::EventCatalog;
 use crate::sink::ods::{ApplyError, Ods};
 use crate::sink::offsets::{Accept, Ledger, Tp};
 
+/// The header the event API puts on every event (`ingest/mod.rs`).
+const EVENT_TYPE_HEADER: &str = "saiki.event_type";
 /// Dead letters handed to the producer at once (they are awaited before the commit).
 const DEAD_LETTER_QUEUE_CAPACITY: usize = 10_000;
 const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,6 +61,9 @@ const NO_TOPICS_REFRESH: Duration = Duration::from_millis(500);
 pub(crate) struct SinkRuntime {
     pub(crate) sink: SinkConfig,
     pub(crate) kafka: KafkaConfig,
+    /// The event API's registry (`ingest.dsn`, default `sink.dsn`); `None`: events are not
+    /// materialized (`sink.events = false`).
+    pub(crate) registry_dsn: Option<String>,
     pub(crate) topics: Regex,
     pub(crate) dead_letter_topic: String,
     /// Topics that match the pattern but carry nothing to materialize (or would loop).
@@ -64,7 +71,11 @@ pub(crate) struct SinkRuntime {
 }
 
 impl SinkRuntime {
-    pub(crate) fn new(sink: SinkConfig, kafka: KafkaConfig) -> Result<Self, RelayError> {
+    pub(crate) fn new(
+        sink: SinkConfig,
+        kafka: KafkaConfig,
+        registry_dsn: Option<&str>,
+    ) -> Result<Self, RelayError> {
         let pattern = sink
             .topics
             .clone()
@@ -97,9 +108,13 @@ impl SinkRuntime {
             format!("{}.transactions", kafka.topic_prefix),
             format!("{}.messages", kafka.topic_prefix),
         ];
+        let registry_dsn = sink
+            .events
+            .then(|| registry_dsn.unwrap_or(&sink.dsn).to_string());
         Ok(SinkRuntime {
             sink,
             kafka,
+            registry_dsn,
             topics,
             dead_letter_topic,
             excluded,
@@ -232,6 +247,8 @@ struct Session<'a> {
     batch_bytes: usize,
     batch_started: Option<tokio::time::Instant>,
     subscribed: Vec<String>,
+    /// The event tables, when events are materialized.
+    events: Option<EventCatalog>,
 }
 
 impl Drop for Session<'_> {
@@ -307,6 +324,7 @@ async fn session(
         batch_bytes: 0,
         batch_started: None,
         subscribed: Vec::new(),
+        events: rt.registry_dsn.clone().map(EventCatalog::new),
     };
     s.refresh_topics()?;
     metrics.ready.store(true, Ordering::Relaxed);
@@ -479,7 +497,11 @@ impl Session<'_> {
         }
         let msgs = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
-        let planned = batch::plan(msgs, self.rt.sink.key_includes_source);
+        let planned = batch::plan_with_events(
+            msgs,
+            self.rt.sink.key_includes_source,
+            self.events.as_ref().map(EventCatalog::tables),
+        );
         self.settle().await?;
         if self.ledger.rewinding() {
             // The batch before was fenced: this one continues from it, so it is void too.
@@ -587,6 +609,19 @@ impl Session<'_> {
                 if gap {
                     debug!(topic = %tp.0, partition = tp.1, offset, "offset gap (compaction, retention or transaction markers)");
                 }
+                // An event of the event API: its table's layout is read before the batch
+                // that holds it is planned.
+                if let Some(catalog) = self.events.as_mut() {
+                    let is_event = m
+                        .headers()
+                        .is_some_and(|h| h.iter().any(|h| h.key == EVENT_TYPE_HEADER));
+                    if let Some((ty, version)) = is_event
+                        .then(|| m.payload().and_then(plan::event_version))
+                        .flatten()
+                    {
+                        catalog.learn(&ty, version).await?;
+                    }
+                }
                 self.batch_bytes +=
                     m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len);
                 if self.batch.is_empty() {
@@ -627,7 +662,7 @@ mod tests {
     #[test]
     fn the_sink_reads_change_topics_only() {
         let cfg: crate::config::Config = toml::from_str("[sink]\ndsn = \"x\"\n").expect("a config");
-        let rt = SinkRuntime::new(cfg.sink.unwrap(), cfg.kafka).unwrap();
+        let rt = SinkRuntime::new(cfg.sink.unwrap(), cfg.kafka, None).unwrap();
         assert!(rt.wants("saiki.public.orders"));
         for t in [
             "saiki.dead-letter",

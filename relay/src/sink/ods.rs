@@ -490,7 +490,7 @@ impl Ods {
             return Ok(());
         }
         let mut want: Vec<String> = Vec::new();
-        if self.key_includes_source {
+        if plan.source_in_key {
             want.push(SOURCE_COL.to_string());
         }
         want.extend(plan.key.iter().cloned());
@@ -697,7 +697,7 @@ impl Ods {
             ];
             cols.extend(defs.iter().map(|(n, t)| format!("{} {t}", ident(n))));
             let mut pk: Vec<String> = Vec::new();
-            if self.key_includes_source {
+            if plan.source_in_key {
                 pk.push(ident(SOURCE_COL));
             }
             pk.extend(plan.key.iter().map(|k| ident(k)));

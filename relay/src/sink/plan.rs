@@ -12,12 +12,16 @@
 //! property test).
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use indexmap::IndexMap;
 use saiki_core::record::Action;
 use saiki_core::view::{Fields, RecordView, Types};
 use saiki_core::Lsn;
 use serde_json::value::RawValue;
+
+use crate::event_table::{EventTable, METADATA_COLUMNS};
 
 /// The dead-letter reason for records of tables without a key (docs/sink.md, "Dead letters").
 pub(crate) const NO_IDENTITY: &str =
@@ -26,31 +30,71 @@ pub(crate) const NO_IDENTITY: &str =
 /// One consumed Kafka message, borrowed for the time of planning.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Msg<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
     pub(crate) key: Option<&'a [u8]>,
     pub(crate) payload: Option<&'a [u8]>,
+}
+
+/// The ODS tables of the event types the sink has met, by event type and schema version
+/// (`Err`: why that version cannot be materialized). Loaded from the event API's registry
+/// before a batch is planned (`sink/events.rs`).
+pub(crate) type EventTables = HashMap<(String, i32), Result<Arc<EventTable>, String>>;
+
+/// JSON `null`, for the columns an event leaves out.
+fn json_null() -> &'static RawValue {
+    static NULL: OnceLock<Box<RawValue>> = OnceLock::new();
+    NULL.get_or_init(|| RawValue::from_string("null".into()).expect("null is JSON"))
+}
+
+/// The event type and schema version in an event's `metadata`, if it is an event.
+pub(crate) fn event_version(payload: &[u8]) -> Option<(String, i32)> {
+    let (ty, version, _, _) = event_parts(payload).ok()??;
+    Some((ty.into_owned(), version))
+}
+
+/// An event's top-level fields, its metadata fields, its type and schema version; `None` if
+/// the payload is not an event; `Err` if it is one without a readable type or version.
+#[allow(clippy::type_complexity)]
+fn event_parts(
+    payload: &[u8],
+) -> Result<Option<(Cow<'_, str>, i32, Fields<'_>, Fields<'_>)>, String> {
+    let Ok(body) = serde_json::from_slice::<Fields<'_>>(payload) else {
+        return Ok(None);
+    };
+    if body.get("action").is_some() {
+        return Ok(None);
+    }
+    let Some(md) = body
+        .get("metadata")
+        .and_then(|m| serde_json::from_str::<Fields<'_>>(m.get()).ok())
+    else {
+        return Ok(None);
+    };
+    let Some(ty) = md
+        .get("event_type")
+        .and_then(|t| serde_json::from_str::<Cow<'_, str>>(t.get()).ok())
+    else {
+        return Ok(None);
+    };
+    let version = md.get("version").and_then(|v| {
+        serde_json::from_str::<Cow<'_, str>>(v.get())
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .or_else(|| serde_json::from_str::<i32>(v.get()).ok())
+    });
+    let Some(version) = version else {
+        return Err(format!(
+            "malformed event of type {ty}: metadata.version is not a schema version"
+        ));
+    };
+    Ok(Some((ty, version, body, md)))
 }
 
 /// The sink's view of a change record: the core's reader with the column objects as
 /// [`Fields`], borrowed from the message.
 pub(crate) type SinkRecord<'a> = RecordView<'a, Fields<'a>>;
-
-/// Whether a message is an event of the event API (`saiki-relay ingest`): an object with
-/// `metadata.event_type` and no `action`.
-fn is_event(payload: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Meta<'a> {
-        #[serde(borrow)]
-        event_type: Option<&'a str>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Event<'a> {
-        #[serde(borrow)]
-        metadata: Option<Meta<'a>>,
-        action: Option<&'a serde_json::value::RawValue>,
-    }
-    serde_json::from_slice::<Event<'_>>(payload)
-        .is_ok_and(|e| e.action.is_none() && e.metadata.is_some_and(|m| m.event_type.is_some()))
-}
 
 /// A net change to one ODS row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +162,9 @@ pub(crate) struct TablePlan<'a> {
     pub(crate) source_table: String,
     /// The source key's column names.
     pub(crate) key: Vec<String>,
+    /// Whether ODS rows are keyed by `(_saiki_source, key…)`: `sink.key_includes_source` for
+    /// change tables, never for event tables (their `_saiki_source` is a Kafka partition).
+    pub(crate) source_in_key: bool,
     pub(crate) columns: IndexMap<String, ColumnSeen>,
     pub(crate) rows: IndexMap<(String, String), NetRow<'a>>,
     /// Per source: delete the rows written before `(lsn, seq)`.
@@ -125,15 +172,32 @@ pub(crate) struct TablePlan<'a> {
 }
 
 impl<'a> TablePlan<'a> {
-    fn new(name: &str, source_table: String, key: Vec<String>) -> Self {
+    fn new(name: &str, source_table: String, key: Vec<String>, source_in_key: bool) -> Self {
         TablePlan {
             name: name.to_string(),
             source_table,
             key,
+            source_in_key,
             columns: IndexMap::new(),
             rows: IndexMap::new(),
             truncates: IndexMap::new(),
         }
+    }
+
+    /// The index of a column whose type is known (an event table's).
+    fn typed_column(&mut self, name: &str, type_name: &str) -> usize {
+        if let Some(i) = self.columns.get_index_of(name) {
+            return i;
+        }
+        self.columns
+            .insert_full(
+                name.to_string(),
+                ColumnSeen {
+                    name: name.to_string(),
+                    type_name: Some(type_name.to_string()),
+                },
+            )
+            .0
     }
 
     fn column(&mut self, name: &str, types: Option<&RawValue>) -> usize {
@@ -190,18 +254,26 @@ pub(crate) enum Outcome {
 /// Folds a batch of messages into per-table net changes.
 pub(crate) struct Planner<'a> {
     key_includes_source: bool,
+    /// The event tables known to the sink; `None`: events are not materialized.
+    events: Option<Arc<EventTables>>,
     pub(crate) tables: IndexMap<String, TablePlan<'a>>,
     /// Source commit times (µs since the Unix epoch) of the planned changes that carry one.
     pub(crate) commit_times: Vec<i64>,
 }
 
 impl<'a> Planner<'a> {
-    pub(crate) fn new(key_includes_source: bool) -> Self {
+    pub(crate) fn new(key_includes_source: bool, events: Option<Arc<EventTables>>) -> Self {
         Planner {
             key_includes_source,
+            events,
             tables: IndexMap::new(),
             commit_times: Vec::new(),
         }
+    }
+
+    /// The event tables this planner materializes events into.
+    pub(crate) fn events(&self) -> Option<Arc<EventTables>> {
+        self.events.clone()
     }
 
     /// Adds the message at batch index `idx`.
@@ -212,9 +284,14 @@ impl<'a> Planner<'a> {
         let rec: SinkRecord<'a> = match serde_json::from_slice(payload) {
             Ok(r) => r,
             // The event API's events share the prefix of the change topics (and, for a source
-            // schema named `events`, a topic): the sink does not materialize them yet.
-            Err(_) if is_event(payload) => return Outcome::Skipped,
-            Err(e) => return Outcome::DeadLetter(format!("malformed record: {e}")),
+            // schema named `events`, a topic).
+            Err(e) => {
+                return match event_parts(payload) {
+                    Ok(Some(parts)) => self.event(idx, msg, parts),
+                    Ok(None) => Outcome::DeadLetter(format!("malformed record: {e}")),
+                    Err(reason) => Outcome::DeadLetter(reason),
+                }
+            }
         };
         match rec.action {
             Action::Insert | Action::Update | Action::Delete | Action::Read | Action::Truncate => {}
@@ -251,6 +328,7 @@ impl<'a> Planner<'a> {
         })?;
         let seq = rec.seq.ok_or_else(|| missing("seq"))?;
         let source_table = || format!("{schema}.{table}");
+        let by_source = self.key_includes_source;
         let plan_index = |tables: &mut IndexMap<String, TablePlan<'a>>,
                           key: &dyn Fn() -> Vec<String>| {
             match tables.get_index_of(table) {
@@ -259,7 +337,7 @@ impl<'a> Planner<'a> {
                     tables
                         .insert_full(
                             table.to_string(),
-                            TablePlan::new(table, source_table(), key()),
+                            TablePlan::new(table, source_table(), key(), by_source),
                         )
                         .0
                 }
@@ -362,6 +440,105 @@ impl<'a> Planner<'a> {
         Ok(self.fold(idx, table, source, lsn, seq, op, key, fields, &rec))
     }
 
+    /// Plans an event of the event API as a row of its event table: its properties and
+    /// metadata as columns, keyed by `eid` or the declared key; the later event of a key
+    /// replaces the earlier. Its `_saiki_source` is the Kafka partition it came from and its
+    /// position the offset, so that the ordering guard keeps Kafka's order of a key (whose
+    /// events share a partition: the event API requires the partition key within the key).
+    fn event(
+        &mut self,
+        idx: usize,
+        msg: &Msg<'a>,
+        (event_type, version, body, md): (Cow<'a, str>, i32, Fields<'a>, Fields<'a>),
+    ) -> Outcome {
+        let Some(events) = &self.events else {
+            return Outcome::Skipped; // sink.events = false
+        };
+        let layout = match events.get(&(event_type.to_string(), version)) {
+            Some(Ok(l)) => l.clone(),
+            Some(Err(reason)) => return Outcome::DeadLetter(reason.clone()),
+            None => {
+                return Outcome::DeadLetter(format!(
+                    "event type {event_type} has no schema version {version} in the event API's registry (ingest.dsn): register it, or set sink.events = false"
+                ))
+            }
+        };
+        let plan = match self.tables.get_index_of(&layout.table) {
+            Some(i) => &mut self.tables[i],
+            None => {
+                let plan = TablePlan::new(
+                    &layout.table,
+                    format!("event type {}", layout.event_type),
+                    layout.key.clone(),
+                    false,
+                );
+                let i = self.tables.insert_full(layout.table.clone(), plan).0;
+                &mut self.tables[i]
+            }
+        };
+        let mut values = Values(Vec::with_capacity(
+            layout.properties.len() + METADATA_COLUMNS.len(),
+        ));
+        for (name, ty) in &layout.properties {
+            let i = plan.typed_column(name, ty);
+            values.insert(i, body.get(name).unwrap_or_else(|| json_null()));
+        }
+        for (column, field, ty) in METADATA_COLUMNS {
+            let i = plan.typed_column(column, ty);
+            values.insert(i, md.get(field).unwrap_or_else(|| json_null()));
+        }
+        let mut key = Vec::with_capacity(layout.key.len());
+        for k in &layout.key {
+            let v = plan
+                .columns
+                .get_index_of(k)
+                .and_then(|i| values.get(i))
+                .filter(|v| v.get() != "null");
+            match v {
+                Some(v) => key.push(v),
+                None => {
+                    return Outcome::DeadLetter(format!(
+                        "event of type {event_type} has no value for its key column {k}"
+                    ))
+                }
+            }
+        }
+        let source = Cow::Owned(format!("{}/{}", msg.topic, msg.partition));
+        let (lsn, seq) = (Lsn(msg.offset.max(0) as u64), 0);
+        let row_key = (String::new(), key_text(&key));
+        if let Some(p) = plan.rows.get(&row_key) {
+            if p.source == source && (lsn, seq) <= (p.lsn, p.seq) {
+                return Outcome::Skipped;
+            }
+        }
+        let mut row = NetRow {
+            op: Op::Upsert,
+            source,
+            lsn,
+            seq,
+            key,
+            values,
+            msgs: vec![idx],
+            born: true,
+        };
+        if let Some(earlier) = plan.rows.get_mut(&row_key) {
+            row.born = earlier.born;
+            row.msgs = std::mem::take(&mut earlier.msgs);
+            row.msgs.push(idx);
+            *earlier = row;
+        } else {
+            plan.rows.insert(row_key, row);
+        }
+        if let Some(ts) = md
+            .get("received_at")
+            .and_then(|t| serde_json::from_str::<Cow<'_, str>>(t.get()).ok())
+            .and_then(|t| saiki_core::time::parse_rfc3339_utc_micros(&t))
+        {
+            self.commit_times.push(ts);
+        }
+        Outcome::Planned
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn fold(
         &mut self,
@@ -375,10 +552,10 @@ impl<'a> Planner<'a> {
         fields: Option<&Fields<'a>>,
         rec: &SinkRecord<'a>,
     ) -> Outcome {
-        let by_source = self.key_includes_source;
         let Some(plan) = self.tables.get_mut(table) else {
             return Outcome::Skipped;
         };
+        let by_source = plan.source_in_key;
         if let Some((tl, ts, _)) = plan.truncates.get(source.as_ref()) {
             if (lsn, seq) < (*tl, *ts) {
                 return Outcome::Skipped; // truncated later in this batch
@@ -626,7 +803,7 @@ mod tests {
     }
 
     fn plan_of<'a>(msgs: &'a [Vec<u8>], by_source: bool) -> (Planner<'a>, Vec<Outcome>) {
-        let mut p = Planner::new(by_source);
+        let mut p = Planner::new(by_source, None);
         let outs = msgs
             .iter()
             .enumerate()
@@ -634,6 +811,9 @@ mod tests {
                 p.add(
                     i,
                     &Msg {
+                        topic: "saiki.public.t",
+                        partition: 0,
+                        offset: i as i64,
                         key: None,
                         payload: Some(m),
                     },
@@ -779,8 +959,11 @@ mod tests {
         let upd = rec(
             r#"{"action":"U","xid":1,"lsn":"0/20","commit_lsn":"0/20","seq":1,"schema":"public","table":"t","key":["id"],"columns":{"id":2,"v":"x"},"identity":{"id":1},"source":"a"}"#,
         );
-        let mut p = Planner::new(true);
+        let mut p = Planner::new(true, None);
         let old = Msg {
+            topic: "saiki.public.t",
+            partition: 0,
+            offset: 0,
             key: Some(br#"{"id":1}"#),
             payload: Some(&upd),
         };
@@ -823,19 +1006,150 @@ mod tests {
         assert_eq!(outs[3], Outcome::Skipped);
     }
 
-    #[test]
-    fn events_of_the_event_api_are_skipped_not_dead_lettered() {
-        let (_, outs) = plan_of(
-            &[
-                rec(r#"{"parcel_id":"P1","metadata":{"eid":"e","event_type":"parcel.packed"}}"#),
-                rec(r#"{"parcel_id":"P1","metadata":{"eid":"e"}}"#),
-                rec(r#"{"action":"X","metadata":{"event_type":"t"}}"#),
-            ],
-            true,
+    /// Plans event messages (all from partition 0, offsets 0, 1, …) against known layouts.
+    fn plan_events<'a>(
+        msgs: &'a [Vec<u8>],
+        events: Option<EventTables>,
+    ) -> (Planner<'a>, Vec<Outcome>) {
+        let mut p = Planner::new(true, events.map(Arc::new));
+        let outs = msgs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                p.add(
+                    i,
+                    &Msg {
+                        topic: "saiki.events.parcel.packed",
+                        partition: 0,
+                        offset: i as i64,
+                        key: None,
+                        payload: Some(m),
+                    },
+                )
+            })
+            .collect();
+        (p, outs)
+    }
+
+    fn layouts() -> EventTables {
+        let schema = serde_json::json!({"required": ["parcel_id"], "properties": {
+            "parcel_id": {"type": "string"}, "items": {"type": "integer"}}});
+        let mut t = EventTables::new();
+        for (name, key) in [
+            ("parcel.packed", None),
+            ("stock.level", Some(vec!["/parcel_id".to_string()])),
+        ] {
+            let l = crate::event_table::layout(name, &schema, key.as_deref()).unwrap();
+            t.insert((name.to_string(), 1), Ok(Arc::new(l)));
+        }
+        t.insert(
+            ("bad.one".into(), 1),
+            Err("cannot be an ODS table: because".into()),
         );
-        assert_eq!(outs[0], Outcome::Skipped);
-        assert!(matches!(&outs[1], Outcome::DeadLetter(r) if r.starts_with("malformed record")));
-        assert!(matches!(&outs[2], Outcome::DeadLetter(r) if r.starts_with("malformed record")));
+        t
+    }
+
+    fn event(ty: &str, eid: &str, parcel: &str, items: i64) -> Vec<u8> {
+        rec(&format!(
+            r#"{{"parcel_id":"{parcel}","items":{items},"metadata":{{"eid":"{eid}","event_type":"{ty}","version":"1","received_at":"2026-12-01T08:00:00.000000Z"}}}}"#
+        ))
+    }
+
+    #[test]
+    fn events_are_skipped_when_the_sink_does_not_materialize_them() {
+        let msgs = [event("parcel.packed", "e1", "P1", 1)];
+        let (p, outs) = plan_events(&msgs, None);
+        assert_eq!(outs, [Outcome::Skipped]);
+        assert!(p.tables.is_empty());
+    }
+
+    #[test]
+    fn events_become_rows_of_their_table_once_per_eid() {
+        let msgs = [
+            event("parcel.packed", "e1", "P1", 1),
+            event("parcel.packed", "e2", "P2", 2),
+            event("parcel.packed", "e1", "P1", 1), // a copy: the same row
+        ];
+        let (p, outs) = plan_events(&msgs, Some(layouts()));
+        assert_eq!(outs, [Outcome::Planned, Outcome::Planned, Outcome::Planned]);
+        let t = &p.tables["ev_parcel_packed"];
+        assert_eq!(t.key, ["eid"]);
+        assert!(!t.source_in_key);
+        assert_eq!(t.rows.len(), 2);
+        let cols: Vec<(&str, Option<&str>)> = t
+            .columns
+            .values()
+            .map(|c| (c.name.as_str(), c.type_name.as_deref()))
+            .collect();
+        assert_eq!(
+            cols,
+            [
+                ("parcel_id", Some("text")),
+                ("items", Some("numeric")),
+                ("eid", Some("uuid")),
+                ("occurred_at", Some("timestamptz")),
+                ("received_at", Some("timestamptz")),
+                ("flow_id", Some("text")),
+                ("schema_version", Some("int")),
+            ]
+        );
+        let row = &t.rows[&(String::new(), "\"e1\"".to_string())];
+        assert_eq!(
+            (row.source.as_ref(), row.lsn, row.msgs.clone()),
+            ("saiki.events.parcel.packed/0", Lsn(2), vec![0, 2])
+        );
+        // Absent metadata is null, not absent: the row is the event, whole.
+        assert_eq!(row.values.get(3).map(RawValue::get), Some("null"));
+        assert_eq!(p.commit_times.len(), 3);
+    }
+
+    #[test]
+    fn events_with_a_declared_key_keep_the_latest_per_key() {
+        let msgs = [
+            event("stock.level", "e1", "A", 1),
+            event("stock.level", "e2", "B", 2),
+            event("stock.level", "e3", "A", 3),
+        ];
+        let (p, _) = plan_events(&msgs, Some(layouts()));
+        let t = &p.tables["ev_stock_level"];
+        assert_eq!(t.key, ["parcel_id"]);
+        let a = &t.rows[&(String::new(), "\"A\"".to_string())];
+        assert_eq!(a.values.get(1).map(RawValue::get), Some("3"));
+        assert_eq!(t.rows.len(), 2);
+    }
+
+    #[test]
+    fn events_the_sink_cannot_place_are_dead_lettered_with_the_reason() {
+        let msgs = [
+            event("nope", "e1", "P1", 1),
+            event("bad.one", "e1", "P1", 1),
+            rec(r#"{"parcel_id":"P1","metadata":{"eid":"e","event_type":"parcel.packed"}}"#),
+            rec(r#"{"items":1,"metadata":{"eid":"e","event_type":"stock.level","version":"1"}}"#),
+            rec(r#"{"parcel_id":"P1","metadata":{"eid":"e"}}"#),
+            rec(r#"{"action":"X","metadata":{"event_type":"t"}}"#),
+        ];
+        let (_, outs) = plan_events(&msgs, Some(layouts()));
+        let reasons: Vec<String> = outs
+            .iter()
+            .map(|o| match o {
+                Outcome::DeadLetter(r) => r.clone(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert!(
+            reasons[0].contains("has no schema version 1"),
+            "{}",
+            reasons[0]
+        );
+        assert!(reasons[1].contains("because"), "{}", reasons[1]);
+        assert!(reasons[2].contains("metadata.version"), "{}", reasons[2]);
+        assert!(
+            reasons[3].contains("no value for its key column parcel_id"),
+            "{}",
+            reasons[3]
+        );
+        assert!(reasons[4].starts_with("malformed record"), "{}", reasons[4]);
+        assert!(reasons[5].starts_with("malformed record"), "{}", reasons[5]);
     }
 
     fn copy_of(raw: &str, kind: ColumnKind) -> String {

@@ -431,7 +431,7 @@ fn the_least_privilege_roles_of_the_images_run_the_pipeline() {
         let code = curl(&[&format!("{base}/event-types")]);
         (code != "200").then(|| format!("GET /event-types: {code}"))
     });
-    let et = r#"{"name": "t.done", "owning_team": "t", "schema": {"type": "object"}}"#;
+    let et = r#"{"name": "t.done", "owning_team": "t", "schema": {"type": "object", "properties": {"n": {"type": "integer"}}}}"#;
     assert_eq!(
         curl(&[
             "-X",
@@ -454,4 +454,25 @@ fn the_least_privilege_roles_of_the_images_run_the_pipeline() {
         ),
         vec![vec![s("saiki_ingest")]]
     );
+    // The sink's role reads event types and schemas, not tokens, and materializes the event.
+    assert_eq!(
+        text_rows(
+            &mut ods,
+            "SELECT has_table_privilege('saiki_sink', 'saiki_ingest.schemas', 'SELECT')::text, has_table_privilege('saiki_sink', 'saiki_ingest.tokens', 'SELECT')::text"
+        ),
+        vec![vec![s("true"), s("false")]]
+    );
+    wait_until(Duration::from_secs(90), &sink, || {
+        let got = ods
+            .query(
+                "SELECT count(*)::text, sum(n)::text FROM ods.ev_t_done",
+                &[],
+            )
+            .ok()
+            .and_then(|r| {
+                r.first()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+            });
+        (got != Some(("1".into(), "1".into()))).then(|| format!("ods.ev_t_done has {got:?}"))
+    });
 }

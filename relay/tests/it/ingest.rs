@@ -18,6 +18,8 @@ struct Answer {
     status: u16,
     body: String,
     flow_id: Option<String>,
+    /// `1.1` or `2`.
+    http_version: String,
 }
 
 impl Answer {
@@ -26,7 +28,7 @@ impl Answer {
     }
 }
 
-/// One request with curl (`--http2-prior-knowledge` with `h2`).
+/// One request with curl to `http://127.0.0.1:{port}{path}`.
 fn curl(
     port: u16,
     method: &str,
@@ -35,7 +37,28 @@ fn curl(
     body: Option<&[u8]>,
     extra: &[&str],
 ) -> Answer {
-    let dir = std::env::temp_dir().join(format!("saiki-curl-{}-{port}", std::process::id()));
+    request(
+        &format!("http://127.0.0.1:{port}{path}"),
+        method,
+        token,
+        body,
+        extra,
+    )
+}
+
+/// One request with curl; `-w` reports the status code and the HTTP version.
+fn request(
+    url: &str,
+    method: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+    extra: &[&str],
+) -> Answer {
+    let dir = std::env::temp_dir().join(format!(
+        "saiki-curl-{}-{}",
+        std::process::id(),
+        loopback_port()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let (out, hdr) = (dir.join("body"), dir.join("headers"));
     let mut cmd = Command::new("curl");
@@ -44,9 +67,9 @@ fn curl(
         .arg(&out)
         .arg("-D")
         .arg(&hdr)
-        .args(["-w", "%{http_code}"])
+        .args(["-w", "%{http_code} %{http_version}"])
         .args(extra)
-        .arg(format!("http://127.0.0.1:{port}{path}"));
+        .arg(url);
     if let Some(t) = token {
         cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
@@ -69,21 +92,24 @@ fn curl(
     }
     drop(stdin);
     let o = child.wait_with_output().unwrap();
-    let status: u16 = String::from_utf8_lossy(&o.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
+    let w = String::from_utf8_lossy(&o.stdout).into_owned();
+    let mut w = w.split_whitespace();
+    let status: u16 = w.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let http_version = w.next().unwrap_or_default().to_string();
     let headers = std::fs::read_to_string(&hdr).unwrap_or_default();
     let flow_id = headers.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         k.eq_ignore_ascii_case("x-flow-id")
             .then(|| v.trim().to_string())
     });
-    Answer {
+    let answer = Answer {
         status,
         body: std::fs::read_to_string(&out).unwrap_or_default(),
         flow_id,
-    }
+        http_version,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    answer
 }
 
 fn ingest_config(pg: &PgCluster, broker: &Broker, api: u16, http: u16, extra: &str) -> String {
@@ -535,4 +561,440 @@ fn a_broker_outage_is_answered_503_and_publishing_resumes_after_it() {
 
 fn uuid_like(s: &str) -> bool {
     s.len() == 36 && s.chars().filter(|c| *c == '-').count() == 4
+}
+
+/// Waits until `sql` over the ODS gives `want`, with the sink's log on failure.
+fn wait_rows(
+    ods: &mut saiki_tests::postgres::Client,
+    sink: &Relay,
+    sql: &str,
+    want: Vec<Vec<Option<String>>>,
+) {
+    wait_until(Duration::from_secs(90), sink, || {
+        let got = ods.query(sql, &[]).ok().map(|rows| {
+            rows.iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| r.get::<_, Option<String>>(i))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        });
+        (got.as_ref() != Some(&want)).then(|| format!("{sql}: {got:?}, want {want:?}"))
+    });
+}
+
+#[test]
+fn the_sink_materializes_events_appended_by_eid_or_upserted_by_key_exactly_once() {
+    let pg = PgCluster::start(&[]);
+    let mut ods = pg.create_db("ods");
+    let broker = Broker::start();
+    let (api, http) = (loopback_port(), loopback_port());
+    // The registry lives in the ODS database, as by default.
+    let icfg = ingest_config(&pg, &broker, api, http, "").replace("dbname=registry", "dbname=ods");
+    let ingest = Relay::start_ingest(&pg.dir, &icfg, http);
+    wait_api(api, &ingest);
+    let post = |path: &str, v: &Value| curl(api, "POST", path, Some(ADMIN), Some(&body(v)), &[]);
+
+    let mut parcels = parcel_type();
+    parcels["schema"]["properties"]["packed_at"] = json!({"type": "string", "format": "date-time"});
+    parcels["schema"]["properties"]["tags"] = json!({"type": "array", "items": {"type": "string"}});
+    assert_eq!(post("/event-types", &parcels).status, 201);
+    let stock = json!({
+        "name": "stock.level", "owning_team": "warehouse", "key": ["/sku"],
+        "schema": {"type": "object", "required": ["sku", "level"],
+                   "properties": {"sku": {"type": "string"}, "level": {"type": "integer"}}}
+    });
+    let created = post("/event-types", &stock);
+    assert_eq!(created.status, 201, "{}", created.body);
+    // Partitioned by the key unless told otherwise, so that a key's events keep their order.
+    assert_eq!(created.json()["partition_key"], json!(["/sku"]));
+
+    // What the ODS could not hold is refused when the type is registered.
+    let mut bad = stock.clone();
+    bad["name"] = json!("stock.bad");
+    bad["key"] = json!(["/level"]);
+    bad["schema"]["required"] = json!(["sku"]);
+    let r = post("/event-types", &bad);
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(r.body.contains("required"), "{}", r.body);
+    bad["key"] = json!(["/sku"]);
+    bad["partition_key"] = json!(["/level"]);
+    assert_eq!(post("/event-types", &bad).status, 422);
+    let mut clash = parcel_type();
+    clash["name"] = json!("parcel_packed");
+    let r = post("/event-types", &clash);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("ev_parcel_packed"), "{}", r.body);
+    let mut reserved = parcel_type();
+    reserved["name"] = json!("parcel.other");
+    reserved["schema"]["properties"]["eid"] = json!({"type": "string"});
+    assert_eq!(post("/event-types", &reserved).status, 422);
+    let mut rekey = stock.clone();
+    rekey["key"] = json!(["/sku", "/level"]);
+    let r = curl(
+        api,
+        "PUT",
+        "/event-types/stock.level",
+        Some(ADMIN),
+        Some(&body(&rekey)),
+        &[],
+    );
+    assert_eq!(r.status, 422, "{}", r.body);
+
+    let sport = loopback_port();
+    let scfg = sink_config(&pg, "ods", &broker, sport, "");
+    let mut sink = Relay::start_sink(&pg.dir, &scfg, sport);
+
+    let eid = |i: u32| format!("00000000-0000-4000-8000-{i:012}");
+    let parcel = |i: u32| {
+        json!({"parcel_id": format!("P-{i}"), "warehouse": "BER", "items": i,
+               "packed_at": "2026-12-01T08:00:00Z", "tags": ["fragile"],
+               "metadata": {"eid": eid(i), "occurred_at": "2026-12-01T07:59:00Z"}})
+    };
+    let batch1: Vec<Value> = (1..=10).map(parcel).collect();
+    let batch2: Vec<Value> = (11..=20).map(parcel).collect();
+    let events = "/event-types/parcel.packed/events";
+    for b in [&batch1, &batch2, &batch1] {
+        let a = post(events, &json!(b));
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let stock_events = "/event-types/stock.level/events";
+    assert_eq!(
+        post(
+            stock_events,
+            &json!([{"sku": "A", "level": 1}, {"sku": "B", "level": 2}])
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        post(stock_events, &json!([{"sku": "A", "level": 3}])).status,
+        200
+    );
+
+    // A copy of an event reaches Kafka again (a client's retry after a restart of the API):
+    // still one row.
+    let copies = consume(&broker.addr(), &[TOPIC], 20, Duration::from_secs(3));
+    let first = copies
+        .iter()
+        .find(|m| m.json()["parcel_id"] == "P-1")
+        .expect("P-1 in Kafka");
+    produce_raw(
+        &broker.addr(),
+        TOPIC,
+        &[(first.key.as_deref(), first.payload.as_deref())],
+    );
+
+    wait_rows(
+        &mut ods,
+        &sink,
+        "SELECT count(*)::text, count(DISTINCT eid)::text, sum(items)::text FROM ods.ev_parcel_packed",
+        vec![vec![Some("20".into()), Some("20".into()), Some("210".into())]],
+    );
+    wait_rows(
+        &mut ods,
+        &sink,
+        "SELECT sku, level::text FROM ods.ev_stock_level ORDER BY sku",
+        vec![
+            vec![Some("A".into()), Some("3".into())],
+            vec![Some("B".into()), Some("2".into())],
+        ],
+    );
+    // Columns typed from the schema, metadata beside them; the key is the primary key.
+    let types = text_rows(
+        &mut ods,
+        "SELECT string_agg(column_name || ' ' || data_type, ', ' ORDER BY ordinal_position) FROM information_schema.columns WHERE table_schema = 'ods' AND table_name = 'ev_parcel_packed' AND column_name NOT LIKE '\\_saiki%'",
+    );
+    assert_eq!(
+        types[0][0].as_deref(),
+        Some("parcel_id text, warehouse text, items numeric, packed_at timestamp with time zone, tags jsonb, eid uuid, occurred_at timestamp with time zone, received_at timestamp with time zone, flow_id text, schema_version integer")
+    );
+    let mut pk = |t: &str| {
+        text_rows(
+            &mut ods,
+            &format!("SELECT string_agg(a.attname, ',') FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) WHERE i.indisprimary AND i.indrelid = 'ods.{t}'::regclass"),
+        )[0][0]
+            .clone()
+    };
+    assert_eq!(pk("ev_parcel_packed").as_deref(), Some("eid"));
+    assert_eq!(pk("ev_stock_level").as_deref(), Some("sku"));
+    assert_eq!(
+        text_rows(&mut ods, "SELECT occurred_at = '2026-12-01T07:59:00Z' AND schema_version = 1 AND tags = '[\"fragile\"]' FROM ods.ev_parcel_packed WHERE parcel_id = 'P-7'")[0][0].as_deref(),
+        Some("t")
+    );
+
+    // A new schema version adds a column; the sink, killed and restarted meanwhile, applies
+    // what follows once.
+    sink.kill9();
+    let mut v2 = parcels.clone();
+    v2["schema"]["properties"]["carrier"] = json!({"type": "string"});
+    let r = curl(
+        api,
+        "PUT",
+        "/event-types/parcel.packed",
+        Some(ADMIN),
+        Some(&body(&v2)),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    std::thread::sleep(Duration::from_millis(300)); // ingest.registry_cache
+    let mut p21 = parcel(21);
+    p21["carrier"] = json!("DHL");
+    assert_eq!(post(events, &json!([p21])).status, 200);
+    assert_eq!(
+        post(stock_events, &json!([{"sku": "B", "level": 5}])).status,
+        200
+    );
+    sink = Relay::start_sink(&pg.dir, &scfg, sport);
+    wait_rows(
+        &mut ods,
+        &sink,
+        "SELECT count(*)::text, count(carrier)::text, max(schema_version)::text FROM ods.ev_parcel_packed",
+        vec![vec![Some("21".into()), Some("1".into()), Some("2".into())]],
+    );
+    wait_rows(
+        &mut ods,
+        &sink,
+        "SELECT string_agg(sku || '=' || level, ',' ORDER BY sku) FROM ods.ev_stock_level",
+        vec![vec![Some("A=3,B=5".into())]],
+    );
+    // Nothing went to the dead-letter topic.
+    let m = sink.http_get("/metrics").unwrap_or_default();
+    assert_eq!(
+        metric(&m, "saiki_sink_dead_letters_total"),
+        Some(0.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn the_api_speaks_https_with_http2_and_serves_its_openapi_document() {
+    let certs = crate::tls::Certs::make();
+    let pg = PgCluster::start(&[]);
+    let _registry = pg.create_db("registry");
+    let broker = Broker::start();
+    let (api, http) = (loopback_port(), loopback_port());
+    let tls = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        certs.path("server.crt"),
+        certs.path("server.key")
+    );
+    let relay = Relay::start_ingest(&pg.dir, &ingest_config(&pg, &broker, api, http, &tls), http);
+    let base = format!("https://127.0.0.1:{api}");
+    let ca = certs.path("ca.pem");
+    let trusted = ["--cacert", ca.as_str()];
+    wait_until(Duration::from_secs(60), &relay, || {
+        let a = request(&format!("{base}/openapi.json"), "GET", None, None, &trusted);
+        (a.status != 200).then(|| format!("GET /openapi.json: {} {}", a.status, a.body))
+    });
+    // ALPN picks HTTP/2 when the client offers it; HTTP/1.1 still works.
+    let a = request(
+        &format!("{base}/event-types"),
+        "GET",
+        Some(ADMIN),
+        None,
+        &[&trusted[..], &["--http2"]].concat(),
+    );
+    assert_eq!(
+        (a.status, a.http_version.as_str()),
+        (200, "2"),
+        "{}",
+        a.body
+    );
+    let a = request(
+        &format!("{base}/event-types"),
+        "GET",
+        Some(ADMIN),
+        None,
+        &[&trusted[..], &["--http1.1"]].concat(),
+    );
+    assert_eq!(
+        (a.status, a.http_version.as_str()),
+        (200, "1.1"),
+        "{}",
+        a.body
+    );
+    // A client that does not trust the certificate gets nowhere; plain HTTP neither.
+    let other = certs.path("other-ca.pem");
+    assert_eq!(
+        request(
+            &format!("{base}/event-types"),
+            "GET",
+            Some(ADMIN),
+            None,
+            &["--cacert", &other]
+        )
+        .status,
+        0
+    );
+    assert_ne!(
+        curl(api, "GET", "/event-types", Some(ADMIN), None, &[]).status,
+        200
+    );
+
+    // The OpenAPI document: every path and method it lists is served (an unknown path is the
+    // fallback's 404 problem, an unknown method 405), and it lists every route.
+    let doc = request(&format!("{base}/openapi.json"), "GET", None, None, &trusted).json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let mut listed = Vec::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|m| *m != "parameters")
+        {
+            let url = format!("{base}{}", path.replace("{name}", "parcel.packed"));
+            let a = request(
+                &url,
+                &method.to_uppercase(),
+                Some(ADMIN),
+                Some(b"{}"),
+                &trusted,
+            );
+            assert!(
+                a.status != 405 && !a.body.contains("no such resource"),
+                "{method} {path}: {} {}",
+                a.status,
+                a.body
+            );
+            listed.push(format!("{} {path}", method.to_uppercase()));
+        }
+    }
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            "GET /event-types",
+            "GET /event-types/{name}",
+            "GET /openapi.json",
+            "POST /event-types",
+            "POST /event-types/{name}/events",
+            "POST /tokens",
+            "PUT /event-types/{name}",
+        ]
+    );
+    let a = request(
+        &format!("{base}/nothing-here"),
+        "GET",
+        Some(ADMIN),
+        None,
+        &trusted,
+    );
+    assert!(
+        a.status == 404 && a.body.contains("no such resource"),
+        "{}",
+        a.body
+    );
+}
+
+#[test]
+fn every_event_answered_200_survives_a_kill_of_the_api_and_retries_add_no_rows() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    const CLIENTS: u32 = 3;
+    const BATCHES: u32 = 40;
+    const EVENTS: u32 = 50;
+    let total = (CLIENTS * BATCHES * EVENTS) as usize;
+
+    let pg = PgCluster::start(&[]);
+    let mut ods = pg.create_db("ods");
+    let broker = Broker::start();
+    let (api, http) = (loopback_port(), loopback_port());
+    let icfg = ingest_config(&pg, &broker, api, http, "").replace("dbname=registry", "dbname=ods");
+    let mut ingest = Relay::start_ingest(&pg.dir, &icfg, http);
+    wait_api(api, &ingest);
+    let t = body(&parcel_type());
+    assert_eq!(
+        curl(api, "POST", "/event-types", Some(ADMIN), Some(&t), &[]).status,
+        201
+    );
+    let sport = loopback_port();
+    let sink = Relay::start_sink(&pg.dir, &sink_config(&pg, "ods", &broker, sport, ""), sport);
+
+    // Clients post batches with their own eids and retry each until it is answered 200.
+    let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (answered, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let gave_up = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (accepted, answered, failed, gave_up) =
+                (accepted.clone(), answered.clone(), failed.clone(), gave_up.clone());
+            std::thread::spawn(move || {
+                for b in 0..BATCHES {
+                    let eids: Vec<String> = (0..EVENTS)
+                        .map(|i| format!("{c:08x}-{b:04x}-4000-8000-{i:012x}"))
+                        .collect();
+                    let batch: Vec<Value> = eids
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| json!({"parcel_id": format!("P-{c}-{b}-{i}"), "warehouse": "BER", "items": 1, "metadata": {"eid": e}}))
+                        .collect();
+                    let started = Instant::now();
+                    loop {
+                        let a = curl(api, "POST", "/event-types/parcel.packed/events", Some(ADMIN), Some(&body(&json!(batch))), &["--max-time", "15"]);
+                        if a.status == 200 {
+                            answered.fetch_add(EVENTS as usize, Ordering::Relaxed);
+                            accepted.lock().unwrap().extend(eids.iter().cloned());
+                            break;
+                        }
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        if started.elapsed() > Duration::from_secs(90) {
+                            gave_up.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while answered.load(Ordering::Relaxed) < total / 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ingest.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    let ingest = Relay::start_ingest(&pg.dir, &icfg, http);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert!(
+        !gave_up.load(Ordering::Relaxed),
+        "a client gave up:\n{}",
+        ingest.log_text()
+    );
+    assert!(
+        failed.load(Ordering::Relaxed) > 0,
+        "the kill interrupted no request"
+    );
+    let accepted = accepted.lock().unwrap().clone();
+    assert_eq!(accepted.len(), total);
+
+    // Kafka has every event answered 200, some perhaps twice (retried after the kill).
+    let msgs = consume(&broker.addr(), &[TOPIC], total * 2, Duration::from_secs(5));
+    let in_kafka: std::collections::HashSet<String> = msgs
+        .iter()
+        .map(|m| m.json()["metadata"]["eid"].as_str().unwrap().to_string())
+        .collect();
+    let missing: Vec<&String> = accepted.iter().filter(|e| !in_kafka.contains(*e)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} events answered 200 are not in Kafka, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(3)]
+    );
+    eprintln!(
+        "{} events in Kafka for {total} accepted ({} copies from retries)",
+        msgs.len(),
+        msgs.len() - in_kafka.len()
+    );
+    // The ODS holds each event once.
+    wait_rows(
+        &mut ods,
+        &sink,
+        "SELECT count(*)::text, count(DISTINCT eid)::text FROM ods.ev_parcel_packed",
+        vec![vec![Some(total.to_string()), Some(total.to_string())]],
+    );
 }

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use saiki_tests::{exec, loopback_port, Broker, PgCluster};
 
-struct Certs {
+pub(crate) struct Certs {
     dir: PathBuf,
 }
 
 impl Certs {
-    fn make() -> Certs {
+    pub(crate) fn make() -> Certs {
         let dir = PathBuf::from(format!(
             "/tmp/saiki-test-tls-{}-{}",
             std::process::id(),
@@ -102,7 +102,7 @@ impl Certs {
         Certs { dir }
     }
 
-    fn path(&self, f: &str) -> String {
+    pub(crate) fn path(&self, f: &str) -> String {
         self.dir.join(f).display().to_string()
     }
 

@@ -39,7 +39,7 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
     // The last status line: time, changes, changes/s, Kafka acknowledged, slot lag, ODS
-    // orders, freshness, events published through the event API.
+    // orders, freshness, events published through the event API, events in the ODS.
     let last = stdout
         .lines()
         .rev()
@@ -55,9 +55,14 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
     let acked: u64 = cols[3].parse().unwrap_or(0);
     let ods_orders: u64 = cols[5].parse().unwrap_or(0);
     let events: u64 = cols.get(7).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let ods_events: u64 = cols.get(8).and_then(|c| c.parse().ok()).unwrap_or(0);
     assert!(
         events > 10,
         "events reached Kafka through the event API: {last}\n{stdout}"
+    );
+    assert!(
+        ods_events > 5,
+        "events reached the ODS table ev_parcel_packed: {last}\n{stdout}"
     );
     assert!(
         changes > 100 && acked > 100,
