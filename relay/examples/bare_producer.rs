@@ -1,7 +1,11 @@
 //! A bare idempotent producer: N messages of SIZE bytes into TOPIC, as fast as librdkafka
 //! takes them. Used to tell the broker's ceiling and librdkafka's own CPU from the relay's
 //! (vendor/README.md measures the librdkafka fix with it).
-//! `cargo run --release -p saiki-relay --example bare_producer -- BROKERS TOPIC N SIZE [headers] [PROPERTY=VALUE...]`
+//! `cargo run --release -p saiki-relay --example bare_producer -- BROKERS TOPIC N SIZE [headers|event-headers] [PROPERTY=VALUE...]`
+//!
+//! `headers`: the source relay's `saiki.source` and `saiki.lsn`; `event-headers`: what the
+//! event API puts on an event (`saiki.event_type`, `saiki.eid`, `saiki.flow_id`, and a key
+//! that is a JSON array), for bench/ingest's "same events".
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +22,7 @@ fn main() {
         a[4].parse::<usize>().unwrap(),
     );
     let headers = a[5..].iter().any(|h| h == "headers");
+    let event_headers = a[5..].iter().any(|h| h == "event-headers");
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -31,7 +36,12 @@ fn main() {
     let payload = vec![b'x'; size];
     let t = Instant::now();
     for i in 0..n {
-        let key = i.to_string();
+        let key = if event_headers {
+            format!("[\"P-{i}\"]")
+        } else {
+            i.to_string()
+        };
+        let eid = format!("00000000-0000-4000-8000-{i:012}");
         loop {
             let mut rec = BaseRecord::<str, [u8]>::to(topic)
                 .payload(&payload)
@@ -45,6 +55,21 @@ fn main() {
                     .insert(Header {
                         key: "saiki.lsn",
                         value: Some("0/1"),
+                    });
+                rec = rec.headers(h);
+            } else if event_headers {
+                let h = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "saiki.event_type",
+                        value: Some("bench.event"),
+                    })
+                    .insert(Header {
+                        key: "saiki.eid",
+                        value: Some(eid.as_str()),
+                    })
+                    .insert(Header {
+                        key: "saiki.flow_id",
+                        value: Some("4f6c1c2e-7a51-4b8e-9d3a-0c5b2e8f1a77"),
                     });
                 rec = rec.headers(h);
             }

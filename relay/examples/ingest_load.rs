@@ -37,6 +37,7 @@ fn batch(client: usize, seq: u64, n: usize) -> Bytes {
 
 async fn client(
     id: usize,
+    clients: usize,
     url: hyper::Uri,
     token: String,
     n: usize,
@@ -51,7 +52,9 @@ async fn client(
     };
     let authority = url.authority().unwrap().clone();
     let mut sender = None;
-    let mut next = Instant::now();
+    // Paced clients start spread over one interval, so that their batches do not arrive
+    // together.
+    let mut next = Instant::now() + interval.unwrap_or_default().mul_f64(id as f64 / clients as f64);
     let mut seq = 0u64;
     while Instant::now() < until {
         if let Some(iv) = interval {
@@ -125,7 +128,7 @@ async fn main() {
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(seconds);
     let tasks: Vec<_> = (0..clients)
-        .map(|i| tokio::spawn(client(i, url.clone(), token.clone(), n, until, interval)))
+        .map(|i| tokio::spawn(client(i, clients, url.clone(), token.clone(), n, until, interval)))
         .collect();
     let mut all = Tally {
         accepted: 0,

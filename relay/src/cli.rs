@@ -84,6 +84,16 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Makes a bearer token for the event API in its registry and prints it (the API's
+    /// `POST /tokens` does the same for an admin token's holder).
+    Token {
+        /// A scope: admin, read, or write:<event type>; repeat for several.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// ingest.dsn (the registry database; default sink.dsn of --config)
+        #[arg(long)]
+        dsn: Option<String>,
+    },
     /// Asks the source relay of this config (its slot) to snapshot tables, now, while it runs:
     /// rows that exist are brought into Kafka and the ODS (again), consistent with the stream.
     Snapshot {
@@ -125,7 +135,7 @@ pub fn main() -> ExitCode {
     }
     let Some(command) = cli.command else {
         eprintln!(
-            "saiki-relay: name a command: source, sink, ingest, snapshot or status (see --help)"
+            "saiki-relay: name a command: source, sink, ingest, token, snapshot or status (see --help)"
         );
         return ExitCode::from(2);
     };
@@ -191,6 +201,15 @@ pub fn main() -> ExitCode {
                 if let Some(v) = brokers { cfg.kafka.brokers = v; }
                 if let Some(v) = listen { cfg.http.listen = v; }
                 run_ingest(ingest, cfg).await
+            }
+            Command::Token { scopes, dsn } => {
+                let dsn = dsn
+                    .or_else(|| cfg.ingest.as_ref().and_then(|i| i.dsn.clone()))
+                    .or_else(|| cfg.sink.as_ref().map(|s| s.dsn.clone()))
+                    .ok_or_else(|| RelayError::Config("token needs the registry database: --dsn, or ingest.dsn (or sink.dsn) in --config".into()))?;
+                let token = crate::ingest::make_token(&dsn, &scopes).await?;
+                println!("{token}");
+                Ok(())
             }
             Command::Snapshot { tables, dsn, slot } => {
                 let dsn = dsn

@@ -32,6 +32,8 @@ pub(crate) const INGEST_EVENTS_REJECTED_TOTAL: &str = "saiki_ingest_events_rejec
 pub(crate) const INGEST_KAFKA_FAILURES_TOTAL: &str = "saiki_ingest_kafka_failures_total";
 pub(crate) const INGEST_PUBLISH_SECONDS: &str = "saiki_ingest_publish_seconds";
 pub(crate) const INGEST_THROTTLED_TOTAL: &str = "saiki_ingest_throttled_total";
+pub(crate) const INGEST_REQUESTS_REFUSED_TOTAL: &str = "saiki_ingest_requests_refused_total";
+pub(crate) const INGEST_EVENTS_IN_FLIGHT: &str = "saiki_ingest_events_in_flight";
 
 /// Every metric name, for the reference in docs/metrics.md and the dashboard (both checked
 /// against this list by the tests).
@@ -63,6 +65,8 @@ pub const ALL: &[&str] = &[
     INGEST_KAFKA_FAILURES_TOTAL,
     INGEST_PUBLISH_SECONDS,
     INGEST_THROTTLED_TOTAL,
+    INGEST_REQUESTS_REFUSED_TOTAL,
+    INGEST_EVENTS_IN_FLIGHT,
 ];
 
 /// What `/metrics` and `/ready` show: the source's or the sink's metrics.
@@ -282,7 +286,32 @@ pub struct IngestMetrics {
     pub(crate) throttled: AtomicU64,
     /// Time from a publishing request's receipt to its answer.
     pub(crate) publish: Histogram,
+    /// Publishing requests refused, by [`REFUSAL_REASONS`].
+    pub(crate) refused: [AtomicU64; REFUSAL_REASONS.len()],
+    /// Events handed to Kafka and not yet acknowledged.
+    pub(crate) in_flight: AtomicU64,
     pub(crate) ready: AtomicBool,
+}
+
+/// Why a publishing request was refused, by its status: the `reason` label of
+/// `saiki_ingest_requests_refused_total` (429 is `saiki_ingest_throttled_total`, 503
+/// `saiki_ingest_kafka_failures_total`).
+pub(crate) const REFUSAL_REASONS: [(u16, &str); 6] = [
+    (400, "malformed"),
+    (401, "unauthorized"),
+    (403, "forbidden"),
+    (404, "unknown_event_type"),
+    (413, "too_large"),
+    (422, "invalid"),
+];
+
+impl IngestMetrics {
+    /// Counts a publishing request answered `status`, if that is a refusal.
+    pub(crate) fn answered(&self, status: u16) {
+        if let Some(i) = REFUSAL_REASONS.iter().position(|r| r.0 == status) {
+            self.refused[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Default for IngestMetrics {
@@ -293,6 +322,8 @@ impl Default for IngestMetrics {
             kafka_failures: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             publish: Histogram::new(APPLY_BUCKETS),
+            refused: Default::default(),
+            in_flight: AtomicU64::new(0),
             ready: AtomicBool::new(false),
         }
     }
@@ -330,6 +361,22 @@ impl Exporter for IngestMetrics {
             "Batches answered 429 because ingest.max_in_flight_events events waited for Kafka.",
             g(&self.throttled),
         );
+        metric(
+            INGEST_EVENTS_IN_FLIGHT,
+            "gauge",
+            "Events handed to Kafka and not yet acknowledged (at most ingest.max_in_flight_events).",
+            g(&self.in_flight),
+        );
+        out.push_str(&format!(
+            "# HELP {INGEST_REQUESTS_REFUSED_TOTAL} Publishing requests refused, by reason (status 400, 401, 403, 404, 413, 422).\n# TYPE {INGEST_REQUESTS_REFUSED_TOTAL} counter\n"
+        ));
+        for ((_, reason), n) in REFUSAL_REASONS.iter().zip(&self.refused) {
+            out.push_str(&format!(
+                "{INGEST_REQUESTS_REFUSED_TOTAL}{} {}\n",
+                label_pair("relay", "ingest", "reason", reason),
+                g(n)
+            ));
+        }
         self.publish.write(
             &mut out,
             INGEST_PUBLISH_SECONDS,

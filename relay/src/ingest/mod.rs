@@ -224,6 +224,46 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
+/// `saiki-relay token`: stores a new token with `scopes` in the registry at `dsn` (created
+/// if missing) and returns it.
+pub(crate) async fn make_token(dsn: &str, scopes: &[String]) -> Result<String, RelayError> {
+    if let Some(bad) = scopes.iter().find(|s| !auth::valid_scope(s)) {
+        return Err(RelayError::Config(format!(
+            "scope {bad:?}: use admin, read, or write:<event type>"
+        )));
+    }
+    let registry = Registry::connect(dsn, std::time::Duration::ZERO).await?;
+    let token = auth::new_token();
+    registry
+        .add_token(&auth::hash(&token), &Scopes(scopes.to_vec()))
+        .await?;
+    info!(scopes = ?scopes, "token created");
+    Ok(token)
+}
+
+/// A batch's share of the in-flight window, counted in the in-flight gauge until dropped.
+struct InFlight<'a> {
+    metrics: &'a IngestMetrics,
+    permits: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(metrics: &'a IngestMetrics, permits: tokio::sync::OwnedSemaphorePermit) -> Self {
+        metrics
+            .in_flight
+            .fetch_add(permits.num_permits() as u64, Ordering::Relaxed);
+        InFlight { metrics, permits }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .in_flight
+            .fetch_sub(self.permits.num_permits() as u64, Ordering::Relaxed);
+    }
+}
+
 /// A refused request: its status and what to do, answered as a [`problem`].
 struct Refusal {
     status: StatusCode,
@@ -625,6 +665,7 @@ async fn publish(
     app.metrics
         .publish
         .observe(received.elapsed().as_secs_f64());
+    app.metrics.answered(response.status().as_u16());
     if let Ok(v) = HeaderValue::from_str(&flow_id) {
         response.headers_mut().insert("x-flow-id", v);
     }
@@ -750,7 +791,7 @@ async fn publish_batch(
     if to_send == 0 {
         return StatusCode::OK.into_response();
     }
-    let Ok(_permits) = app.in_flight.clone().try_acquire_many_owned(to_send as u32) else {
+    let Ok(permits) = app.in_flight.clone().try_acquire_many_owned(to_send as u32) else {
         app.metrics.throttled.fetch_add(1, Ordering::Relaxed);
         let mut r = problem(
             StatusCode::TOO_MANY_REQUESTS,
@@ -766,6 +807,7 @@ async fn publish_batch(
         return r;
     };
 
+    let _in_flight = InFlight::new(&app.metrics, permits);
     let received_at = saiki_core::time::format_unix_micros(saiki_core::time::unix_micros_now());
     let stamp = events::Stamp {
         event_type: name,
