@@ -54,7 +54,10 @@ async fn client(
     let mut sender = None;
     // Paced clients start spread over one interval, so that their batches do not arrive
     // together.
-    let mut next = Instant::now() + interval.unwrap_or_default().mul_f64(id as f64 / clients as f64);
+    let mut next = Instant::now()
+        + interval
+            .unwrap_or_default()
+            .mul_f64(id as f64 / clients as f64);
     let mut seq = 0u64;
     while Instant::now() < until {
         if let Some(iv) = interval {
@@ -128,7 +131,17 @@ async fn main() {
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(seconds);
     let tasks: Vec<_> = (0..clients)
-        .map(|i| tokio::spawn(client(i, clients, url.clone(), token.clone(), n, until, interval)))
+        .map(|i| {
+            tokio::spawn(client(
+                i,
+                clients,
+                url.clone(),
+                token.clone(),
+                n,
+                until,
+                interval,
+            ))
+        })
         .collect();
     let mut all = Tally {
         accepted: 0,

@@ -890,37 +890,93 @@ fn the_api_speaks_https_with_http2_and_serves_its_openapi_document() {
 
     // A token made on the command line (saiki-relay token) works over the API, within its
     // scopes; refusals are counted by reason.
-    let dsn = format!("host=127.0.0.1 port={} user=postgres dbname=registry", pg.port);
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=registry",
+        pg.port
+    );
     let out = Command::new(BIN)
         .args(["token", "--dsn", &dsn, "--scope", "read"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reader = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let a = request(&format!("{base}/event-types"), "GET", Some(&reader), None, &trusted);
+    let a = request(
+        &format!("{base}/event-types"),
+        "GET",
+        Some(&reader),
+        None,
+        &trusted,
+    );
     assert_eq!(a.status, 200, "{}", a.body);
     let t = body(&parcel_type());
-    assert_eq!(request(&format!("{base}/event-types"), "POST", Some(ADMIN), Some(&t), &trusted).status, 201);
+    assert_eq!(
+        request(
+            &format!("{base}/event-types"),
+            "POST",
+            Some(ADMIN),
+            Some(&t),
+            &trusted
+        )
+        .status,
+        201
+    );
     let events = format!("{base}/event-types/parcel.packed/events");
     let one = br#"[{"parcel_id": "P-1", "warehouse": "BER"}]"#;
-    assert_eq!(request(&events, "POST", Some(&reader), Some(one), &trusted).status, 403);
-    assert_eq!(request(&events, "POST", None, Some(one), &trusted).status, 401);
-    assert_eq!(request(&events, "POST", Some(ADMIN), Some(b"[{}]"), &trusted).status, 422);
-    assert_eq!(request(&events, "POST", Some(ADMIN), Some(one), &trusted).status, 200);
+    assert_eq!(
+        request(&events, "POST", Some(&reader), Some(one), &trusted).status,
+        403
+    );
+    assert_eq!(
+        request(&events, "POST", None, Some(one), &trusted).status,
+        401
+    );
+    assert_eq!(
+        request(&events, "POST", Some(ADMIN), Some(b"[{}]"), &trusted).status,
+        422
+    );
+    assert_eq!(
+        request(&events, "POST", Some(ADMIN), Some(one), &trusted).status,
+        200
+    );
     let m = relay.http_get("/metrics").unwrap_or_default();
     let refused = |reason: &str| {
         m.lines()
-            .find(|l| l.starts_with("saiki_ingest_requests_refused_total") && l.contains(&format!("reason=\"{reason}\"")))
+            .find(|l| {
+                l.starts_with("saiki_ingest_requests_refused_total")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse::<f64>().ok())
     };
-    assert_eq!((refused("forbidden"), refused("unauthorized"), refused("invalid"), refused("too_large")), (Some(1.0), Some(1.0), Some(1.0), Some(0.0)), "{m}");
-    assert_eq!(metric(&m, "saiki_ingest_events_in_flight"), Some(0.0), "{m}");
+    assert_eq!(
+        (
+            refused("forbidden"),
+            refused("unauthorized"),
+            refused("invalid"),
+            refused("too_large")
+        ),
+        (Some(1.0), Some(1.0), Some(1.0), Some(0.0)),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "saiki_ingest_events_in_flight"),
+        Some(0.0),
+        "{m}"
+    );
     let bad = Command::new(BIN)
         .args(["token", "--dsn", &dsn, "--scope", "write"])
         .output()
         .unwrap();
-    assert_eq!(bad.status.code(), Some(2), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
 }
 
 #[test]
