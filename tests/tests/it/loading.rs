@@ -21,8 +21,8 @@ fn a_server_without_saiki_in_output_plugin_libraries_gets_told_what_to_run() {
         .args(["-X", "-d", "shop", "-c", "CREATE EXTENSION saiki"])
         .output()
         .unwrap();
-    assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "CREATE EXTENSION saiki: {stderr}");
     assert!(
         stderr.contains("WARNING") && stderr.contains("output_plugin_libraries"),
         "{stderr}"
