@@ -2,8 +2,8 @@
 -- commit in S..E blocks; its records carry "streamed": true and no commit_lsn; C commits it.
 -- A rolled-back subtransaction is announced by A with its subxid.
 SET logical_decoding_work_mem = '64kB';
-SELECT 'init' FROM pg_create_logical_replication_slot('regression_slot', 'saiki');
 CREATE TABLE big (id int PRIMARY KEY, pad text);
+SELECT 'init' FROM pg_create_logical_replication_slot('regression_slot', 'saiki');
 BEGIN;
 INSERT INTO big SELECT g, repeat('p', 100) FROM generate_series(1, 1000) g;
 SAVEPOINT s1;

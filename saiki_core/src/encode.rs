@@ -198,6 +198,31 @@ pub fn write_message(buf: &mut Vec<u8>, prefix: &[u8], content: &[u8], transacti
     buf.extend_from_slice(if transactional { b"true" } else { b"false" });
 }
 
+/// The fields of an `L` record after its head: `schema`, `table`, then `ddl`, `statement`,
+/// `changes`, `renamed`, `shape` from the DDL message's JSON object (in that order, whatever
+/// the order in the message; absent ones are left out), and returns the schema and table.
+/// `None`, with nothing written, if the message is not an object naming its schema and
+/// table: the plugin then writes it as a plain message.
+pub fn write_schema_change(buf: &mut Vec<u8>, message: &[u8]) -> Option<(String, String)> {
+    let m: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(message).ok()?;
+    let name = |k: &str| m.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let (schema, table) = (name("schema")?, name("table")?);
+    buf.extend_from_slice(b",\"schema\":");
+    write_str(buf, schema.as_bytes());
+    buf.extend_from_slice(b",\"table\":");
+    write_str(buf, table.as_bytes());
+    for k in ["ddl", "statement", "changes", "renamed", "shape"] {
+        if let Some(v) = m.get(k) {
+            buf.extend_from_slice(b",\"");
+            buf.extend_from_slice(k.as_bytes());
+            buf.extend_from_slice(b"\":");
+            // Serializing a Value to a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *buf, v);
+        }
+    }
+    Some((schema, table))
+}
+
 /// `,"origin":"…"`.
 pub fn write_origin(buf: &mut Vec<u8>, origin: &[u8]) {
     buf.extend_from_slice(b",\"origin\":");
@@ -292,7 +317,67 @@ mod tests {
             Just(Action::StreamStart),
             Just(Action::StreamStop),
             Just(Action::StreamAbort),
+            Just(Action::SchemaChange),
         ]
+    }
+
+    #[test]
+    fn a_ddl_message_becomes_an_l_record_in_the_contracts_key_order() {
+        let msg = br#"{"shape":{"schema":"public","table":"items","columns":[]},"renamed":{"note":"remark"},"changes":[{"change":"rename_column","from":"note","to":"remark"}],"table":"items","schema":"public","statement":"ALTER TABLE items RENAME note TO remark","ddl":"ALTER TABLE","extra":1}"#;
+        let mut buf = Vec::new();
+        write_head(
+            &mut buf,
+            &Head {
+                action: Action::SchemaChange,
+                xid: 7,
+                lsn: Lsn(16),
+                commit_lsn: Some(Lsn(32)),
+                commit_ts: None,
+                streamed: false,
+                subxid: None,
+                seq: Some(3),
+            },
+        );
+        assert_eq!(
+            write_schema_change(&mut buf, msg),
+            Some(("public".to_string(), "items".to_string()))
+        );
+        end(&mut buf);
+        let text = String::from_utf8(buf.clone()).unwrap();
+        let keys: Vec<&str> = [
+            "\"schema\"",
+            "\"table\"",
+            "\"ddl\"",
+            "\"statement\"",
+            "\"changes\"",
+            "\"renamed\"",
+            "\"shape\"",
+        ]
+        .into_iter()
+        .collect();
+        let at: Vec<usize> = keys.iter().map(|k| text.find(k).unwrap()).collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{text}");
+        assert!(!text.contains("extra"), "{text}");
+        let r: Record = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(r.action, Action::SchemaChange);
+        let changes: Vec<crate::ddl::Change> = serde_json::from_value(r.changes.unwrap()).unwrap();
+        assert_eq!(
+            changes,
+            [crate::ddl::Change::RenameColumn {
+                from: "note".into(),
+                to: "remark".into()
+            }]
+        );
+        let v: RecordView<'_> = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(
+            (v.schema.as_deref(), v.table.as_deref()),
+            (Some("public"), Some("items"))
+        );
+        // Not an object naming its table: refused, nothing written.
+        let mut b = Vec::new();
+        assert!(write_schema_change(&mut b, b"[1]").is_none());
+        assert!(write_schema_change(&mut b, br#"{"schema":"s"}"#).is_none());
+        assert!(b.is_empty());
     }
 
     proptest! {

@@ -6,6 +6,7 @@
 //! LSNs ([`lsn`]) and timestamps ([`time`]). Everything is unit- and property-tested without a
 //! server; `saiki_pg` is a thin shell that feeds these functions with values read from the WAL.
 
+pub mod ddl;
 pub mod encode;
 pub mod error;
 pub mod json;

@@ -59,6 +59,8 @@ pub struct Actions {
     pub delete: bool,
     pub truncate: bool,
     pub message: bool,
+    /// Schema changes (`L` records).
+    pub ddl: bool,
 }
 
 impl Default for Actions {
@@ -69,6 +71,7 @@ impl Default for Actions {
             delete: true,
             truncate: true,
             message: true,
+            ddl: true,
         }
     }
 }
@@ -332,6 +335,7 @@ impl Options {
                         delete: false,
                         truncate: false,
                         message: false,
+                        ddl: false,
                     };
                     for item in list()? {
                         match item.to_ascii_lowercase().as_str() {
@@ -340,9 +344,10 @@ impl Options {
                             "delete" => a.delete = true,
                             "truncate" => a.truncate = true,
                             "message" => a.message = true,
+                            "ddl" => a.ddl = true,
                             _ => {
                                 return Err(invalid(
-                                    "expected a list of insert, update, delete, truncate, message",
+                                    "expected a list of insert, update, delete, truncate, message, ddl",
                                 ))
                             }
                         }
@@ -381,7 +386,11 @@ impl Options {
     }
 
     /// Whether changes of `schema.table` are emitted (`add-tables`, then `filter-tables`).
+    /// The extension's own tables (schema `saiki`: snapshot progress, DDL shapes) never are.
     pub fn table_included(&self, schema: &str, table: &str) -> bool {
+        if schema == "saiki" {
+            return false;
+        }
         if !self.add_tables.is_empty() && !self.add_tables.iter().any(|p| p.matches(schema, table))
         {
             return false;

@@ -12,6 +12,11 @@ use crate::Lsn;
 pub const HEARTBEAT_PREFIX_C: &std::ffi::CStr = c"saiki.heartbeat";
 /// [`HEARTBEAT_PREFIX_C`] as a string.
 pub const HEARTBEAT_PREFIX: &str = as_str(HEARTBEAT_PREFIX_C);
+/// Prefix of the DDL messages of the extension's event triggers (`saiki_pg/src/ddl.rs`):
+/// the plugin turns each into an `L` record.
+pub const DDL_PREFIX_C: &std::ffi::CStr = c"saiki.ddl";
+/// [`DDL_PREFIX_C`] as a string.
+pub const DDL_PREFIX: &str = as_str(DDL_PREFIX_C);
 /// Prefix of the snapshot watermarks written around each snapshot chunk
 /// (`saiki.snapshot_chunk`): the source relay reads them from the stream (docs/relay.md).
 pub const SNAPSHOT_PREFIX_C: &std::ffi::CStr = c"saiki.snapshot";
@@ -55,6 +60,10 @@ pub enum Action {
     /// the consumer discards what it received of it.
     #[serde(rename = "A")]
     StreamAbort,
+    /// A schema change of the table (DDL), in order with its rows: `ddl`, `statement`,
+    /// `changes`, `renamed`, `shape` (docs/plugin.md, "Schema changes").
+    #[serde(rename = "L")]
+    SchemaChange,
 }
 
 impl Action {
@@ -72,6 +81,7 @@ impl Action {
             Action::StreamStart => b'S',
             Action::StreamStop => b'E',
             Action::StreamAbort => b'A',
+            Action::SchemaChange => b'L',
         }
     }
 }
@@ -125,6 +135,22 @@ pub struct Record {
     pub content: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transactional: Option<bool>,
+    /// `L`: the command tag (`ALTER TABLE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ddl: Option<String>,
+    /// `L`: the SQL text of the statement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement: Option<String>,
+    /// `L`: what the statement did to the table, a list of [`crate::ddl::Change`]. (The
+    /// source relay's `C` records in Kafka carry `changes` too: messages per table.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<Value>,
+    /// `L`: old name → new name, for the table (`schema.table`) and columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renamed: Option<Map<String, Value>>,
+    /// `L`: the table's shape after the statement (null after `DROP TABLE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
     /// Added by the source relay: the configured source name (e.g. the shard).

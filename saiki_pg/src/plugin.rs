@@ -755,14 +755,23 @@ unsafe fn write_message(
     unsafe {
         let st = state(ctx);
         let prefix = CStr::from_ptr(prefix).to_bytes();
-        if !st.opts.actions.message || !st.opts.message_included(&String::from_utf8_lossy(prefix)) {
-            return;
-        }
         let content: &[u8] = if size == 0 || content.is_null() {
             &[]
         } else {
             std::slice::from_raw_parts(content as *const u8, size)
         };
+        // A schema change from the extension's event triggers: an `L` record. A message that
+        // does not read as one (written by hand, say) falls through as a plain message.
+        if transactional
+            && !txn.is_null()
+            && prefix == saiki_core::record::DDL_PREFIX.as_bytes()
+            && write_schema_change(ctx, txn, lsn, content, streamed)
+        {
+            return;
+        }
+        if !st.opts.actions.message || !st.opts.message_included(&String::from_utf8_lossy(prefix)) {
+            return;
+        }
         let cxt = st.change_cxt;
         in_change_cxt(cxt, || {
             let head = if transactional && !txn.is_null() {
@@ -799,6 +808,42 @@ unsafe fn write_message(
                 flush_batch(ctx, st);
             }
         });
+    }
+}
+
+/// Writes an `L` record for a DDL message, unless its table or `ddl` are filtered out.
+/// Returns false (nothing written) if the message does not read as a schema change.
+unsafe fn write_schema_change(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    lsn: pg_sys::XLogRecPtr,
+    content: &[u8],
+    streamed: bool,
+) -> bool {
+    // SAFETY: valid callback arguments throughout; txn is not null (checked by the caller).
+    unsafe {
+        let st = state(ctx);
+        let cxt = st.change_cxt;
+        in_change_cxt(cxt, || {
+            // Encoded into a side buffer first: the table filter needs the names inside.
+            let mut tail = Vec::new();
+            let Some((schema, table)) = encode::write_schema_change(&mut tail, content) else {
+                return false;
+            };
+            if !st.opts.actions.ddl || !st.opts.table_included(&schema, &table) {
+                return true;
+            }
+            if !streamed {
+                ensure_begin(ctx, st, txn);
+            }
+            let head = change_head(st, txn, txn, Action::SchemaChange, lsn, streamed);
+            encode::write_head(&mut st.buf, &head);
+            st.buf.extend_from_slice(&tail);
+            write_origin(st, (*txn).origin_id);
+            encode::end(&mut st.buf);
+            emit(ctx, st, true);
+            true
+        })
     }
 }
 

@@ -546,6 +546,33 @@ impl Session<'_> {
                     }
                 }
             }
+            Action::SchemaChange => {
+                // Every partition of the table's topic gets it, in order with its rows (as a
+                // truncate); after a rename, the old topic's partitions too, so that its
+                // consumers learn where the table went.
+                let (schema, table) = (
+                    view.schema.as_deref().unwrap_or(""),
+                    view.table.as_deref().unwrap_or(""),
+                );
+                let mut topics = vec![self.topics.table_topic(schema, table)];
+                if let Some(old) = route::renamed_from(bytes) {
+                    let (s, t) = old.split_once('.').unwrap_or(("", old.as_str()));
+                    let old_topic = self.topics.table_topic(s, t);
+                    if !topics.contains(&old_topic) {
+                        topics.push(old_topic);
+                    }
+                }
+                *self.counts.entry(format!("{schema}.{table}")).or_default() += 1;
+                self.metrics.changes.fetch_add(1, Ordering::Relaxed);
+                let value = route::value_with_source(bytes, &self.source_json);
+                for topic in topics {
+                    let partitions = self.kafka.ensure_topic(&topic).await?;
+                    for p in 0..partitions {
+                        self.produce(ticket, &topic, Some(p), None, Some(&value), headers)
+                            .await?;
+                    }
+                }
+            }
             Action::Message if view.prefix.as_deref() == Some(SNAPSHOT_PREFIX) => {
                 let content = view
                     .content

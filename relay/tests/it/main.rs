@@ -4,6 +4,7 @@
 
 mod apply;
 mod common;
+mod ddl;
 mod docs;
 mod faults;
 mod ingest;
