@@ -22,6 +22,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::error::RelayError;
 use crate::kafka::Kafka;
+use crate::sink::evolve::SchemaLog;
 use crate::sink::ods::{ApplyError, Ods, PartitionOffsets};
 use crate::sink::plan::{EventTables, Msg, Outcome, Planner};
 
@@ -58,7 +59,7 @@ impl PlannedBatch {
 
 /// Parses and nets a batch (the relay's CPU share of applying it), without event tables.
 pub fn plan(messages: Vec<OwnedMessage>, key_includes_source: bool) -> PlannedBatch {
-    plan_with_events(messages, key_includes_source, None)
+    plan_with_events(messages, key_includes_source, None, None)
 }
 
 /// Parses and nets a batch; events are materialized into the `events` tables (`None`:
@@ -67,10 +68,11 @@ pub(crate) fn plan_with_events(
     messages: Vec<OwnedMessage>,
     key_includes_source: bool,
     events: Option<Arc<EventTables>>,
+    schema: Option<Arc<SchemaLog>>,
 ) -> PlannedBatch {
     PlannedBatch::new(messages, |owned| {
         let msgs: Vec<Msg<'_>> = owned.iter().map(msg_of).collect();
-        let mut planner = Planner::new(key_includes_source, events);
+        let mut planner = Planner::new(key_includes_source, events).with_schema(schema);
         let mut dead = Vec::new();
         for (i, m) in msgs.iter().enumerate() {
             if let Outcome::DeadLetter(reason) = planner.add(i, m) {
@@ -203,6 +205,12 @@ impl Applier {
             }
             break;
         }
+        if isolate.is_none() {
+            // After the rows (the batch ends with its L record): the ODS follows the change.
+            for sc in &planned.planner.schema_changes {
+                self.ods.apply_schema_change(sc).await?;
+            }
+        }
         if let Some(reason) = isolate {
             // A record's content failed a statement: apply one record at a time, each in
             // a savepoint, and dead-letter those that fail.
@@ -216,9 +224,13 @@ impl Applier {
                 if already.contains(&i) {
                     continue;
                 }
-                let mut one = Planner::new(kis, planned.planner.events());
+                let mut one = Planner::new(kis, planned.planner.events())
+                    .with_schema(planned.planner.schema());
                 if one.add(i, m) != Outcome::Planned {
                     continue;
+                }
+                for sc in &one.schema_changes {
+                    self.ods.apply_schema_change(sc).await?;
                 }
                 for plan in one.tables.values() {
                     if let Some(r) = self.ods.unmaterializable(&plan.name) {

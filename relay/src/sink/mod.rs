@@ -19,6 +19,7 @@
 
 pub(crate) mod batch;
 pub(crate) mod events;
+pub(crate) mod evolve;
 pub(crate) mod ods;
 pub(crate) mod offsets;
 pub(crate) mod plan;
@@ -44,9 +45,12 @@ use crate::metrics::SinkMetrics;
 use crate::retry::{supervise, Supervised};
 use crate::sink::batch::{Applied, Applier, Done};
 use crate::sink::events::EventCatalog;
+use crate::sink::evolve::SchemaLog;
 use crate::sink::ods::{ApplyError, Ods};
 use crate::sink::offsets::{Accept, Ledger, Tp};
 
+/// How every `L` record starts (the plugin writes `action` first).
+const SCHEMA_CHANGE_PREFIX: &[u8] = b"{\"action\":\"L\"";
 /// The header the event API puts on every event (`ingest/mod.rs`).
 const EVENT_TYPE_HEADER: &str = "saiki.event_type";
 /// Dead letters handed to the producer at once (they are awaited before the commit).
@@ -249,6 +253,9 @@ struct Session<'a> {
     subscribed: Vec<String>,
     /// The event tables, when events are materialized.
     events: Option<EventCatalog>,
+    /// The schema changes followed so far (from the ODS at the start and after a rewind;
+    /// taken in as soon as a batch with one is planned, which the next batch reads through).
+    schema: Arc<SchemaLog>,
 }
 
 impl Drop for Session<'_> {
@@ -325,7 +332,9 @@ async fn session(
         batch_started: None,
         subscribed: Vec::new(),
         events: rt.registry_dsn.clone().map(EventCatalog::new),
+        schema: Arc::default(),
     };
+    s.schema = Arc::new(s.ods().await?.schema_log().await?);
     s.refresh_topics()?;
     metrics.ready.store(true, Ordering::Relaxed);
     // The next topic refresh, counted from the end of the last one: listing topics blocks
@@ -380,7 +389,14 @@ async fn session(
                         let m = m.detach();
                         s.handle_events();
                         s.accept(m).await?;
-                        if s.batch.len() >= rt.sink.batch_max_rows || s.batch_bytes >= rt.sink.batch_max_bytes {
+                        // A batch ends after a schema change, so that what follows it is
+                        // planned knowing it (sink/evolve.rs).
+                        let schema_change = s
+                            .batch
+                            .last()
+                            .and_then(|m| m.payload())
+                            .is_some_and(|p| p.starts_with(SCHEMA_CHANGE_PREFIX));
+                        if schema_change || s.batch.len() >= rt.sink.batch_max_rows || s.batch_bytes >= rt.sink.batch_max_bytes {
                             s.apply_batch().await?;
                         }
                     }
@@ -501,7 +517,15 @@ impl Session<'_> {
             msgs,
             self.rt.sink.key_includes_source,
             self.events.as_ref().map(EventCatalog::tables),
+            Some(self.schema.clone()),
         );
+        let changes = &planned.borrow_dependent().planner.schema_changes;
+        if !changes.is_empty() {
+            let log = Arc::make_mut(&mut self.schema);
+            for sc in changes {
+                log.record(&sc.table, &sc.source, sc.at, &sc.changes);
+            }
+        }
         self.settle().await?;
         if self.ledger.rewinding() {
             // The batch before was fenced: this one continues from it, so it is void too.
@@ -522,6 +546,8 @@ impl Session<'_> {
     /// continued from it and is dropped too), continues from the ODS's offset.
     async fn rewind(&mut self) -> Result<(), RelayError> {
         let all = self.ods().await?.offsets().await?;
+        // Schema changes of the dropped batches were taken in when they were planned.
+        self.schema = Arc::new(self.ods().await?.schema_log().await?);
         self.batch.clear();
         self.batch_bytes = 0;
         self.batch_started = None;

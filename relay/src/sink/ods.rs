@@ -25,7 +25,8 @@ use tracing::{debug, info, warn};
 use crate::error::RelayError;
 use crate::pg::client::pg_error;
 use crate::pg::quote::{ident, literal};
-use crate::sink::plan::{self, ColumnKind, NetRow, Op, TablePlan};
+use crate::sink::evolve::{self, SchemaLog, Step};
+use crate::sink::plan::{self, ColumnKind, NetRow, Op, SchemaChange, TablePlan};
 use crate::sink::statements::{
     delete_truncated, TableStatements, RAISE_WATERMARK, READ_WATERMARKS, RECORD_TRUNCATION,
 };
@@ -150,6 +151,7 @@ impl Ods {
                     AND to_regclass('saiki_sink.tombstones') IS NOT NULL
                     AND to_regclass('saiki_sink.truncations') IS NOT NULL
                     AND to_regclass('saiki_sink.watermarks') IS NOT NULL
+                    AND to_regclass('saiki_sink.schema_changes') IS NOT NULL
                     AND to_regnamespace($1) IS NOT NULL",
                 &[&ident(&self.schema)],
             )
@@ -197,6 +199,16 @@ impl Ods {
                  PRIMARY KEY (ods_table, source));
              COMMENT ON TABLE saiki_sink.watermarks IS 'saiki-relay sink: the greatest (commit_lsn, seq) applied per table and source; only changes at or below it can be replays';
              COMMENT ON TABLE saiki_sink.truncations IS 'saiki-relay sink: the last truncate per table and source; older changes are not applied';
+             CREATE TABLE IF NOT EXISTS saiki_sink.schema_changes (
+                 ods_table text NOT NULL,
+                 source text NOT NULL,
+                 lsn pg_lsn NOT NULL,
+                 seq int NOT NULL,
+                 statement text NOT NULL,
+                 changes jsonb NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (ods_table, source, lsn, seq));
+             COMMENT ON TABLE saiki_sink.schema_changes IS 'saiki-relay sink: the schema changes (L records) of each source the ODS followed, in the transaction that followed them';
              COMMENT ON TABLE saiki_sink.offsets IS 'saiki-relay sink: the next Kafka offset to apply per consumer group and partition, written in the transaction that applies the rows';
              CREATE SCHEMA IF NOT EXISTS {};
              COMMIT;",
@@ -509,6 +521,167 @@ impl Ods {
         Ok(())
     }
 
+    /// The schema changes applied so far, for the planner.
+    pub(crate) async fn schema_log(&self) -> Result<SchemaLog, RelayError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT ods_table, source, lsn::text, seq, changes::text FROM saiki_sink.schema_changes ORDER BY applied_at, lsn, seq",
+                &[],
+            )
+            .await
+            .map_err(|e| self.err(&e))?;
+        let mut log = SchemaLog::default();
+        for r in rows {
+            let (table, source, lsn, seq, changes): (String, String, String, i32, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            let Ok(lsn) = lsn.parse::<Lsn>() else {
+                continue;
+            };
+            let changes: Vec<saiki_core::ddl::Change> =
+                serde_json::from_str(&changes).unwrap_or_default();
+            log.record(&table, &source, (lsn, i64::from(seq)), &changes);
+        }
+        Ok(log)
+    }
+
+    /// Makes the ODS table follow one `L` record of a source (docs/sink.md, "Schema
+    /// changes"), inside the open transaction, once: a copy of the record from another
+    /// partition finds it in `saiki_sink.schema_changes` and does nothing. A statement the
+    /// ODS cannot run stops the sink with what to do, and nothing of the batch commits.
+    pub(crate) async fn apply_schema_change(
+        &mut self,
+        sc: &SchemaChange,
+    ) -> Result<(), ApplyError> {
+        let (lsn, seq) = (sc.at.0.to_string(), sc.at.1 as i32);
+        let done = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM saiki_sink.schema_changes WHERE ods_table = $1 AND source = $2 AND lsn = $3::text::pg_lsn AND seq = $4",
+                &[&sc.table, &sc.source, &lsn, &seq],
+            )
+            .await
+            .map_err(|e| ApplyError::Fatal(self.err(&e)))?;
+        if done.is_some() {
+            return Ok(());
+        }
+        self.client
+            .batch_execute("SELECT pg_advisory_xact_lock(hashtext('saiki_sink.ddl'))")
+            .await
+            .map_err(|e| ApplyError::Fatal(self.err(&e)))?;
+        let qualified = format!("{}.{}", ident(&self.schema), ident(&sc.table));
+        for step in evolve::steps(&sc.changes) {
+            let table = self.load_table(&sc.table).await?;
+            let sql = match (&step, &table) {
+                (Step::Create, None) => match self.create_from_shape(sc, &qualified).await? {
+                    Some(sql) => sql,
+                    None => continue,
+                },
+                (Step::AddColumn { column, type_name }, Some(t))
+                    if !t.columns.contains_key(column) =>
+                {
+                    let ty = self.resolve_type(type_name).await?;
+                    format!(
+                        "ALTER TABLE {qualified} ADD COLUMN IF NOT EXISTS {} {ty}",
+                        ident(column)
+                    )
+                }
+                (Step::Backfill { column, value }, Some(t)) => {
+                    let Some(ty) = t.columns.get(column) else {
+                        continue;
+                    };
+                    format!(
+                        "UPDATE {qualified} SET {c} = {v}::{ty} WHERE {src} = {s} AND ({l}, {q}) < ({lsn}::pg_lsn, {seq}) AND {c} IS NULL",
+                        c = ident(column),
+                        v = literal(value),
+                        src = ident(SOURCE_COL),
+                        s = literal(&sc.source),
+                        l = ident(LSN_COL),
+                        q = ident(SEQ_COL),
+                        lsn = literal(&lsn),
+                    )
+                }
+                (Step::RenameColumn { from, to }, Some(t))
+                    if t.columns.contains_key(from) && !t.columns.contains_key(to) =>
+                {
+                    format!(
+                        "ALTER TABLE {qualified} RENAME COLUMN {} TO {}",
+                        ident(from),
+                        ident(to)
+                    )
+                }
+                (Step::AlterType { column, type_name }, Some(t)) => {
+                    let ty = self.resolve_type(type_name).await?;
+                    match t.columns.get(column) {
+                        Some(have) if *have != ty => format!(
+                            "ALTER TABLE {qualified} ALTER COLUMN {c} TYPE {ty} USING {c}::{ty}",
+                            c = ident(column)
+                        ),
+                        _ => continue,
+                    }
+                }
+                (Step::Noted { what }, _) => {
+                    warn!(table = %qualified, source = %sc.source, statement = %sc.statement, "{what}");
+                    continue;
+                }
+                _ => continue,
+            };
+            info!(table = %qualified, source = %sc.source, %sql, "following a schema change");
+            self.client.batch_execute(&sql).await.map_err(|e| {
+                ApplyError::Fatal(RelayError::Ods {
+                    target: self.target.clone(),
+                    code: e.code().map(|c| c.code().to_string()),
+                    message: format!(
+                        "ODS table {qualified} cannot follow `{}` of source {} ({}): {sql}: {}. To go on, make the ODS table hold both shapes by hand (say, ALTER TABLE {qualified} ALTER COLUMN … TYPE text), or mark the change as followed: INSERT INTO saiki_sink.schema_changes (ods_table, source, lsn, seq, statement, changes) VALUES ({}, {}, {}, {}, '', '[]'); then restart the sink",
+                        sc.statement,
+                        sc.source,
+                        sc.source_table,
+                        e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()),
+                        literal(&sc.table),
+                        literal(&sc.source),
+                        literal(&lsn),
+                        seq
+                    ),
+                })
+            })?;
+            self.tables.remove(&sc.table);
+            self.stages.remove(&sc.table);
+            self.statements.remove(&sc.table);
+        }
+        let changes = serde_json::to_string(&sc.changes).unwrap_or_else(|_| "[]".into());
+        self.client
+            .execute(
+                "INSERT INTO saiki_sink.schema_changes (ods_table, source, lsn, seq, statement, changes) VALUES ($1, $2, $3::text::pg_lsn, $4, $5, $6::text::jsonb) ON CONFLICT DO NOTHING",
+                &[&sc.table, &sc.source, &lsn, &seq, &sc.statement, &changes],
+            )
+            .await
+            .map_err(|e| ApplyError::Fatal(self.err(&e)))?;
+        Ok(())
+    }
+
+    /// `CREATE TABLE` for an ODS table from a source's shape (a table created, or changed,
+    /// before any of its rows came): `None` without a shape or a key to make one.
+    async fn create_from_shape(
+        &self,
+        sc: &SchemaChange,
+        qualified: &str,
+    ) -> Result<Option<String>, ApplyError> {
+        let Some(shape) = sc.shape.as_ref().filter(|s| !s.key.is_empty()) else {
+            return Ok(None);
+        };
+        let mut defs = Vec::new();
+        for c in &shape.columns {
+            defs.push((c.name.clone(), self.resolve_type(&c.type_name).await?));
+        }
+        Ok(Some(create_table_sql(
+            qualified,
+            &defs,
+            &shape.key,
+            self.key_includes_source,
+            &sc.source_table,
+        )))
+    }
+
     /// The table's statements for these columns, built once and cached.
     fn statements(
         &mut self,
@@ -689,28 +862,13 @@ impl Ods {
                     primary_key: Vec::new(),
                 });
             }
-            let mut cols: Vec<String> = vec![
-                format!("{} text NOT NULL", ident(SOURCE_COL)),
-                format!("{} pg_lsn NOT NULL", ident(LSN_COL)),
-                format!("{} int NOT NULL", ident(SEQ_COL)),
-                format!("{} timestamptz NOT NULL", ident(APPLIED_COL)),
-            ];
-            cols.extend(defs.iter().map(|(n, t)| format!("{} {t}", ident(n))));
-            let mut pk: Vec<String> = Vec::new();
-            if plan.source_in_key {
-                pk.push(ident(SOURCE_COL));
-            }
-            pk.extend(plan.key.iter().map(|k| ident(k)));
             info!(table = %qualified, "creating ODS table");
-            format!(
-                "CREATE TABLE IF NOT EXISTS {qualified} ({}, PRIMARY KEY ({}));
-                 COMMENT ON TABLE {qualified} IS {}",
-                cols.join(", "),
-                pk.join(", "),
-                literal(&format!(
-                    "saiki-relay sink: materialized from {}",
-                    plan.source_table
-                ))
+            create_table_sql(
+                &qualified,
+                &defs,
+                &plan.key,
+                plan.source_in_key,
+                &plan.source_table,
             )
         } else {
             info!(table = %qualified, columns = ?defs.iter().map(|d| &d.0).collect::<Vec<_>>(), "adding ODS columns");
@@ -860,6 +1018,38 @@ enum StageOp {
     /// An upsert guarded by `(commit_lsn, seq)`.
     Upsert,
     Delete,
+}
+
+/// `CREATE TABLE` of an ODS table: the bookkeeping columns, then `defs` (name, type), keyed
+/// by `key` (after `_saiki_source` when `source_in_key`).
+fn create_table_sql(
+    qualified: &str,
+    defs: &[(String, String)],
+    key: &[String],
+    source_in_key: bool,
+    source_table: &str,
+) -> String {
+    let mut cols: Vec<String> = vec![
+        format!("{} text NOT NULL", ident(SOURCE_COL)),
+        format!("{} pg_lsn NOT NULL", ident(LSN_COL)),
+        format!("{} int NOT NULL", ident(SEQ_COL)),
+        format!("{} timestamptz NOT NULL", ident(APPLIED_COL)),
+    ];
+    cols.extend(defs.iter().map(|(n, t)| format!("{} {t}", ident(n))));
+    let mut pk: Vec<String> = Vec::new();
+    if source_in_key {
+        pk.push(ident(SOURCE_COL));
+    }
+    pk.extend(key.iter().map(|k| ident(k)));
+    format!(
+        "CREATE TABLE IF NOT EXISTS {qualified} ({}, PRIMARY KEY ({}));
+         COMMENT ON TABLE {qualified} IS {}",
+        cols.join(", "),
+        pk.join(", "),
+        literal(&format!(
+            "saiki-relay sink: materialized from {source_table}"
+        ))
+    )
 }
 
 /// One COPY text line for a net row, and whether some batch column is absent from it.

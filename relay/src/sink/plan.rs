@@ -22,6 +22,7 @@ use saiki_core::Lsn;
 use serde_json::value::RawValue;
 
 use crate::event_table::{EventTable, METADATA_COLUMNS};
+use crate::sink::evolve::SchemaLog;
 
 /// The dead-letter reason for records of tables without a key (docs/sink.md, "Dead letters").
 pub(crate) const NO_IDENTITY: &str =
@@ -201,9 +202,15 @@ impl<'a> TablePlan<'a> {
     }
 
     fn column(&mut self, name: &str, types: Option<&RawValue>) -> usize {
+        self.column_as(name, name, types)
+    }
+
+    /// The index of ODS column `name`, typed by the record's `types` entry for `source_name`
+    /// (its name at the source, before a rename the ODS followed).
+    fn column_as(&mut self, name: &str, source_name: &str, types: Option<&RawValue>) -> usize {
         if let Some(i) = self.columns.get_index_of(name) {
             if self.columns[i].type_name.is_none() {
-                self.columns[i].type_name = type_of(types, name);
+                self.columns[i].type_name = type_of(types, source_name);
             }
             return i;
         }
@@ -211,7 +218,7 @@ impl<'a> TablePlan<'a> {
             name.to_string(),
             ColumnSeen {
                 name: name.to_string(),
-                type_name: type_of(types, name),
+                type_name: type_of(types, source_name),
             },
         );
         i
@@ -259,6 +266,23 @@ pub(crate) struct Planner<'a> {
     pub(crate) tables: IndexMap<String, TablePlan<'a>>,
     /// Source commit times (µs since the Unix epoch) of the planned changes that carry one.
     pub(crate) commit_times: Vec<i64>,
+    /// The schema changes the sink applied, for reading rows of renamed and added columns.
+    schema: Option<Arc<SchemaLog>>,
+    /// The batch's `L` records, applied after its rows (the sink cuts a batch after one).
+    pub(crate) schema_changes: Vec<SchemaChange>,
+}
+
+/// An `L` record of a batch.
+#[derive(Debug, Clone)]
+pub(crate) struct SchemaChange {
+    /// The ODS table (the source table's name, as for rows).
+    pub(crate) table: String,
+    pub(crate) source_table: String,
+    pub(crate) source: String,
+    pub(crate) at: (Lsn, i64),
+    pub(crate) statement: String,
+    pub(crate) changes: Vec<saiki_core::ddl::Change>,
+    pub(crate) shape: Option<saiki_core::ddl::Shape>,
 }
 
 impl<'a> Planner<'a> {
@@ -268,7 +292,19 @@ impl<'a> Planner<'a> {
             events,
             tables: IndexMap::new(),
             commit_times: Vec::new(),
+            schema: None,
+            schema_changes: Vec::new(),
         }
+    }
+
+    /// Reads rows through the schema changes applied so far.
+    pub(crate) fn with_schema(mut self, schema: Option<Arc<SchemaLog>>) -> Self {
+        self.schema = schema;
+        self
+    }
+
+    pub(crate) fn schema(&self) -> Option<Arc<SchemaLog>> {
+        self.schema.clone()
     }
 
     /// The event tables this planner materializes events into.
@@ -295,6 +331,12 @@ impl<'a> Planner<'a> {
         };
         match rec.action {
             Action::Insert | Action::Update | Action::Delete | Action::Read | Action::Truncate => {}
+            Action::SchemaChange => {
+                return match self.schema_change(payload, &rec) {
+                    Ok(()) => Outcome::Planned,
+                    Err(reason) => Outcome::DeadLetter(reason),
+                }
+            }
             // B, C, M and stream markers carry nothing to materialize.
             _ => return Outcome::Skipped,
         }
@@ -366,7 +408,15 @@ impl<'a> Planner<'a> {
         if key_names.is_empty() {
             return Err(NO_IDENTITY.to_string());
         }
-        let owned = || key_names.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        let log = self.schema.clone();
+        let at = (lsn, seq);
+        let ods_name = |n: &str| -> String {
+            match &log {
+                Some(l) => l.column(table, &source, at, n).to_string(),
+                None => n.to_string(),
+            }
+        };
+        let owned = || key_names.iter().map(|k| ods_name(k)).collect::<Vec<_>>();
         let i = plan_index(&mut self.tables, &owned);
         let plan = &mut self.tables[i];
         if plan.key.is_empty() {
@@ -438,6 +488,41 @@ impl<'a> Planner<'a> {
             }
         };
         Ok(self.fold(idx, table, source, lsn, seq, op, key, fields, &rec))
+    }
+
+    /// Keeps an `L` record for the apply step (after the batch's rows).
+    fn schema_change(&mut self, payload: &[u8], rec: &SinkRecord<'a>) -> Result<(), String> {
+        #[derive(serde::Deserialize)]
+        struct L {
+            #[serde(default)]
+            statement: String,
+            #[serde(default)]
+            changes: Vec<saiki_core::ddl::Change>,
+            #[serde(default)]
+            shape: Option<saiki_core::ddl::Shape>,
+        }
+        let l: L = serde_json::from_slice(payload)
+            .map_err(|e| format!("malformed schema change record: {e}"))?;
+        let missing = |what: &str| format!("malformed schema change record: no {what}");
+        let schema = rec.schema.as_deref().ok_or_else(|| missing("schema"))?;
+        let table = rec.table.as_deref().ok_or_else(|| missing("table"))?;
+        self.schema_changes.push(SchemaChange {
+            table: table.to_string(),
+            source_table: format!("{schema}.{table}"),
+            source: rec
+                .source
+                .as_deref()
+                .ok_or_else(|| missing("source"))?
+                .to_string(),
+            at: (
+                rec.commit_lsn.ok_or_else(|| missing("commit_lsn"))?,
+                rec.seq.ok_or_else(|| missing("seq"))?,
+            ),
+            statement: l.statement,
+            changes: l.changes,
+            shape: l.shape,
+        });
+        Ok(())
     }
 
     /// Plans an event of the event API as a row of its event table: its properties and
@@ -583,13 +668,29 @@ impl<'a> Planner<'a> {
         for (i, v) in key_idx.iter().zip(&key) {
             values.insert(*i, v);
         }
+        let log = self.schema.as_deref().filter(|l| l.affects(table));
+        // The ODS name of a column, when a rename applies (None: the record's own name).
+        let ods_name = |n: &str| -> Option<String> {
+            log.map(|l| l.column(table, &source, (lsn, seq), n).to_string())
+        };
         if let Some(f) = fields {
             for (name, v) in &f.0 {
-                let i = plan.column(name, types);
+                let mapped = ods_name(name);
+                let i = plan.column_as(mapped.as_deref().unwrap_or(name), name, types);
                 values.insert(i, v);
             }
+            if let Some(l) = log {
+                // A record older than its source's ADD COLUMN reads the default there.
+                for (column, v) in l.backfills(table, &source, (lsn, seq)) {
+                    let i = plan.column(column, None);
+                    if !values.contains(i) {
+                        values.insert(i, v);
+                    }
+                }
+            }
             for name in rec.unchanged_toast.iter().flatten() {
-                let i = plan.column(name, types);
+                let mapped = ods_name(name);
+                let i = plan.column_as(mapped.as_deref().unwrap_or(name), name, types);
                 values.remove(i);
                 // An unchanged value is the old row's: from the identity (REPLICA IDENTITY
                 // FULL logs the old row in full), or from an earlier change of this batch.

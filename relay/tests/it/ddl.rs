@@ -116,3 +116,173 @@ fn schema_changes_reach_every_partition_in_order_with_the_rows_and_the_sink_keep
         "{m}"
     );
 }
+
+/// Rows of `items` from one source database, as text, for comparing with the ODS.
+fn source_rows(db: &mut saiki_tests::postgres::Client, cols: &str) -> Vec<Vec<Option<String>>> {
+    text_rows(db, &format!("SELECT {cols} FROM items ORDER BY id"))
+}
+
+#[test]
+fn the_ods_follows_a_migration_rolled_out_shard_by_shard_with_writes_in_between() {
+    let pg = PgCluster::start(&[]);
+    let broker = Broker::start();
+    let mut ods = pg.create_db("ods");
+    let mut dbs = Vec::new();
+    let mut relays = Vec::new();
+    for i in 1..=2 {
+        let mut db = pg.create_db(&format!("shop{i}"));
+        exec(
+            &mut db,
+            &[
+                "CREATE EXTENSION saiki",
+                "CREATE TABLE items (id int PRIMARY KEY, n int, note text)",
+            ],
+        );
+        let port = loopback_port();
+        let cfg = relay_config(&pg, &format!("shop{i}"), &broker, port, "")
+            .replace("name = \"shard1\"", &format!("name = \"shard{i}\""))
+            .replace(
+                "slot = \"saiki_test\"",
+                &format!("slot = \"saiki_shard{i}\""),
+            );
+        let relay = Relay::start(&pg.dir, &cfg, port);
+        wait_until(Duration::from_secs(60), &relay, || {
+            let active = text_rows(
+                &mut db,
+                &format!("SELECT active::text FROM pg_replication_slots WHERE slot_name = 'saiki_shard{i}'"),
+            );
+            (active != vec![vec![Some("true".to_string())]]).then(|| format!("slot: {active:?}"))
+        });
+        exec(
+            &mut db,
+            &["INSERT INTO items SELECT g, g, 'note ' || g FROM generate_series(1, 10) g"],
+        );
+        dbs.push(db);
+        relays.push(relay);
+    }
+    let sport = loopback_port();
+    let mut sink = Relay::start_sink(&pg.dir, &sink_config(&pg, "ods", &broker, sport, ""), sport);
+
+    // The migration, one step after the other, with a write after each; shard 2 follows
+    // shard 1 a step behind, so rows of both shapes arrive together.
+    let steps: [(&str, &str); 5] = [
+        (
+            "ALTER TABLE items ADD COLUMN price numeric(10,2) DEFAULT 1.50",
+            "INSERT INTO items (id, n, note, price) VALUES (11, 11, 'after add', 2.00)",
+        ),
+        (
+            "ALTER TABLE items RENAME COLUMN note TO remark",
+            "INSERT INTO items (id, n, remark) VALUES (12, 12, 'after rename'); UPDATE items SET remark = 'renamed' WHERE id = 1",
+        ),
+        (
+            "ALTER TABLE items ALTER COLUMN n TYPE bigint",
+            "INSERT INTO items (id, n) VALUES (13, 3000000000)",
+        ),
+        (
+            "ALTER TABLE items ALTER COLUMN price TYPE text USING price::text",
+            "INSERT INTO items (id, n, price) VALUES (14, 14, 'cheap')",
+        ),
+        // The idle case: no write after it.
+        ("ALTER TABLE items ADD COLUMN qty int NOT NULL DEFAULT 0", ""),
+    ];
+    let old_shape_write = [
+        "INSERT INTO items (id, n, note) VALUES (21, 21, 'old shape')",
+        "UPDATE items SET note = 'old shape update' WHERE id = 2",
+        "INSERT INTO items (id, n, note) VALUES (22, 22, 'old shape 2')",
+        "UPDATE items SET n = n + 100 WHERE id = 3",
+        "",
+    ];
+    for (i, (ddl, write)) in steps.iter().enumerate() {
+        exec(&mut dbs[0], &[ddl]);
+        if !write.is_empty() {
+            exec(&mut dbs[0], &[write]);
+        }
+        // Shard 2, still one step behind: writes of its current shape.
+        if i > 0 {
+            let (ddl2, write2) = steps[i - 1];
+            exec(&mut dbs[1], &[ddl2]);
+            if !write2.is_empty() {
+                exec(
+                    &mut dbs[1],
+                    &[&write2.replace("(1", "(3").replace("= 1", "= 5")],
+                );
+            }
+        }
+        if !old_shape_write[i].is_empty() && i == 0 {
+            exec(&mut dbs[1], &[old_shape_write[i]]);
+        }
+        if i == 2 {
+            // The sink dies mid-migration and comes back.
+            sink.kill9();
+            sink = Relay::start_sink(&pg.dir, &sink_config(&pg, "ods", &broker, sport, ""), sport);
+        }
+    }
+    let (ddl2, _) = steps[4];
+    exec(&mut dbs[1], &[ddl2]);
+    // A table created on a shard and never written.
+    exec(
+        &mut dbs[0],
+        &["CREATE TABLE later (id int PRIMARY KEY, v text)"],
+    );
+
+    // The ODS equals the union of the shards, row for row and value for value.
+    let cols = "id::text, n::text, remark, price::text, qty::text";
+    let want: Vec<Vec<Vec<Option<String>>>> =
+        dbs.iter_mut().map(|db| source_rows(db, cols)).collect();
+    wait_until(Duration::from_secs(120), &sink, || {
+        for (i, want) in want.iter().enumerate() {
+            let got = ods
+                .query(
+                    &format!(
+                        "SELECT {cols} FROM ods.items WHERE _saiki_source = 'shard{}' ORDER BY id",
+                        i + 1
+                    ),
+                    &[],
+                )
+                .map(|rows| {
+                    rows.iter()
+                        .map(|r| {
+                            (0..r.len())
+                                .map(|c| r.get::<_, Option<String>>(c))
+                                .collect::<Vec<_>>()
+                        })
+                        .collect::<Vec<_>>()
+                });
+            match got {
+                Ok(got) if got == *want => {}
+                other => return Some(format!("shard{}: ODS {other:?}\nsource {want:?}", i + 1)),
+            }
+        }
+        None
+    });
+    let types = text_rows(
+        &mut ods,
+        "SELECT string_agg(column_name || ' ' || data_type, ', ' ORDER BY ordinal_position) FROM information_schema.columns WHERE table_schema = 'ods' AND table_name = 'items' AND column_name NOT LIKE '\\_saiki%'",
+    );
+    assert_eq!(
+        types[0][0].as_deref(),
+        Some("id integer, n bigint, remark text, price text, qty integer")
+    );
+    wait_until(Duration::from_secs(30), &sink, || {
+        let t = text_rows(
+            &mut ods,
+            "SELECT count(*)::text FROM pg_tables WHERE schemaname = 'ods' AND tablename = 'later'",
+        );
+        (t != vec![vec![Some("1".to_string())]]).then(|| "ods.later is missing".to_string())
+    });
+    let m = sink.http_get("/metrics").unwrap_or_default();
+    assert_eq!(
+        metric(&m, "saiki_sink_dead_letters_total"),
+        Some(0.0),
+        "{m}"
+    );
+    let followed = text_rows(
+        &mut ods,
+        "SELECT count(*)::text FROM saiki_sink.schema_changes WHERE ods_table = 'items'",
+    );
+    assert_eq!(
+        followed[0][0].as_deref(),
+        Some("10"),
+        "five steps on two shards"
+    );
+}

@@ -100,7 +100,10 @@ fn a_server_without_saiki_in_output_plugin_libraries_gets_told_what_to_run() {
         .query_one("SELECT count(*) FROM saiki.peek('s', NULL)", &[])
         .unwrap()
         .get(0);
-    assert_eq!(n, 3, "B, I, C");
+    assert_eq!(
+        n, 6,
+        "B, L, C of the CREATE TABLE (DDL capture), then B, I, C"
+    );
     // pgoutput still loads: the hint did not lock out existing subscribers.
     db.batch_execute("SELECT pg_create_logical_replication_slot('p', 'pgoutput')")
         .unwrap();
