@@ -904,7 +904,15 @@ mod tests {
     }
 
     fn plan_of<'a>(msgs: &'a [Vec<u8>], by_source: bool) -> (Planner<'a>, Vec<Outcome>) {
-        let mut p = Planner::new(by_source, None);
+        plan_in(Planner::new(by_source, None), "saiki.public.t", msgs)
+    }
+
+    /// Adds `msgs` (partition 0, offsets 0, 1, …) of `topic` to `p`.
+    fn plan_in<'a>(
+        mut p: Planner<'a>,
+        topic: &'static str,
+        msgs: &'a [Vec<u8>],
+    ) -> (Planner<'a>, Vec<Outcome>) {
         let outs = msgs
             .iter()
             .enumerate()
@@ -912,7 +920,7 @@ mod tests {
                 p.add(
                     i,
                     &Msg {
-                        topic: "saiki.public.t",
+                        topic,
                         partition: 0,
                         offset: i as i64,
                         key: None,
@@ -1112,24 +1120,11 @@ mod tests {
         msgs: &'a [Vec<u8>],
         events: Option<EventTables>,
     ) -> (Planner<'a>, Vec<Outcome>) {
-        let mut p = Planner::new(true, events.map(Arc::new));
-        let outs = msgs
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                p.add(
-                    i,
-                    &Msg {
-                        topic: "saiki.events.parcel.packed",
-                        partition: 0,
-                        offset: i as i64,
-                        key: None,
-                        payload: Some(m),
-                    },
-                )
-            })
-            .collect();
-        (p, outs)
+        plan_in(
+            Planner::new(true, events.map(Arc::new)),
+            "saiki.events.parcel.packed",
+            msgs,
+        )
     }
 
     fn layouts() -> EventTables {

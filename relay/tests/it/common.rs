@@ -305,6 +305,35 @@ pub fn text_rows(db: &mut saiki_tests::postgres::Client, sql: &str) -> Vec<Vec<O
     rows
 }
 
+/// Rows of a query as text, in the query's order; `Err` (say, a table not created yet) as text.
+pub fn try_rows(
+    db: &mut saiki_tests::postgres::Client,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, String> {
+    db.query(sql, &[]).map_err(|e| e.to_string()).map(|rows| {
+        rows.iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| r.get::<_, Option<String>>(i))
+                    .collect()
+            })
+            .collect()
+    })
+}
+
+/// Waits until `sql` (columns cast to text) gives `want`, with the relay's log on failure.
+pub fn wait_rows(
+    db: &mut saiki_tests::postgres::Client,
+    relay: &Relay,
+    sql: &str,
+    want: Vec<Vec<Option<String>>>,
+) {
+    wait_until(Duration::from_secs(90), relay, || {
+        let got = try_rows(db, sql);
+        (got.as_ref() != Ok(&want)).then(|| format!("{sql}: {got:?}, want {want:?}"))
+    });
+}
+
 /// Polls `check` until it returns None (done) or `within` passes; then panics with the last
 /// reason and the relay's log.
 pub fn wait_until(within: Duration, relay: &Relay, mut check: impl FnMut() -> Option<String>) {

@@ -101,14 +101,12 @@ fn schema_changes_reach_every_partition_in_order_with_the_rows_and_the_sink_keep
     assert_eq!(new.iter().filter(|m| m.json()["action"] == "I").count(), 1);
 
     // The sink applies the rows around the schema changes and dead-letters nothing.
-    wait_until(Duration::from_secs(60), &sink, || {
-        // Missing until the sink creates it: an error, not yet a result.
-        let n = ods
-            .query("SELECT count(*)::text FROM ods.items", &[])
-            .ok()
-            .and_then(|r| r.first().map(|r| r.get::<_, String>(0)));
-        (n.as_deref() != Some("60")).then(|| format!("ods.items has {n:?} rows"))
-    });
+    wait_rows(
+        &mut ods,
+        &sink,
+        "SELECT count(*)::text FROM ods.items",
+        vec![vec![Some("60".into())]],
+    );
     let m = sink.http_get("/metrics").unwrap_or_default();
     assert_eq!(
         metric(&m, "saiki_sink_dead_letters_total"),
@@ -231,23 +229,13 @@ fn the_ods_follows_a_migration_rolled_out_shard_by_shard_with_writes_in_between(
         dbs.iter_mut().map(|db| source_rows(db, cols)).collect();
     wait_until(Duration::from_secs(120), &sink, || {
         for (i, want) in want.iter().enumerate() {
-            let got = ods
-                .query(
-                    &format!(
-                        "SELECT {cols} FROM ods.items WHERE _saiki_source = 'shard{}' ORDER BY id",
-                        i + 1
-                    ),
-                    &[],
-                )
-                .map(|rows| {
-                    rows.iter()
-                        .map(|r| {
-                            (0..r.len())
-                                .map(|c| r.get::<_, Option<String>>(c))
-                                .collect::<Vec<_>>()
-                        })
-                        .collect::<Vec<_>>()
-                });
+            let got = try_rows(
+                &mut ods,
+                &format!(
+                    "SELECT {cols} FROM ods.items WHERE _saiki_source = 'shard{}' ORDER BY id",
+                    i + 1
+                ),
+            );
             match got {
                 Ok(got) if got == *want => {}
                 other => return Some(format!("shard{}: ODS {other:?}\nsource {want:?}", i + 1)),

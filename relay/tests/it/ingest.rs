@@ -563,27 +563,6 @@ fn uuid_like(s: &str) -> bool {
     s.len() == 36 && s.chars().filter(|c| *c == '-').count() == 4
 }
 
-/// Waits until `sql` over the ODS gives `want`, with the sink's log on failure.
-fn wait_rows(
-    ods: &mut saiki_tests::postgres::Client,
-    sink: &Relay,
-    sql: &str,
-    want: Vec<Vec<Option<String>>>,
-) {
-    wait_until(Duration::from_secs(90), sink, || {
-        let got = ods.query(sql, &[]).ok().map(|rows| {
-            rows.iter()
-                .map(|r| {
-                    (0..r.len())
-                        .map(|i| r.get::<_, Option<String>>(i))
-                        .collect::<Vec<_>>()
-                })
-                .collect::<Vec<_>>()
-        });
-        (got.as_ref() != Some(&want)).then(|| format!("{sql}: {got:?}, want {want:?}"))
-    });
-}
-
 #[test]
 fn the_sink_materializes_events_appended_by_eid_or_upserted_by_key_exactly_once() {
     let pg = PgCluster::start(&[]);
@@ -789,32 +768,21 @@ fn the_api_speaks_https_with_http2_and_serves_its_openapi_document() {
         (a.status != 200).then(|| format!("GET /openapi.json: {} {}", a.status, a.body))
     });
     // ALPN picks HTTP/2 when the client offers it; HTTP/1.1 still works.
-    let a = request(
-        &format!("{base}/event-types"),
-        "GET",
-        Some(ADMIN),
-        None,
-        &[&trusted[..], &["--http2"]].concat(),
-    );
-    assert_eq!(
-        (a.status, a.http_version.as_str()),
-        (200, "2"),
-        "{}",
-        a.body
-    );
-    let a = request(
-        &format!("{base}/event-types"),
-        "GET",
-        Some(ADMIN),
-        None,
-        &[&trusted[..], &["--http1.1"]].concat(),
-    );
-    assert_eq!(
-        (a.status, a.http_version.as_str()),
-        (200, "1.1"),
-        "{}",
-        a.body
-    );
+    for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let a = request(
+            &format!("{base}/event-types"),
+            "GET",
+            Some(ADMIN),
+            None,
+            &[&trusted[..], &[flag]].concat(),
+        );
+        assert_eq!(
+            (a.status, a.http_version.as_str()),
+            (200, version),
+            "{}",
+            a.body
+        );
+    }
     // A client that does not trust the certificate gets nowhere; plain HTTP neither.
     let other = certs.path("other-ca.pem");
     assert_eq!(
