@@ -210,7 +210,7 @@ pub(crate) fn steps(changes: &[Change]) -> Vec<Step> {
                     });
                 } else if *volatile {
                     out.push(Step::Noted {
-                        what: format!("column {column} was added with a volatile default: the ODS rows that existed before have it null until the source's table is snapshotted again (saiki-relay snapshot)"),
+                        what: format!("column {column} was added with a volatile default: the source relay snapshots the table again, which brings the values of the rows that existed before"),
                     });
                 }
             }

@@ -564,6 +564,26 @@ impl Session<'_> {
                 }
                 *self.counts.entry(format!("{schema}.{table}")).or_default() += 1;
                 self.metrics.changes.fetch_add(1, Ordering::Relaxed);
+                if route::needs_snapshot(bytes) {
+                    // A volatile default gave every existing row its own value: a snapshot of
+                    // the table brings them (as R records, after this L).
+                    let (dsn, slot) = (self.rt.dsn.clone(), self.rt.slot.clone());
+                    let qualified = format!("{schema}.{table}");
+                    tokio::spawn(async move {
+                        let asked = async {
+                            let mut conn = crate::pg::PgConn::connect(&dsn, false, "").await?;
+                            snapshot::request(&mut conn, &slot, &qualified).await
+                        };
+                        match asked.await {
+                            Ok(()) => {
+                                info!(table = %qualified, "a column was added with a volatile default: snapshot of the table requested")
+                            }
+                            Err(e) => {
+                                warn!(table = %qualified, error = %e, "a column was added with a volatile default, and the snapshot that brings its values could not be requested: run saiki-relay snapshot --table {qualified}")
+                            }
+                        }
+                    });
+                }
                 let value = route::value_with_source(bytes, &self.source_json);
                 for topic in topics {
                     let partitions = self.kafka.ensure_topic(&topic).await?;

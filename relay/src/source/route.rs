@@ -151,6 +151,21 @@ impl TopicTemplate {
     }
 }
 
+/// Whether an `L` record added a column with a volatile default: the source computed a value
+/// per existing row, which only a new snapshot of the table brings.
+pub(crate) fn needs_snapshot(record: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct L {
+        #[serde(default)]
+        changes: Vec<saiki_core::ddl::Change>,
+    }
+    serde_json::from_slice::<L>(record).is_ok_and(|l| {
+        l.changes
+            .iter()
+            .any(|c| matches!(c, saiki_core::ddl::Change::AddColumn { volatile: true, .. }))
+    })
+}
+
 /// The table's former `schema.table` if an `L` record renamed it (its `rename_table`
 /// change); read only for `L` records.
 pub(crate) fn renamed_from(record: &[u8]) -> Option<String> {
@@ -204,6 +219,12 @@ mod tests {
             None
         );
         assert_eq!(renamed_from(b"garbage"), None);
+        assert!(needs_snapshot(
+            br#"{"action":"L","changes":[{"change":"add_column","column":"s","type":"bigint","nullable":true,"default":"nextval('q'::regclass)","volatile":true}]}"#
+        ));
+        assert!(!needs_snapshot(
+            br#"{"action":"L","changes":[{"change":"add_column","column":"s","type":"bigint","nullable":true,"default":"1","missing":"1"}]}"#
+        ));
     }
 
     #[test]
