@@ -5,7 +5,8 @@
 # the ODS, and `saiki-relay ingest` taking "parcel packed" events that a warehouse service
 # pushes over HTTP. Every two seconds: changes/s, messages Kafka acknowledged, slot lag, rows
 # in the ODS, commit -> ODS freshness, events Kafka acknowledged from the event API, and
-# those events in the ODS table ods.ev_parcel_packed.
+# those events in the ODS table ods.ev_parcel_packed. Four seconds in, a migration adds a
+# column with a default at the source; the ODS follows it, the rows from before included.
 #
 #   scripts/demo.sh                 run until Ctrl-C, then stop everything it started
 #   scripts/demo.sh --seconds 30    run for 30 seconds (headless)
@@ -192,10 +193,16 @@ echo "[demo] event API: $API (admin token $ADMIN_TOKEN, log $DIR/ingest.log), ev
 echo "[demo] ODS: postgres://postgres@127.0.0.1:$PORT/ods, schema ods; Ctrl-C stops everything"
 printf '%7s %10s %10s %12s %10s %12s %12s %10s %11s\n' "time" "changes" "changes/s" "kafka acked" "slot lag" "ODS orders" "fresh p50" "events" "ODS events"
 metric() { curl -s "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v m="$2" '$1 ~ "^"m"\\{" {print $2}'; }
-start=$(date +%s); prev=0
+start=$(date +%s); prev=0; migrated=0
 while :; do
   sleep 2
   now=$(date +%s); el=$((now - start))
+  if [ "$migrated" = 0 ] && [ "$el" -ge 4 ]; then
+    # A service team migrates while everything runs: the ODS follows, rows from before included.
+    "$PG_BIN/psql" -X -q -c "ALTER TABLE orders ADD COLUMN channel text NOT NULL DEFAULT 'web'"
+    echo "[demo] migration at the source: ALTER TABLE orders ADD COLUMN channel text NOT NULL DEFAULT 'web'"
+    migrated=1
+  fi
   n=$(metric "$HTTP_PORT" saiki_source_changes_total); n=${n:-0}
   acked=$(metric "$HTTP_PORT" saiki_source_messages_produced_total)
   lag=$("$PG_BIN/psql" -X -t -A -c "SELECT saiki.lag('saiki_demo')" 2>/dev/null || echo "?")
@@ -207,5 +214,9 @@ while :; do
   ods_events=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.ev_parcel_packed" 2>/dev/null || echo 0)
   printf '%6ss %10s %10s %12s %10s %12s %12s %10s %11s\n' "$el" "$n" "$(( (n - prev) / 2 ))" "${acked:-?}" "$lag" "${rows:-0}" "${fresh:--}" "${events:-0}" "${ods_events:-0}"
   prev=$n
-  if [ "$SECONDS_TO_RUN" -gt 0 ] && [ "$el" -ge "$SECONDS_TO_RUN" ]; then break; fi
+  if [ "$SECONDS_TO_RUN" -gt 0 ] && [ "$el" -ge "$SECONDS_TO_RUN" ]; then
+    missing=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.orders WHERE channel IS DISTINCT FROM 'web'" 2>/dev/null || echo "?")
+    echo "[demo] ODS orders without the migrated column's value: $missing (of ${rows:-0})"
+    break
+  fi
 done

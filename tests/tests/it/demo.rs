@@ -11,7 +11,9 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
         .unwrap();
     let out = Command::new("bash")
         .arg(root.join("scripts/demo.sh"))
-        .args(["--seconds", "10"])
+        // 20 s: room for the sink's rebalances as the topics appear one by one (tansu takes
+        // seconds for each), and for the migration the demo runs at 4 s.
+        .args(["--seconds", "20"])
         .env("SAIKI_DEMO_PORT", saiki_tests::loopback_port().to_string())
         .env(
             "SAIKI_DEMO_KAFKA_PORT",
@@ -70,6 +72,12 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
     );
     assert!(ods_orders > 10, "orders reached the ODS: {last}\n{stdout}");
     assert!(stdout.contains("nothing left running"), "{stdout}");
+    // The migration mid-run reached the ODS, the rows from before it included.
+    assert!(
+        stdout.contains("migration at the source: ALTER TABLE orders")
+            && stdout.contains("ODS orders without the migrated column's value: 0 "),
+        "{stdout}"
+    );
     let left = Command::new("pgrep")
         .args(["-f", "saiki-demo"])
         .output()
