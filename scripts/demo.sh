@@ -30,7 +30,10 @@ done
 
 bash scripts/setup.sh
 echo "[demo] building and installing the saiki extension and saiki-relay (release)"
-(cd saiki_pg && cargo pgrx install --release --pg-config "$PG_BIN/pg_config" >/dev/null)
+# SAIKI_EXTENSION_INSTALLED=1: scripts/test.sh installed this checkout's extension already.
+if [ "${SAIKI_EXTENSION_INSTALLED:-0}" != 1 ]; then
+  (cd saiki_pg && cargo pgrx install --release --pg-config "$PG_BIN/pg_config" >/dev/null)
+fi
 cargo build --release -q -p saiki-relay
 RELAY=$PWD/target/release/saiki-relay
 
