@@ -6,4 +6,5 @@ mod demo;
 mod loading;
 mod regress;
 mod types;
+mod upgrade;
 mod walsender;
