@@ -28,6 +28,8 @@ const RESERVED_PREFIX: &str = "_saiki_";
 
 /// PostgreSQL's identifier limit (NAMEDATALEN - 1): longer names are silently truncated.
 const MAX_IDENTIFIER: usize = 63;
+/// The longest event type name whose table name (`ev_` and the name) fits.
+pub(crate) const MAX_NAME: usize = MAX_IDENTIFIER - 3;
 
 /// The ODS table of an event type: `ev_` and the name in lower case, with `.` and `-` as `_`.
 pub(crate) fn table_name(event_type: &str) -> Result<String, String> {
@@ -42,8 +44,7 @@ pub(crate) fn table_name(event_type: &str) -> Result<String, String> {
     }
     if t.len() > MAX_IDENTIFIER {
         return Err(format!(
-            "the ODS table name {t} would be longer than PostgreSQL's {MAX_IDENTIFIER} bytes: choose an event type name of at most {} characters",
-            MAX_IDENTIFIER - 3
+            "the ODS table name {t} would be longer than PostgreSQL's {MAX_IDENTIFIER} bytes: choose an event type name of at most {MAX_NAME} characters"
         ));
     }
     Ok(t)

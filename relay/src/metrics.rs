@@ -288,8 +288,9 @@ pub struct IngestMetrics {
     pub(crate) publish: Histogram,
     /// Publishing requests refused, by [`REFUSAL_REASONS`].
     pub(crate) refused: [AtomicU64; REFUSAL_REASONS.len()],
-    /// Events handed to Kafka and not yet acknowledged.
-    pub(crate) in_flight: AtomicU64,
+    /// The in-flight window (one permit per event) and its size, set when the API starts:
+    /// events waiting for Kafka are the permits taken.
+    pub(crate) window: std::sync::OnceLock<(std::sync::Arc<tokio::sync::Semaphore>, usize)>,
     pub(crate) ready: AtomicBool,
 }
 
@@ -323,7 +324,7 @@ impl Default for IngestMetrics {
             throttled: AtomicU64::new(0),
             publish: Histogram::new(APPLY_BUCKETS),
             refused: Default::default(),
-            in_flight: AtomicU64::new(0),
+            window: std::sync::OnceLock::new(),
             ready: AtomicBool::new(false),
         }
     }
@@ -365,7 +366,9 @@ impl Exporter for IngestMetrics {
             INGEST_EVENTS_IN_FLIGHT,
             "gauge",
             "Events handed to Kafka and not yet acknowledged (at most ingest.max_in_flight_events).",
-            g(&self.in_flight),
+            self.window
+                .get()
+                .map_or(0, |(s, size)| size.saturating_sub(s.available_permits()) as u64),
         );
         out.push_str(&format!(
             "# HELP {INGEST_REQUESTS_REFUSED_TOTAL} Publishing requests refused, by reason (status 400, 401, 403, 404, 413, 422).\n# TYPE {INGEST_REQUESTS_REFUSED_TOTAL} counter\n"

@@ -108,6 +108,36 @@ pub enum Change {
     },
 }
 
+/// The schema-change fields of an `L` record as consumers read them (the relay's router and
+/// the sink's planner); the rest of the record is an ordinary head.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SchemaChangeFields {
+    #[serde(default)]
+    pub statement: String,
+    #[serde(default)]
+    pub changes: Vec<Change>,
+    #[serde(default)]
+    pub shape: Option<Shape>,
+}
+
+impl SchemaChangeFields {
+    /// The table's former `schema.table` if the statement renamed it.
+    pub fn renamed_from(&self) -> Option<&str> {
+        self.changes.iter().find_map(|c| match c {
+            Change::RenameTable { from, .. } => Some(from.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Whether a column was added with a volatile default: the source computed a value per
+    /// existing row, which only a new snapshot of the table brings.
+    pub fn needs_snapshot(&self) -> bool {
+        self.changes
+            .iter()
+            .any(|c| matches!(c, Change::AddColumn { volatile: true, .. }))
+    }
+}
+
 fn qualified(s: &Shape) -> String {
     format!("{}.{}", s.schema, s.table)
 }
@@ -332,6 +362,22 @@ mod tests {
         assert!(back.contains(&Change::DropDefault {
             column: "note".into()
         }));
+    }
+
+    #[test]
+    fn an_l_records_fields_say_where_a_table_came_from_and_whether_it_needs_a_snapshot() {
+        let read = |j: &str| serde_json::from_str::<SchemaChangeFields>(j).unwrap();
+        let l = read(
+            r#"{"action":"L","xid":1,"schema":"sales","table":"items_v2","ddl":"ALTER TABLE","changes":[{"change":"rename_table","from":"public.items","to":"sales.items_v2"}]}"#,
+        );
+        assert_eq!(l.renamed_from(), Some("public.items"));
+        assert!(!l.needs_snapshot());
+        assert_eq!(
+            read(r#"{"changes":[{"change":"drop_table"}]}"#).renamed_from(),
+            None
+        );
+        assert!(read(r#"{"changes":[{"change":"add_column","column":"s","type":"bigint","nullable":true,"default":"nextval('q'::regclass)","volatile":true}]}"#).needs_snapshot());
+        assert!(!read(r#"{"changes":[{"change":"add_column","column":"s","type":"bigint","nullable":true,"default":"1","missing":"1"}]}"#).needs_snapshot());
     }
 
     #[test]

@@ -201,7 +201,7 @@ pub(crate) fn key(event: &Value, partition_key: &[String]) -> Option<String> {
 /// A name for an event type: letters, digits, `_`, `-`, `.`; 1 to 60 characters (it
 /// becomes part of a Kafka topic name and of an ODS table name, `ev_{name}`).
 pub(crate) fn valid_name(name: &str) -> bool {
-    (1..=60).contains(&name.len())
+    (1..=crate::event_table::MAX_NAME).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))

@@ -142,12 +142,16 @@ pub(crate) async fn run(
         .map_err(|e| {
             RelayError::Config(format!("ingest.listen = \"{}\": {e}", rt.ingest.listen))
         })?;
+    let window = Arc::new(tokio::sync::Semaphore::new(rt.ingest.max_in_flight_events));
+    let _ = metrics
+        .window
+        .set((window.clone(), rt.ingest.max_in_flight_events));
     let app = Arc::new(App {
         rt: rt.clone(),
         registry,
         kafka,
         metrics: metrics.clone(),
-        in_flight: Arc::new(tokio::sync::Semaphore::new(rt.ingest.max_in_flight_events)),
+        in_flight: window.clone(),
         recent: std::sync::Mutex::new(dedup::Recent::new(
             rt.ingest.dedup_window,
             rt.ingest.dedup_capacity,
@@ -233,35 +237,18 @@ pub(crate) async fn make_token(dsn: &str, scopes: &[String]) -> Result<String, R
         )));
     }
     let registry = Registry::connect(dsn, std::time::Duration::ZERO).await?;
+    issue_token(&registry, scopes).await
+}
+
+/// A new token with these (valid) scopes, its hash stored in the registry: for `POST /tokens`
+/// and `saiki-relay token`.
+async fn issue_token(registry: &Registry, scopes: &[String]) -> Result<String, RelayError> {
     let token = auth::new_token();
     registry
         .add_token(&auth::hash(&token), &Scopes(scopes.to_vec()))
         .await?;
     info!(scopes = ?scopes, "token created");
     Ok(token)
-}
-
-/// A batch's share of the in-flight window, counted in the in-flight gauge until dropped.
-struct InFlight<'a> {
-    metrics: &'a IngestMetrics,
-    permits: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl<'a> InFlight<'a> {
-    fn new(metrics: &'a IngestMetrics, permits: tokio::sync::OwnedSemaphorePermit) -> Self {
-        metrics
-            .in_flight
-            .fetch_add(permits.num_permits() as u64, Ordering::Relaxed);
-        InFlight { metrics, permits }
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.metrics
-            .in_flight
-            .fetch_sub(self.permits.num_permits() as u64, Ordering::Relaxed);
-    }
 }
 
 /// A refused request: its status and what to do, answered as a [`problem`].
@@ -634,16 +621,11 @@ async fn create_token(
             "scopes: one or more of \"admin\", \"read\", \"write:<event type>\"",
         );
     }
-    let token = auth::new_token();
-    let scopes = Scopes(b.scopes);
-    match app.registry.add_token(&auth::hash(&token), &scopes).await {
-        Ok(()) => {
-            info!(scopes = ?scopes.0, "token created");
-            json_response(
-                StatusCode::CREATED,
-                &json!({"token": token, "scopes": scopes.0}),
-            )
-        }
+    match issue_token(&app.registry, &b.scopes).await {
+        Ok(token) => json_response(
+            StatusCode::CREATED,
+            &json!({"token": token, "scopes": b.scopes}),
+        ),
         Err(e) => unavailable(&e),
     }
 }
@@ -791,7 +773,7 @@ async fn publish_batch(
     if to_send == 0 {
         return StatusCode::OK.into_response();
     }
-    let Ok(permits) = app.in_flight.clone().try_acquire_many_owned(to_send as u32) else {
+    let Ok(_permits) = app.in_flight.clone().try_acquire_many_owned(to_send as u32) else {
         app.metrics.throttled.fetch_add(1, Ordering::Relaxed);
         let mut r = problem(
             StatusCode::TOO_MANY_REQUESTS,
@@ -807,7 +789,6 @@ async fn publish_batch(
         return r;
     };
 
-    let _in_flight = InFlight::new(&app.metrics, permits);
     let received_at = saiki_core::time::format_unix_micros(saiki_core::time::unix_micros_now());
     let stamp = events::Stamp {
         event_type: name,

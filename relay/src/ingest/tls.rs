@@ -9,8 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::Listener;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -18,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use crate::error::RelayError;
+use crate::pg::tls::{provider, read_pem_certs, read_pem_key};
 
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,24 +26,10 @@ const READY_CAPACITY: usize = 256;
 /// The server's TLS settings from a PEM certificate chain and private key.
 pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, RelayError> {
     let cfg_err = |m: String| RelayError::Config(m);
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| cfg_err(format!("ingest.tls_cert = {}: {e}", cert.display())))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| cfg_err(format!("ingest.tls_cert = {}: {e}", cert.display())))?;
-    if chain.is_empty() {
-        return Err(cfg_err(format!(
-            "ingest.tls_cert = {}: no PEM certificate in the file",
-            cert.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        cfg_err(format!(
-            "ingest.tls_key = {}: {e} (a PEM private key: PKCS#8, PKCS#1 or SEC1)",
-            key.display()
-        ))
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let chain = read_pem_certs(cert, "ingest.tls_cert").map_err(cfg_err)?;
+    let key = read_pem_key(key, "ingest.tls_key")
+        .map_err(|e| cfg_err(format!("{e} (a PEM private key: PKCS#8, PKCS#1 or SEC1)")))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| cfg_err(format!("TLS: {e}")))?
         .with_no_client_auth()

@@ -101,11 +101,16 @@ enum Check {
     ChainAndName,
 }
 
-fn provider() -> Arc<CryptoProvider> {
+/// The one crypto provider of the relay's TLS (also the event API's listener).
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read_pem_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The certificates of a PEM file; `what` (the setting) names it in errors.
+pub(crate) fn read_pem_certs(
+    path: &Path,
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("{what} {}: {e}", path.display()))?
         .collect::<Result<_, _>>()
@@ -117,6 +122,11 @@ fn read_pem_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>
         ));
     }
     Ok(certs)
+}
+
+/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1); `what` names it in errors.
+pub(crate) fn read_pem_key(path: &Path, what: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
 impl TlsOptions {
@@ -172,8 +182,7 @@ impl TlsOptions {
         let config = match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => {
                 let chain = read_pem_certs(cert, "sslcert").map_err(cfg_err)?;
-                let key = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| cfg_err(format!("sslkey {}: {e}", key.display())))?;
+                let key = read_pem_key(key, "sslkey").map_err(cfg_err)?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| cfg_err(format!("sslcert/sslkey: {e}")))?

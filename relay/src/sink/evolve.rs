@@ -21,7 +21,6 @@
 //! planned before the `L` is known.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
 
 use saiki_core::ddl::Change;
 use saiki_core::Lsn;
@@ -63,11 +62,7 @@ pub(crate) struct SchemaLog {
 /// default, so leaking them is bounded by the number of migrations, and lets the planner hand
 /// them out beside values borrowed from messages.
 fn leak_json_string(s: &str) -> &'static RawValue {
-    static EMPTY: OnceLock<Box<RawValue>> = OnceLock::new();
-    match RawValue::from_string(serde_json::Value::String(s.to_string()).to_string()) {
-        Ok(v) => Box::leak(v),
-        Err(_) => EMPTY.get_or_init(|| RawValue::from_string("null".into()).expect("JSON")),
-    }
+    Box::leak(serde_json::value::to_raw_value(s).expect("a string serializes to JSON"))
 }
 
 impl SchemaLog {

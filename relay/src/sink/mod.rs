@@ -49,7 +49,9 @@ use crate::sink::evolve::SchemaLog;
 use crate::sink::ods::{ApplyError, Ods};
 use crate::sink::offsets::{Accept, Ledger, Tp};
 
-/// How every `L` record starts (the plugin writes `action` first).
+/// How every change record starts (the plugin writes `action` first).
+const RECORD_PREFIX: &[u8] = b"{\"action\":";
+/// How every `L` record starts.
 const SCHEMA_CHANGE_PREFIX: &[u8] = b"{\"action\":\"L\"";
 /// The header the event API puts on every event (`ingest/mod.rs`).
 const EVENT_TYPE_HEADER: &str = "saiki.event_type";
@@ -636,8 +638,10 @@ impl Session<'_> {
                     debug!(topic = %tp.0, partition = tp.1, offset, "offset gap (compaction, retention or transaction markers)");
                 }
                 // An event of the event API: its table's layout is read before the batch
-                // that holds it is planned.
-                if let Some(catalog) = self.events.as_mut() {
+                // that holds it is planned. A change record (it starts with its action) is
+                // not one, and costs no look at the headers.
+                let record = m.payload().is_some_and(|p| p.starts_with(RECORD_PREFIX));
+                if let Some(catalog) = self.events.as_mut().filter(|_| !record) {
                     let is_event = m
                         .headers()
                         .is_some_and(|h| h.iter().any(|h| h.key == EVENT_TYPE_HEADER));

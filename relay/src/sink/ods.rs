@@ -570,8 +570,9 @@ impl Ods {
             .await
             .map_err(|e| ApplyError::Fatal(self.err(&e)))?;
         let qualified = format!("{}.{}", ident(&self.schema), ident(&sc.table));
+        // Read once, and again only after a statement changed it.
+        let mut table = self.load_table(&sc.table).await?;
         for step in evolve::steps(&sc.changes) {
-            let table = self.load_table(&sc.table).await?;
             let sql = match (&step, &table) {
                 (Step::Create, None) => match self.create_from_shape(sc, &qualified).await? {
                     Some(sql) => sql,
@@ -647,6 +648,7 @@ impl Ods {
             self.tables.remove(&sc.table);
             self.stages.remove(&sc.table);
             self.statements.remove(&sc.table);
+            table = self.load_table(&sc.table).await?;
         }
         let changes = serde_json::to_string(&sc.changes).unwrap_or_else(|_| "[]".into());
         self.client

@@ -408,10 +408,11 @@ impl<'a> Planner<'a> {
         if key_names.is_empty() {
             return Err(NO_IDENTITY.to_string());
         }
-        let log = self.schema.clone();
+        // Borrowed, not cloned: this runs for every row.
+        let log = self.schema.as_deref();
         let at = (lsn, seq);
         let ods_name = |n: &str| -> String {
-            match &log {
+            match log {
                 Some(l) => l.column(table, &source, at, n).to_string(),
                 None => n.to_string(),
             }
@@ -492,16 +493,7 @@ impl<'a> Planner<'a> {
 
     /// Keeps an `L` record for the apply step (after the batch's rows).
     fn schema_change(&mut self, payload: &[u8], rec: &SinkRecord<'a>) -> Result<(), String> {
-        #[derive(serde::Deserialize)]
-        struct L {
-            #[serde(default)]
-            statement: String,
-            #[serde(default)]
-            changes: Vec<saiki_core::ddl::Change>,
-            #[serde(default)]
-            shape: Option<saiki_core::ddl::Shape>,
-        }
-        let l: L = serde_json::from_slice(payload)
+        let l: saiki_core::ddl::SchemaChangeFields = serde_json::from_slice(payload)
             .map_err(|e| format!("malformed schema change record: {e}"))?;
         let missing = |what: &str| format!("malformed schema change record: no {what}");
         let schema = rec.schema.as_deref().ok_or_else(|| missing("schema"))?;

@@ -520,10 +520,8 @@ impl Session<'_> {
                 let value = route::value_with_source(bytes, &self.source_json);
                 if view.action == Action::Truncate {
                     // A truncate concerns every row: every partition gets it, in order.
-                    for p in 0..partitions {
-                        self.produce(ticket, &topic, Some(p), None, Some(&value), headers)
-                            .await?;
-                    }
+                    self.produce_to_all(ticket, &topic, partitions, &value, headers)
+                        .await?;
                 } else {
                     let key = key.as_ref().map(|k| k.as_bytes());
                     self.produce(ticket, &topic, None, key, Some(&value), headers)
@@ -554,9 +552,11 @@ impl Session<'_> {
                     view.schema.as_deref().unwrap_or(""),
                     view.table.as_deref().unwrap_or(""),
                 );
+                let l: saiki_core::ddl::SchemaChangeFields =
+                    serde_json::from_slice(bytes).unwrap_or_default();
                 let mut topics = vec![self.topics.table_topic(schema, table)];
-                if let Some(old) = route::renamed_from(bytes) {
-                    let (s, t) = old.split_once('.').unwrap_or(("", old.as_str()));
+                if let Some(old) = l.renamed_from() {
+                    let (s, t) = old.split_once('.').unwrap_or(("", old));
                     let old_topic = self.topics.table_topic(s, t);
                     if !topics.contains(&old_topic) {
                         topics.push(old_topic);
@@ -564,7 +564,7 @@ impl Session<'_> {
                 }
                 *self.counts.entry(format!("{schema}.{table}")).or_default() += 1;
                 self.metrics.changes.fetch_add(1, Ordering::Relaxed);
-                if route::needs_snapshot(bytes) {
+                if l.needs_snapshot() {
                     // A volatile default gave every existing row its own value: a snapshot of
                     // the table brings them (as R records, after this L).
                     let (dsn, slot) = (self.rt.dsn.clone(), self.rt.slot.clone());
@@ -587,10 +587,8 @@ impl Session<'_> {
                 let value = route::value_with_source(bytes, &self.source_json);
                 for topic in topics {
                     let partitions = self.kafka.ensure_topic(&topic).await?;
-                    for p in 0..partitions {
-                        self.produce(ticket, &topic, Some(p), None, Some(&value), headers)
-                            .await?;
-                    }
+                    self.produce_to_all(ticket, &topic, partitions, &value, headers)
+                        .await?;
                 }
             }
             Action::Message if view.prefix.as_deref() == Some(SNAPSHOT_PREFIX) => {
@@ -704,6 +702,23 @@ impl Session<'_> {
         let key = self.tx_key.clone();
         self.produce(ticket, topic, None, Some(&key), Some(value), headers)
             .await
+    }
+
+    /// A record that concerns every row of a table (`T`, `L`): one unkeyed message in each of
+    /// the topic's partitions, in order with that partition's rows.
+    async fn produce_to_all(
+        &mut self,
+        ticket: Ticket,
+        topic: &str,
+        partitions: i32,
+        value: &[u8],
+        headers: &[(&'static str, String)],
+    ) -> Result<(), RelayError> {
+        for p in 0..partitions {
+            self.produce(ticket, topic, Some(p), None, Some(value), headers)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn produce(

@@ -151,36 +151,6 @@ impl TopicTemplate {
     }
 }
 
-/// Whether an `L` record added a column with a volatile default: the source computed a value
-/// per existing row, which only a new snapshot of the table brings.
-pub(crate) fn needs_snapshot(record: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct L {
-        #[serde(default)]
-        changes: Vec<saiki_core::ddl::Change>,
-    }
-    serde_json::from_slice::<L>(record).is_ok_and(|l| {
-        l.changes
-            .iter()
-            .any(|c| matches!(c, saiki_core::ddl::Change::AddColumn { volatile: true, .. }))
-    })
-}
-
-/// The table's former `schema.table` if an `L` record renamed it (its `rename_table`
-/// change); read only for `L` records.
-pub(crate) fn renamed_from(record: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct L {
-        #[serde(default)]
-        changes: Vec<saiki_core::ddl::Change>,
-    }
-    let l: L = serde_json::from_slice(record).ok()?;
-    l.changes.into_iter().find_map(|c| match c {
-        saiki_core::ddl::Change::RenameTable { from, .. } => Some(from),
-        _ => None,
-    })
-}
-
 pub(crate) fn sanitize_topic(t: &str) -> String {
     t.chars()
         .map(|c| {
@@ -209,23 +179,6 @@ pub(crate) fn headers(source: &str, rec: &RecordView<'_>) -> [(&'static str, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_renamed_table_names_where_it_came_from() {
-        let l = br#"{"action":"L","xid":1,"lsn":"0/1","commit_lsn":"0/2","seq":1,"schema":"sales","table":"items_v2","ddl":"ALTER TABLE","changes":[{"change":"rename_table","from":"public.items","to":"sales.items_v2"}]}"#;
-        assert_eq!(renamed_from(l).as_deref(), Some("public.items"));
-        assert_eq!(
-            renamed_from(br#"{"action":"L","changes":[{"change":"drop_table"}]}"#),
-            None
-        );
-        assert_eq!(renamed_from(b"garbage"), None);
-        assert!(needs_snapshot(
-            br#"{"action":"L","changes":[{"change":"add_column","column":"s","type":"bigint","nullable":true,"default":"nextval('q'::regclass)","volatile":true}]}"#
-        ));
-        assert!(!needs_snapshot(
-            br#"{"action":"L","changes":[{"change":"add_column","column":"s","type":"bigint","nullable":true,"default":"1","missing":"1"}]}"#
-        ));
-    }
 
     #[test]
     fn keys_come_from_the_new_row_or_the_old_key() {
