@@ -205,6 +205,11 @@ while :; do
     "$PG_BIN/psql" -X -q -c "ALTER TABLE orders ADD COLUMN channel text NOT NULL DEFAULT 'web'"
     echo "[demo] migration at the source: ALTER TABLE orders ADD COLUMN channel text NOT NULL DEFAULT 'web'"
     migrated=1
+  elif [ "$migrated" = 1 ] && [ "$el" -ge 8 ]; then
+    # The next deploy renames it: the ODS column is renamed, not duplicated.
+    "$PG_BIN/psql" -X -q -c "ALTER TABLE orders RENAME COLUMN channel TO sales_channel"
+    echo "[demo] migration at the source: ALTER TABLE orders RENAME COLUMN channel TO sales_channel"
+    migrated=2
   fi
   n=$(metric "$HTTP_PORT" saiki_source_changes_total); n=${n:-0}
   acked=$(metric "$HTTP_PORT" saiki_source_messages_produced_total)
@@ -218,7 +223,8 @@ while :; do
   printf '%6ss %10s %10s %12s %10s %12s %12s %10s %11s\n' "$el" "$n" "$(( (n - prev) / 2 ))" "${acked:-?}" "$lag" "${rows:-0}" "${fresh:--}" "${events:-0}" "${ods_events:-0}"
   prev=$n
   if [ "$SECONDS_TO_RUN" -gt 0 ] && [ "$el" -ge "$SECONDS_TO_RUN" ]; then
-    missing=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.orders WHERE channel IS DISTINCT FROM 'web'" 2>/dev/null || echo "?")
+    col=$([ "$migrated" = 2 ] && echo sales_channel || echo channel)
+    missing=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.orders WHERE $col IS DISTINCT FROM 'web'" 2>/dev/null || echo "?")
     echo "[demo] ODS orders without the migrated column's value: $missing (of ${rows:-0})"
     break
   fi

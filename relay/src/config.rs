@@ -45,6 +45,7 @@ instance_id = "sink-1"           # group.instance.id (static membership): unique
                                  # restart takes its partitions back at once. Unset: dynamic
 topics = "^saiki\\..*"            # regex over topic names; default: every {topic_prefix}.* topic
 key_includes_source = true       # primary key (_saiki_source, key...): shards whose keys collide
+on_drop = "drop"                 # a column or table dropped at every source leaves the ODS; "keep": it stays
 events = true                    # materialize the event API's events as {schema}.ev_{type} (registry: ingest.dsn)
 batch_max_rows = 10000           # messages per ODS transaction
 batch_max_bytes = 33554432       # message bytes per ODS transaction
@@ -179,6 +180,9 @@ pub(crate) struct SinkConfig {
     pub(crate) topics: Option<String>,
     #[serde(default = "d_true")]
     pub(crate) key_includes_source: bool,
+    /// What the ODS does when every source has dropped a column or a table.
+    #[serde(default)]
+    pub(crate) on_drop: OnDrop,
     /// Materialize the event API's events into `{schema}.ev_{type}` tables (their layouts
     /// come from the registry at `ingest.dsn`); false: events are skipped.
     #[serde(default = "d_true")]
@@ -270,6 +274,17 @@ pub(crate) enum SnapshotMode {
     Never,
     /// Every captured table, chunk by chunk, once the slot is created.
     Initial,
+}
+
+/// `sink.on_drop`: what the ODS does with a column or table that every source dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum OnDrop {
+    /// It leaves the ODS too (DESIGN.md §7): the ODS stays equal to the sources.
+    #[default]
+    Drop,
+    /// It stays, with the values it had (history kept; new rows have it null).
+    Keep,
 }
 
 /// `log.format` and `--log-format`.

@@ -50,6 +50,10 @@ pub enum RelayError {
     /// A broken invariant or a failed task inside the relay: a bug, not the data's fault.
     #[error("internal error (a bug in saiki-relay: please report it with the log): {0}")]
     Internal(String),
+    /// An ODS table stopped at a schema change it cannot follow (its topic waits in
+    /// `saiki_sink.stopped`); the session starts again without that topic.
+    #[error("ODS table {table} stopped: {message}")]
+    TableStopped { table: String, message: String },
     #[error("ODS {target}: {message}")]
     Ods {
         target: String,
@@ -66,7 +70,8 @@ impl RelayError {
             RelayError::Connect { .. }
             | RelayError::Io { .. }
             | RelayError::Protocol(_)
-            | RelayError::Kafka(_) => true,
+            | RelayError::Kafka(_)
+            | RelayError::TableStopped { .. } => true,
             RelayError::Server { error, .. } => server_error_is_transient(&error.code),
             RelayError::Ods { code: None, .. } => true,
             RelayError::Ods { code: Some(c), .. } => server_error_is_transient(c),
@@ -83,7 +88,7 @@ impl RelayError {
             RelayError::Config(_) => 2,
             RelayError::Kafka(_) | RelayError::KafkaConfig(_) => 4,
             RelayError::Record(_) => 5,
-            RelayError::Ods { .. } => 6,
+            RelayError::Ods { .. } | RelayError::TableStopped { .. } => 6,
             RelayError::Internal(_) => 7,
             _ => 3,
         }

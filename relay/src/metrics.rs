@@ -26,6 +26,7 @@ pub(crate) const SINK_FENCED_BATCHES_TOTAL: &str = "saiki_sink_fenced_batches_to
 pub(crate) const SINK_RETRIES_TOTAL: &str = "saiki_sink_retries_total";
 pub(crate) const SINK_ASSIGNED_PARTITIONS: &str = "saiki_sink_assigned_partitions";
 pub(crate) const SINK_FRESHNESS_SECONDS: &str = "saiki_sink_freshness_seconds";
+pub(crate) const SINK_STOPPED_TOPICS: &str = "saiki_sink_stopped_topics";
 
 pub(crate) const INGEST_EVENTS_PUBLISHED_TOTAL: &str = "saiki_ingest_events_published_total";
 pub(crate) const INGEST_EVENTS_REJECTED_TOTAL: &str = "saiki_ingest_events_rejected_total";
@@ -60,6 +61,7 @@ pub const ALL: &[&str] = &[
     SINK_RETRIES_TOTAL,
     SINK_ASSIGNED_PARTITIONS,
     SINK_FRESHNESS_SECONDS,
+    SINK_STOPPED_TOPICS,
     INGEST_EVENTS_PUBLISHED_TOTAL,
     INGEST_EVENTS_REJECTED_TOTAL,
     INGEST_KAFKA_FAILURES_TOTAL,
@@ -175,6 +177,8 @@ pub struct SinkMetrics {
     pub(crate) retries: AtomicU64,
     pub(crate) lag: AtomicU64,
     pub(crate) assigned: AtomicU64,
+    /// Topics stopped at a schema change (`saiki_sink.stopped`).
+    pub(crate) stopped: AtomicU64,
     /// Time to apply and commit one batch.
     pub(crate) apply: Histogram,
     /// Per applied change: ODS commit time minus the source's commit time.
@@ -196,6 +200,7 @@ impl SinkMetrics {
             retries: z(),
             lag: z(),
             assigned: z(),
+            stopped: z(),
             apply: Histogram::new(APPLY_BUCKETS),
             freshness: Histogram::new(FRESHNESS_BUCKETS),
             ready: AtomicBool::new(false),
@@ -253,6 +258,12 @@ impl Exporter for SinkMetrics {
             "gauge",
             "Partitions assigned to this instance.",
             g(&self.assigned),
+        );
+        metric(
+            SINK_STOPPED_TOPICS,
+            "gauge",
+            "Topics stopped at a schema change their ODS table cannot follow (saiki_sink.stopped).",
+            g(&self.stopped),
         );
         let l = ("group", self.group.as_str());
         self.apply.write(

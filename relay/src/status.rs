@@ -70,6 +70,8 @@ pub(crate) struct RelayStatus {
     /// Source: delivery errors; sink: dead letters; ingest: batches Kafka did not
     /// acknowledge.
     pub(crate) errors_total: Option<u64>,
+    /// Sink: topics stopped at a schema change their ODS table cannot follow.
+    pub(crate) stopped_topics: Option<u64>,
     /// Why the relay could not be read.
     pub(crate) error: Option<String>,
 }
@@ -155,6 +157,7 @@ impl RelayStatus {
                 | SINK_DEAD_LETTERS_TOTAL
                 | INGEST_KAFKA_FAILURES_TOTAL => s.errors_total = n,
                 SINK_CONSUMER_LAG_MESSAGES => s.lag_messages = n,
+                SINK_STOPPED_TOPICS => s.stopped_topics = n,
                 _ if name == freshness_bucket => {
                     let le = label_value(labels, "le").and_then(|le| match le {
                         "+Inf" => Some(f64::INFINITY),
@@ -437,7 +440,13 @@ pub(crate) fn render(
                     millis(r.freshness_p50),
                     millis(r.freshness_p99),
                     r.errors_total.map_or("-".into(), |n| n.to_string()),
-                    r.error.clone().unwrap_or_default(),
+                    match (&r.error, r.stopped_topics) {
+                        (Some(e), _) => e.clone(),
+                        (None, Some(n)) if n > 0 => format!(
+                            "{n} topic(s) stopped at a schema change: see saiki_sink.stopped"
+                        ),
+                        _ => String::new(),
+                    },
                 ]
             })
             .collect();
@@ -486,6 +495,7 @@ mod tests {
     fn a_sinks_metrics_summarize_to_its_group_lag_and_freshness() {
         let m = SinkMetrics::new("saiki-ods");
         m.lag.store(7, std::sync::atomic::Ordering::Relaxed);
+        m.stopped.store(1, std::sync::atomic::Ordering::Relaxed);
         for _ in 0..99 {
             m.freshness.observe(0.04);
         }
@@ -495,6 +505,7 @@ mod tests {
         assert_eq!(s.role.as_deref(), Some("sink"));
         assert_eq!(s.name.as_deref(), Some("saiki-ods"));
         assert_eq!(s.lag_messages, Some(7));
+        assert_eq!(s.stopped_topics, Some(1));
         let p50 = s.freshness_p50.unwrap();
         assert!((0.025..=0.05).contains(&p50), "{p50}");
         assert!(s.freshness_p99.unwrap() <= 0.05);

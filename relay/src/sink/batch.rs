@@ -155,6 +155,10 @@ impl Applier {
         if result.is_err() {
             self.ods.rollback().await;
         }
+        if let Err(ApplyError::Stopped(stop)) = &result {
+            // Nothing of the batch committed; the topic waits from now on.
+            self.ods.record_stop(stop).await?;
+        }
         result
     }
 
@@ -226,11 +230,10 @@ impl Applier {
                 }
                 let mut one = Planner::new(kis, planned.planner.events())
                     .with_schema(planned.planner.schema());
-                if one.add(i, m) != Outcome::Planned {
+                // The batch's L record (its last message) is applied after the loop, with
+                // the steps decided when the batch was cut.
+                if one.add(i, m) != Outcome::Planned || !one.schema_changes.is_empty() {
                     continue;
-                }
-                for sc in &one.schema_changes {
-                    self.ods.apply_schema_change(sc).await?;
                 }
                 for plan in one.tables.values() {
                     if let Some(r) = self.ods.unmaterializable(&plan.name) {
@@ -255,6 +258,9 @@ impl Applier {
                         Err(e) => return Err(e),
                     }
                 }
+            }
+            for sc in &planned.planner.schema_changes {
+                self.ods.apply_schema_change(sc).await?;
             }
         }
         self.send_dead_letters(batch.messages(), &dead).await?;

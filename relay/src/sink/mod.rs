@@ -36,7 +36,7 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use regex::Regex;
 use tokio::sync::watch;
-use tracing::{debug, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 
 use crate::config::{KafkaConfig, SinkConfig};
 use crate::error::RelayError;
@@ -255,6 +255,9 @@ struct Session<'a> {
     subscribed: Vec<String>,
     /// The event tables, when events are materialized.
     events: Option<EventCatalog>,
+    /// Topics stopped at a schema change their ODS table cannot follow (`saiki_sink.stopped`):
+    /// not subscribed until a DBA resumes them.
+    stopped: Vec<String>,
     /// The schema changes followed so far (from the ODS at the start and after a rewind;
     /// taken in as soon as a batch with one is planned, which the next batch reads through).
     schema: Arc<SchemaLog>,
@@ -335,8 +338,10 @@ async fn session(
         subscribed: Vec::new(),
         events: rt.registry_dsn.clone().map(EventCatalog::new),
         schema: Arc::default(),
+        stopped: Vec::new(),
     };
-    s.schema = Arc::new(s.ods().await?.schema_log().await?);
+    s.load_stopped().await?;
+    s.schema = Arc::new(s.ods().await?.schema_log(rt.sink.on_drop).await?);
     s.refresh_topics()?;
     metrics.ready.store(true, Ordering::Relaxed);
     // The next topic refresh, counted from the end of the last one: listing topics blocks
@@ -407,6 +412,10 @@ async fn session(
             }
             _ = tokio::time::sleep_until(next_refresh) => {
                 s.handle_events();
+                if !s.stopped.is_empty() {
+                    // A DBA resumes a topic by deleting its row.
+                    s.load_stopped().await?;
+                }
                 s.refresh_topics()?;
                 if last_gc.is_none_or(|t| t.elapsed() > TOMBSTONE_GC_INTERVAL) && s.batch.is_empty() && s.inflight.is_none() {
                     last_gc = Some(Instant::now());
@@ -499,6 +508,16 @@ impl Session<'_> {
                     "a data error escaped the apply task's isolation: {reason}"
                 )))
             }
+            Err(ApplyError::Stopped(stop)) => {
+                error!(table = %stop.table, topic = %stop.topic, source = %stop.source, statement = %stop.statement, "{}", stop.error);
+                Err(RelayError::TableStopped {
+                    table: stop.table,
+                    message: format!(
+                        "topic {} stopped; the sink starts again without it",
+                        stop.topic
+                    ),
+                })
+            }
             Err(ApplyError::KeyTaken(table)) => Err(RelayError::Internal(format!(
                 "a plain insert into {table} met an existing key outside of a batch retry"
             ))),
@@ -515,19 +534,29 @@ impl Session<'_> {
         }
         let msgs = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
-        let planned = batch::plan_with_events(
+        let mut planned = batch::plan_with_events(
             msgs,
             self.rt.sink.key_includes_source,
             self.events.as_ref().map(EventCatalog::tables),
             Some(self.schema.clone()),
         );
-        let changes = &planned.borrow_dependent().planner.schema_changes;
-        if !changes.is_empty() {
-            let log = Arc::make_mut(&mut self.schema);
-            for sc in changes {
-                log.record(&sc.table, &sc.source, sc.at, &sc.changes);
+        // The sources this batch writes, then its L record: the log decides what the ODS
+        // does for it (a drop or a key change waits for every source known by then).
+        let schema = &mut self.schema;
+        planned.with_dependent_mut(|_, p| {
+            for plan in p.planner.tables.values() {
+                for source in plan.sources() {
+                    if !schema.knows(&plan.name, source) {
+                        Arc::make_mut(schema).saw(&plan.name, source);
+                    }
+                }
             }
-        }
+            for sc in &mut p.planner.schema_changes {
+                sc.steps = Arc::make_mut(schema)
+                    .record(&sc.table, &sc.source, sc.at, &sc.changes)
+                    .unwrap_or_default();
+            }
+        });
         self.settle().await?;
         if self.ledger.rewinding() {
             // The batch before was fenced: this one continues from it, so it is void too.
@@ -549,7 +578,8 @@ impl Session<'_> {
     async fn rewind(&mut self) -> Result<(), RelayError> {
         let all = self.ods().await?.offsets().await?;
         // Schema changes of the dropped batches were taken in when they were planned.
-        self.schema = Arc::new(self.ods().await?.schema_log().await?);
+        let on_drop = self.rt.sink.on_drop;
+        self.schema = Arc::new(self.ods().await?.schema_log(on_drop).await?);
         self.batch.clear();
         self.batch_bytes = 0;
         self.batch_started = None;
@@ -561,6 +591,27 @@ impl Session<'_> {
                 self.ledger.forget(&tp);
             }
         }
+        Ok(())
+    }
+
+    /// Reads the stopped topics of this group.
+    async fn load_stopped(&mut self) -> Result<(), RelayError> {
+        let stopped = self.ods().await?.stopped().await?;
+        for (topic, table) in &stopped {
+            if !self.stopped.contains(topic) {
+                warn!(%topic, %table, "stopped at a schema change of its ODS table (saiki_sink.stopped): not applied until resumed");
+            }
+        }
+        let topics: Vec<String> = stopped.into_iter().map(|(t, _)| t).collect();
+        for t in &self.stopped {
+            if !topics.contains(t) {
+                info!(topic = %t, "resumed");
+            }
+        }
+        self.metrics
+            .stopped
+            .store(topics.len() as u64, Ordering::Relaxed);
+        self.stopped = topics;
         Ok(())
     }
 
@@ -585,7 +636,7 @@ impl Session<'_> {
             .topics()
             .iter()
             .map(|t| t.name().to_string())
-            .filter(|t| self.rt.wants(t))
+            .filter(|t| self.rt.wants(t) && !self.stopped.contains(t))
             .collect();
         names.sort();
         if names != self.subscribed {

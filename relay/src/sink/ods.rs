@@ -22,10 +22,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
+use crate::config::OnDrop;
 use crate::error::RelayError;
 use crate::pg::client::pg_error;
 use crate::pg::quote::{ident, literal};
-use crate::sink::evolve::{self, SchemaLog, Step};
+use crate::sink::evolve::{SchemaLog, Step};
 use crate::sink::plan::{self, ColumnKind, NetRow, Op, SchemaChange, TablePlan};
 use crate::sink::statements::{
     delete_truncated, TableStatements, RAISE_WATERMARK, READ_WATERMARKS, RECORD_TRUNCATION,
@@ -59,6 +60,20 @@ pub enum ApplyError {
     /// without `key_includes_source`, a source seeded twice): the transaction is void, and
     /// the batch is applied again with this table taking upserts only, as it does from now on.
     KeyTaken(String),
+    /// A schema change the ODS cannot follow: the batch is void, and its topic stops until
+    /// resumed (docs/sink.md, "Schema changes"); the other topics keep applying.
+    Stopped(Box<Stop>),
+}
+
+/// A topic stopped at a schema change of its ODS table (a row of `saiki_sink.stopped`).
+#[derive(Debug, Clone)]
+pub struct Stop {
+    pub(crate) topic: String,
+    pub(crate) table: String,
+    pub(crate) source: String,
+    pub(crate) statement: String,
+    /// What failed and what to do.
+    pub(crate) error: String,
 }
 
 impl From<RelayError> for ApplyError {
@@ -152,6 +167,7 @@ impl Ods {
                     AND to_regclass('saiki_sink.truncations') IS NOT NULL
                     AND to_regclass('saiki_sink.watermarks') IS NOT NULL
                     AND to_regclass('saiki_sink.schema_changes') IS NOT NULL
+                    AND to_regclass('saiki_sink.stopped') IS NOT NULL
                     AND to_regnamespace($1) IS NOT NULL",
                 &[&ident(&self.schema)],
             )
@@ -208,6 +224,16 @@ impl Ods {
                  changes jsonb NOT NULL,
                  applied_at timestamptz NOT NULL DEFAULT now(),
                  PRIMARY KEY (ods_table, source, lsn, seq));
+             CREATE TABLE IF NOT EXISTS saiki_sink.stopped (
+                 \"group\" text NOT NULL,
+                 topic text NOT NULL,
+                 ods_table text NOT NULL,
+                 source text NOT NULL,
+                 statement text NOT NULL,
+                 error text NOT NULL,
+                 stopped_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (\"group\", topic));
+             COMMENT ON TABLE saiki_sink.stopped IS 'saiki-relay sink: topics stopped at a schema change their ODS table cannot follow; delete a row to resume its topic';
              COMMENT ON TABLE saiki_sink.schema_changes IS 'saiki-relay sink: the schema changes (L records) of each source the ODS followed, in the transaction that followed them';
              COMMENT ON TABLE saiki_sink.offsets IS 'saiki-relay sink: the next Kafka offset to apply per consumer group and partition, written in the transaction that applies the rows';
              CREATE SCHEMA IF NOT EXISTS {};
@@ -521,8 +547,44 @@ impl Ods {
         Ok(())
     }
 
-    /// The schema changes applied so far, for the planner.
-    pub(crate) async fn schema_log(&self) -> Result<SchemaLog, RelayError> {
+    /// Stops a topic (after its batch rolled back): it waits in `saiki_sink.stopped`.
+    pub(crate) async fn record_stop(&self, stop: &Stop) -> Result<(), RelayError> {
+        self.client
+            .execute(
+                "INSERT INTO saiki_sink.stopped (\"group\", topic, ods_table, source, statement, error) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (\"group\", topic) DO UPDATE SET ods_table = EXCLUDED.ods_table, source = EXCLUDED.source, statement = EXCLUDED.statement, error = EXCLUDED.error, stopped_at = now()",
+                &[&self.group, &stop.topic, &stop.table, &stop.source, &stop.statement, &stop.error],
+            )
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(())
+    }
+
+    /// The stopped topics of this group, with their ODS table.
+    pub(crate) async fn stopped(&self) -> Result<Vec<(String, String)>, RelayError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT topic, ods_table FROM saiki_sink.stopped WHERE \"group\" = $1 ORDER BY topic",
+                &[&self.group],
+            )
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The schema changes applied so far, for the planner: replayed with the sources known
+    /// now, then settled against what the ODS tables hold.
+    pub(crate) async fn schema_log(&self, on_drop: OnDrop) -> Result<SchemaLog, RelayError> {
+        let mut log = SchemaLog::new(on_drop);
+        for r in self
+            .client
+            .query("SELECT ods_table, source FROM saiki_sink.watermarks", &[])
+            .await
+            .map_err(|e| self.err(&e))?
+        {
+            log.saw(r.get(0), r.get(1));
+        }
         let rows = self
             .client
             .query(
@@ -531,7 +593,6 @@ impl Ods {
             )
             .await
             .map_err(|e| self.err(&e))?;
-        let mut log = SchemaLog::default();
         for r in rows {
             let (table, source, lsn, seq, changes): (String, String, String, i32, String) =
                 (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
@@ -541,6 +602,23 @@ impl Ods {
             let changes: Vec<saiki_core::ddl::Change> =
                 serde_json::from_str(&changes).unwrap_or_default();
             log.record(&table, &source, (lsn, i64::from(seq)), &changes);
+        }
+        let tables: Vec<String> = log.tables().map(str::to_string).collect();
+        for name in tables {
+            let (columns, key) = match self.load_table(&name).await.map_err(|e| match e {
+                ApplyError::Fatal(e) => e,
+                other => RelayError::Internal(format!("reading ODS table {name}: {other:?}")),
+            })? {
+                Some(t) => (
+                    Some(t.columns.keys().cloned().collect()),
+                    t.primary_key
+                        .into_iter()
+                        .filter(|k| k != SOURCE_COL)
+                        .collect(),
+                ),
+                None => (None, Vec::new()),
+            };
+            log.settle(&name, columns.as_ref(), &key);
         }
         Ok(log)
     }
@@ -572,8 +650,29 @@ impl Ods {
         let qualified = format!("{}.{}", ident(&self.schema), ident(&sc.table));
         // Read once, and again only after a statement changed it.
         let mut table = self.load_table(&sc.table).await?;
-        for step in evolve::steps(&sc.changes) {
-            let sql = match (&step, &table) {
+        for step in &sc.steps {
+            let mut renamed_from = None;
+            let sql = match (step, &table) {
+                (Step::RenameTable { from, to }, None) if *to == sc.table => {
+                    if self.load_table(from).await?.is_none() {
+                        continue;
+                    }
+                    renamed_from = Some(from.clone());
+                    let mut sql = format!(
+                        "ALTER TABLE {}.{} RENAME TO {};",
+                        ident(&self.schema),
+                        ident(from),
+                        ident(to)
+                    );
+                    for book in ["watermarks", "truncations", "tombstones", "schema_changes"] {
+                        sql.push_str(&format!(
+                            " UPDATE saiki_sink.{book} SET ods_table = {} WHERE ods_table = {};",
+                            literal(to),
+                            literal(from)
+                        ));
+                    }
+                    sql
+                }
                 (Step::Create, None) => match self.create_from_shape(sc, &qualified).await? {
                     Some(sql) => sql,
                     None => continue,
@@ -621,6 +720,58 @@ impl Ods {
                         _ => continue,
                     }
                 }
+                (Step::DropColumn { column }, Some(t)) if t.columns.contains_key(column) => {
+                    if t.primary_key.contains(column) {
+                        warn!(table = %qualified, source = %sc.source, %column, "every source dropped the column, but it is in the ODS table's primary key: kept");
+                        continue;
+                    }
+                    format!("ALTER TABLE {qualified} DROP COLUMN {}", ident(column))
+                }
+                (Step::DropTable, Some(_)) => {
+                    let mut sql = format!("DROP TABLE {qualified};");
+                    for book in ["watermarks", "truncations", "tombstones"] {
+                        sql.push_str(&format!(
+                            " DELETE FROM saiki_sink.{book} WHERE ods_table = {};",
+                            literal(&sc.table)
+                        ));
+                    }
+                    sql
+                }
+                (Step::Key { columns }, Some(t)) => {
+                    let mut want: Vec<String> = Vec::new();
+                    if self.key_includes_source {
+                        want.push(SOURCE_COL.to_string());
+                    }
+                    want.extend(columns.iter().cloned());
+                    let mut have = t.primary_key.clone();
+                    let mut sorted = want.clone();
+                    have.sort();
+                    sorted.sort();
+                    if have == sorted {
+                        continue;
+                    }
+                    if let Some(c) = columns.iter().find(|c| !t.columns.contains_key(*c)) {
+                        warn!(table = %qualified, source = %sc.source, column = %c, "every source has a new key, but the ODS table has no such column: its key is kept");
+                        continue;
+                    }
+                    let constraint: Option<String> = self
+                        .client
+                        .query_opt(
+                            "SELECT conname::text FROM pg_constraint WHERE conrelid = to_regclass($1) AND contype = 'p'",
+                            &[&qualified],
+                        )
+                        .await
+                        .map_err(|e| ApplyError::Fatal(self.err(&e)))?
+                        .map(|r| r.get(0));
+                    let cols = want.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ");
+                    match constraint {
+                        Some(c) => format!(
+                            "ALTER TABLE {qualified} DROP CONSTRAINT {}, ADD PRIMARY KEY ({cols})",
+                            ident(&c)
+                        ),
+                        None => format!("ALTER TABLE {qualified} ADD PRIMARY KEY ({cols})"),
+                    }
+                }
                 (Step::Noted { what }, _) => {
                     warn!(table = %qualified, source = %sc.source, statement = %sc.statement, "{what}");
                     continue;
@@ -628,26 +779,40 @@ impl Ods {
                 _ => continue,
             };
             info!(table = %qualified, source = %sc.source, %sql, "following a schema change");
-            self.client.batch_execute(&sql).await.map_err(|e| {
-                ApplyError::Fatal(RelayError::Ods {
-                    target: self.target.clone(),
-                    code: e.code().map(|c| c.code().to_string()),
-                    message: format!(
-                        "ODS table {qualified} cannot follow `{}` of source {} ({}): {sql}: {}. To go on, make the ODS table hold both shapes by hand (say, ALTER TABLE {qualified} ALTER COLUMN … TYPE text), or mark the change as followed: INSERT INTO saiki_sink.schema_changes (ods_table, source, lsn, seq, statement, changes) VALUES ({}, {}, {}, {}, '', '[]'); then restart the sink",
+            if let Err(e) = self.client.batch_execute(&sql).await {
+                // A lost connection or a server going down is retried; the statement itself
+                // failing stops the table's topic, not the sink.
+                let transient = e
+                    .code()
+                    .is_none_or(|c| crate::error::server_error_is_transient(c.code()));
+                if transient {
+                    return Err(ApplyError::Fatal(self.err(&e)));
+                }
+                return Err(ApplyError::Stopped(Box::new(Stop {
+                    topic: sc.topic.clone(),
+                    table: sc.table.clone(),
+                    source: sc.source.clone(),
+                    statement: sc.statement.clone(),
+                    error: format!(
+                        "ODS table {qualified} cannot follow `{}` of source {} ({}): {sql}: {}. Topic {} waits; every other topic keeps applying. To go on, make the ODS table hold both shapes by hand (say, ALTER TABLE {qualified} ALTER COLUMN … TYPE text), or mark the change as followed: INSERT INTO saiki_sink.schema_changes (ods_table, source, lsn, seq, statement, changes) VALUES ({}, {}, {}, {}, '', '[]'); then resume the topic: DELETE FROM saiki_sink.stopped WHERE topic = {}",
                         sc.statement,
                         sc.source,
                         sc.source_table,
                         e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()),
+                        sc.topic,
                         literal(&sc.table),
                         literal(&sc.source),
                         literal(&lsn),
-                        seq
+                        seq,
+                        literal(&sc.topic),
                     ),
-                })
-            })?;
-            self.tables.remove(&sc.table);
-            self.stages.remove(&sc.table);
-            self.statements.remove(&sc.table);
+                })));
+            }
+            for name in std::iter::once(&sc.table).chain(renamed_from.as_ref()) {
+                self.tables.remove(name);
+                self.stages.remove(name);
+                self.statements.remove(name);
+            }
             table = self.load_table(&sc.table).await?;
         }
         let changes = serde_json::to_string(&sc.changes).unwrap_or_else(|_| "[]".into());

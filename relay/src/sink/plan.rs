@@ -224,6 +224,18 @@ impl<'a> TablePlan<'a> {
         i
     }
 
+    /// The sources of the plan's rows and truncates, each once.
+    pub(crate) fn sources(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        let rows = self.rows.values().map(|r| r.source.as_ref());
+        for s in rows.chain(self.truncates.keys().map(String::as_str)) {
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
     /// Messages whose changes this plan applies (for dead-lettering a failed table).
     pub(crate) fn message_indexes(&self) -> Vec<usize> {
         let mut v: Vec<usize> = self
@@ -275,6 +287,8 @@ pub(crate) struct Planner<'a> {
 /// An `L` record of a batch.
 #[derive(Debug, Clone)]
 pub(crate) struct SchemaChange {
+    /// The topic it came from (which stops if the ODS cannot follow it).
+    pub(crate) topic: String,
     /// The ODS table (the source table's name, as for rows).
     pub(crate) table: String,
     pub(crate) source_table: String,
@@ -283,6 +297,9 @@ pub(crate) struct SchemaChange {
     pub(crate) statement: String,
     pub(crate) changes: Vec<saiki_core::ddl::Change>,
     pub(crate) shape: Option<saiki_core::ddl::Shape>,
+    /// What the ODS does for it, decided by the sink's [`SchemaLog`] when the batch is cut
+    /// (empty for a copy already taken in).
+    pub(crate) steps: Vec<crate::sink::evolve::Step>,
 }
 
 impl<'a> Planner<'a> {
@@ -332,7 +349,7 @@ impl<'a> Planner<'a> {
         match rec.action {
             Action::Insert | Action::Update | Action::Delete | Action::Read | Action::Truncate => {}
             Action::SchemaChange => {
-                return match self.schema_change(payload, &rec) {
+                return match self.schema_change(msg.topic, payload, &rec) {
                     Ok(()) => Outcome::Planned,
                     Err(reason) => Outcome::DeadLetter(reason),
                 }
@@ -370,6 +387,16 @@ impl<'a> Planner<'a> {
         })?;
         let seq = rec.seq.ok_or_else(|| missing("seq"))?;
         let source_table = || format!("{schema}.{table}");
+        // Borrowed, not cloned: this runs for every row.
+        let log = self.schema.as_deref();
+        let at = (lsn, seq);
+        // The ODS table after the renames the ODS followed.
+        let renamed = log.and_then(|l| l.renamed_table(table, &source, at));
+        let table: &str = renamed.as_deref().unwrap_or(table);
+        if log.is_some_and(|l| l.table_dropped(table, &source, at)) {
+            // Older than its source's DROP TABLE, which the ODS followed.
+            return Ok(Outcome::Skipped);
+        }
         let by_source = self.key_includes_source;
         let plan_index = |tables: &mut IndexMap<String, TablePlan<'a>>,
                           key: &dyn Fn() -> Vec<String>| {
@@ -404,13 +431,16 @@ impl<'a> Planner<'a> {
             return Ok(Outcome::Planned);
         }
 
-        let key_names = rec.key.as_ref().ok_or_else(|| missing("key"))?;
+        let own_key = rec.key.as_ref().ok_or_else(|| missing("key"))?;
+        // While sources change their key, rows are keyed by the ODS table's key (evolve.rs).
+        let key_names: Vec<&str> = match log.and_then(|l| l.ods_key(table)) {
+            Some(k) => k.iter().map(String::as_str).collect(),
+            None => own_key.iter().map(|k| k.as_ref()).collect(),
+        };
+        let key_names = &key_names;
         if key_names.is_empty() {
             return Err(NO_IDENTITY.to_string());
         }
-        // Borrowed, not cloned: this runs for every row.
-        let log = self.schema.as_deref();
-        let at = (lsn, seq);
         let ods_name = |n: &str| -> String {
             match log {
                 Some(l) => l.column(table, &source, at, n).to_string(),
@@ -423,7 +453,11 @@ impl<'a> Planner<'a> {
         if plan.key.is_empty() {
             plan.key = owned();
         } else if plan.key.len() != key_names.len()
-            || plan.key.iter().zip(key_names).any(|(a, b)| a != b)
+            || plan
+                .key
+                .iter()
+                .zip(key_names)
+                .any(|(a, b)| a.as_str() != *b)
         {
             return Err(format!(
                 "key columns of {} changed within a batch from ({}) to ({}): the ODS table keeps its primary key; recreate it if the source key changed",
@@ -442,7 +476,16 @@ impl<'a> Planner<'a> {
                         source_table()
                     )),
                     Some(v) => Ok(v),
-                    None => Err(format!("malformed record: key column {k} has no value")),
+                    None if own_key.iter().any(|o| o == k) => {
+                        Err(format!("malformed record: key column {k} has no value"))
+                    }
+                    // A delete keyed by its source's new key, while the ODS keeps the old one.
+                    None => Err(format!(
+                        "a change of {} identifies its row by ({}), but the ODS table is keyed by ({}) until every source has the new key: set REPLICA IDENTITY FULL on the table at the sources during such a migration",
+                        source_table(),
+                        own_key.join(", "),
+                        key_names.join(", ")
+                    )),
                 })
                 .collect()
         };
@@ -492,27 +535,38 @@ impl<'a> Planner<'a> {
     }
 
     /// Keeps an `L` record for the apply step (after the batch's rows).
-    fn schema_change(&mut self, payload: &[u8], rec: &SinkRecord<'a>) -> Result<(), String> {
+    fn schema_change(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        rec: &SinkRecord<'a>,
+    ) -> Result<(), String> {
         let l: saiki_core::ddl::SchemaChangeFields = serde_json::from_slice(payload)
             .map_err(|e| format!("malformed schema change record: {e}"))?;
         let missing = |what: &str| format!("malformed schema change record: no {what}");
         let schema = rec.schema.as_deref().ok_or_else(|| missing("schema"))?;
         let table = rec.table.as_deref().ok_or_else(|| missing("table"))?;
+        let source = rec.source.as_deref().ok_or_else(|| missing("source"))?;
+        let at = (
+            rec.commit_lsn.ok_or_else(|| missing("commit_lsn"))?,
+            rec.seq.ok_or_else(|| missing("seq"))?,
+        );
+        // A source that has not renamed the table yet changes the renamed ODS table.
+        let ods_table = self
+            .schema
+            .as_deref()
+            .and_then(|log| log.renamed_table(table, source, at))
+            .unwrap_or_else(|| table.to_string());
         self.schema_changes.push(SchemaChange {
-            table: table.to_string(),
+            topic: topic.to_string(),
+            table: ods_table,
             source_table: format!("{schema}.{table}"),
-            source: rec
-                .source
-                .as_deref()
-                .ok_or_else(|| missing("source"))?
-                .to_string(),
-            at: (
-                rec.commit_lsn.ok_or_else(|| missing("commit_lsn"))?,
-                rec.seq.ok_or_else(|| missing("seq"))?,
-            ),
+            source: source.to_string(),
+            at,
             statement: l.statement,
             changes: l.changes,
             shape: l.shape,
+            steps: Vec::new(),
         });
         Ok(())
     }
@@ -668,7 +722,11 @@ impl<'a> Planner<'a> {
         if let Some(f) = fields {
             for (name, v) in &f.0 {
                 let mapped = ods_name(name);
-                let i = plan.column_as(mapped.as_deref().unwrap_or(name), name, types);
+                let column = mapped.as_deref().unwrap_or(name);
+                if log.is_some_and(|l| l.column_dropped(table, &source, (lsn, seq), column)) {
+                    continue; // older than its source's drop of the column, which the ODS followed
+                }
+                let i = plan.column_as(column, name, types);
                 values.insert(i, v);
             }
             if let Some(l) = log {
@@ -682,7 +740,11 @@ impl<'a> Planner<'a> {
             }
             for name in rec.unchanged_toast.iter().flatten() {
                 let mapped = ods_name(name);
-                let i = plan.column_as(mapped.as_deref().unwrap_or(name), name, types);
+                let column = mapped.as_deref().unwrap_or(name);
+                if log.is_some_and(|l| l.column_dropped(table, &source, (lsn, seq), column)) {
+                    continue;
+                }
+                let i = plan.column_as(column, name, types);
                 values.remove(i);
                 // An unchanged value is the old row's: from the identity (REPLICA IDENTITY
                 // FULL logs the old row in full), or from an earlier change of this batch.

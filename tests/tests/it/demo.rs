@@ -72,9 +72,11 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
     );
     assert!(ods_orders > 10, "orders reached the ODS: {last}\n{stdout}");
     assert!(stdout.contains("nothing left running"), "{stdout}");
-    // The migration mid-run reached the ODS, the rows from before it included.
+    // The migrations mid-run reached the ODS (a column added, then renamed), the rows from
+    // before them included.
     assert!(
-        stdout.contains("migration at the source: ALTER TABLE orders")
+        stdout.contains("migration at the source: ALTER TABLE orders ADD COLUMN")
+            && stdout.contains("migration at the source: ALTER TABLE orders RENAME COLUMN")
             && stdout.contains("ODS orders without the migrated column's value: 0 "),
         "{stdout}"
     );
