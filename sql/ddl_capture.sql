@@ -1,45 +1,14 @@
--- Schema changes are captured by the extension's event triggers and decoded in order with
--- the rows as `L` records (docs/plugin.md, "Schema changes"): one statement per DDL kind.
+-- What DDL capture leaves out, and the DBA's switch (docs/plugin.md, "Schema changes"):
+-- other objects, temporary and unlogged tables, statements that change nothing a consumer
+-- sees; the plugin's filters; a pause; a message that only looks like a schema change.
 SELECT 'init' FROM pg_create_logical_replication_slot('regression_slot', 'saiki');
-SELECT saiki.ddl_capture();
-CREATE TABLE items (id int PRIMARY KEY, n int, note text);
-INSERT INTO items VALUES (1, 1, 'a');
-ALTER TABLE items ADD COLUMN price numeric(10,2) DEFAULT 1.50;
-ALTER TABLE items ADD COLUMN tag text;
--- now() is evaluated once: existing rows read one value, in `missing`. A volatile default
--- (nextval) rewrites the table with a value per row, which the record does not carry.
-CREATE SEQUENCE item_seq;
-ALTER TABLE items ADD COLUMN created timestamptz DEFAULT '2026-01-01 00:00:00+00';
-ALTER TABLE items ADD COLUMN serial_no bigint DEFAULT nextval('item_seq');
-ALTER TABLE items RENAME COLUMN note TO remark;
-ALTER TABLE items DROP COLUMN remark;
-ALTER TABLE items ALTER COLUMN n TYPE bigint;
-ALTER TABLE items ALTER COLUMN price TYPE text USING price::text;
-UPDATE items SET tag = 'x';
-ALTER TABLE items ALTER COLUMN tag SET NOT NULL;
-ALTER TABLE items ALTER COLUMN tag DROP NOT NULL;
-ALTER TABLE items ALTER COLUMN tag SET DEFAULT 'new';
-ALTER TABLE items ALTER COLUMN tag DROP DEFAULT;
-INSERT INTO items (id, n) VALUES (2, 2);
-ALTER TABLE items DROP CONSTRAINT items_pkey;
-ALTER TABLE items ADD PRIMARY KEY (id, n);
-ALTER TABLE items REPLICA IDENTITY FULL;
-CREATE SCHEMA sales;
-ALTER TABLE items RENAME TO items_v2;
-ALTER TABLE items_v2 SET SCHEMA sales;
--- Several subcommands in one statement, in one transaction with rows around it.
-BEGIN;
-INSERT INTO sales.items_v2 (id, n) VALUES (3, 3);
-ALTER TABLE sales.items_v2 ADD COLUMN qty int NOT NULL DEFAULT 0, DROP COLUMN created;
-INSERT INTO sales.items_v2 (id, n, qty) VALUES (4, 4, 4);
-COMMIT;
--- What the extension does not capture: other objects, temporary and unlogged tables, and a
--- statement that changes nothing a consumer sees.
-CREATE INDEX ON sales.items_v2 (qty);
+CREATE TABLE items (id int PRIMARY KEY, qty int);
+SELECT count(*) FROM changes('regression_slot', 'include-transaction', '0');
+CREATE INDEX ON items (qty);
 CREATE TEMP TABLE scratch (a int);
 CREATE UNLOGGED TABLE fast (a int);
-COMMENT ON TABLE sales.items_v2 IS 'items';
-DROP TABLE sales.items_v2;
+COMMENT ON TABLE items IS 'items';
+GRANT SELECT ON items TO PUBLIC;
 SELECT * FROM changes('regression_slot', 'include-transaction', '0');
 -- Filters apply: a table left out by filter-tables, and `actions` without ddl.
 CREATE TABLE skipped (id int PRIMARY KEY);
@@ -60,6 +29,4 @@ SELECT * FROM changes('regression_slot', 'include-transaction', '0');
 SELECT 'msg' FROM pg_logical_emit_message(true, 'saiki.ddl', 'not json');
 SELECT * FROM changes('regression_slot', 'include-transaction', '0');
 SELECT 'stop' FROM pg_drop_replication_slot('regression_slot');
-DROP TABLE skipped, kept, fast;
-DROP SCHEMA sales;
-DROP SEQUENCE item_seq;
+DROP TABLE items, skipped, kept, fast;
