@@ -32,6 +32,22 @@ FROM streamed;
 SELECT min((r::jsonb->>'seq')::int) AS first_seq,
        max((r::jsonb->>'seq')::int) = count(*) AS seq_dense
 FROM streamed WHERE r LIKE '{"action":"I"%';
+-- A transactional message inside a rolled-back savepoint, streamed: it carries the savepoint's
+-- subxid, so that the A of that subxid discards it with the rows (issue #17).
+-- (Rows just under the TOAST threshold, so that they are not compressed and fill 64kB.)
+CREATE TABLE st (data text);
+BEGIN;
+SAVEPOINT s1;
+SELECT 'msg' FROM pg_logical_emit_message(true, 'test', 'rolled back');
+INSERT INTO st SELECT repeat('a', 2000) || g FROM generate_series(1, 35) g;
+ROLLBACK TO SAVEPOINT s1;
+SELECT 'msg' FROM pg_logical_emit_message(true, 'test', 'kept');
+INSERT INTO st VALUES ('kept');
+COMMIT;
+CREATE TEMP TABLE streamed_msgs AS SELECT r::jsonb AS j FROM changes('regression_slot', 'stream-changes', '1') r;
+SELECT j->>'content' AS message, j ? 'subxid' AS has_subxid,
+       coalesce((j->>'subxid') IN (SELECT a->>'subxid' FROM streamed_msgs x(a) WHERE a->>'action' = 'A'), false) AS discarded_by_an_abort
+FROM streamed_msgs WHERE j->>'action' = 'M' ORDER BY (j->>'seq')::int;
 -- Without the option, the same work is one ordinary transaction.
 BEGIN;
 INSERT INTO big SELECT g, repeat('p', 100) FROM generate_series(10001, 11000) g;
@@ -39,4 +55,4 @@ COMMIT;
 SELECT left(r, 12) AS action, count(*), bool_or(r LIKE '%streamed%') AS any_streamed
 FROM changes('regression_slot') r GROUP BY 1 ORDER BY 1;
 SELECT 'stop' FROM pg_drop_replication_slot('regression_slot');
-DROP TABLE big;
+DROP TABLE big, st;

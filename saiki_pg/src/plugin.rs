@@ -319,6 +319,38 @@ fn top_txn(txn: *mut pg_sys::ReorderBufferTXN) -> *mut pg_sys::ReorderBufferTXN 
     }
 }
 
+/// The subtransaction of the message being streamed, if it is not the top-level one.
+///
+/// PostgreSQL 15 hands a streamed message's callback only the top-level transaction (unlike a
+/// row's, whose `change->txn` names its subtransaction). But before it applies each change of
+/// a streamed, in-progress transaction, reorderbuffer.c sets `CheckXidAlive` to the xid of that
+/// change's (sub)transaction, to notice a concurrent abort (`SetupCheckXidLive`). That xid is
+/// taken only if it is one of this transaction's subtransactions; in the stream of a
+/// transaction that has committed meanwhile it is unset, and the message carries no subxid:
+/// nothing of a committed transaction is aborted any more.
+unsafe fn streamed_message_subxid(txn: *mut pg_sys::ReorderBufferTXN) -> Option<u64> {
+    // SAFETY: txn is a valid ReorderBufferTXN of the callback; its subtxns list links
+    // ReorderBufferTXNs by their `node`, and an empty list may hold null pointers.
+    unsafe {
+        let top = top_txn(txn);
+        let alive = pg_sys::CheckXidAlive;
+        if alive == pg_sys::InvalidTransactionId || alive == (*top).xid {
+            return None;
+        }
+        let head = &raw mut (*top).subtxns.head;
+        let mut node = (*head).next;
+        let offset = std::mem::offset_of!(pg_sys::ReorderBufferTXN, node);
+        while !node.is_null() && node != head {
+            let sub = node.byte_sub(offset) as *mut pg_sys::ReorderBufferTXN;
+            if (*sub).xid == alive {
+                return Some(alive.into_inner() as u64);
+            }
+            node = (*node).next;
+        }
+        None
+    }
+}
+
 /// The origin's name, cached; `None` for local changes or a dropped origin.
 unsafe fn origin_name(st: &mut State, id: pg_sys::RepOriginId) -> Option<Vec<u8>> {
     if id == 0 {
@@ -778,7 +810,11 @@ unsafe fn write_message(
                 if !streamed {
                     ensure_begin(ctx, st, txn);
                 }
-                change_head(st, txn, txn, Action::Message, lsn, streamed)
+                let mut head = change_head(st, txn, txn, Action::Message, lsn, streamed);
+                if streamed {
+                    head.subxid = streamed_message_subxid(txn);
+                }
+                head
             } else {
                 // Not part of a transaction's output: its own LSN is the position to confirm.
                 Head {
@@ -836,7 +872,10 @@ unsafe fn write_schema_change(
             if !streamed {
                 ensure_begin(ctx, st, txn);
             }
-            let head = change_head(st, txn, txn, Action::SchemaChange, lsn, streamed);
+            let mut head = change_head(st, txn, txn, Action::SchemaChange, lsn, streamed);
+            if streamed {
+                head.subxid = streamed_message_subxid(txn);
+            }
             encode::write_head(&mut st.buf, &head);
             st.buf.extend_from_slice(&tail);
             write_origin(st, (*txn).origin_id);
