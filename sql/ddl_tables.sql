@@ -7,6 +7,9 @@ CREATE SCHEMA sales;
 ALTER TABLE items RENAME TO items_v2;
 INSERT INTO items_v2 VALUES (2, 2);
 ALTER TABLE items_v2 SET SCHEMA sales;
+-- saiki.peek shows the same records without consuming them.
+SELECT p->>'table' AS "table", p->>'ddl' AS ddl, p->'changes'->0->>'change' AS change
+FROM saiki.peek('regression_slot', NULL) p WHERE p->>'action' = 'L';
 SELECT * FROM changes('regression_slot', 'include-transaction', '0');
 -- Several subcommands in one statement, in one transaction with rows around it.
 BEGIN;

@@ -262,36 +262,25 @@ impl SchemaLog {
                     let by = t.dropped.entry(column.clone()).or_default();
                     by.insert(source.to_string(), at);
                     let holders = holders(&t.sources, |s| by.contains_key(s));
-                    steps.push(match (on_drop, holders.is_empty()) {
-                        (OnDrop::Keep, _) => Step::Noted {
-                            what: format!("column {column} was dropped at source {source}: the ODS keeps it (sink.on_drop = \"keep\")"),
-                        },
-                        (OnDrop::Drop, false) => Step::Noted {
-                            what: format!("column {column} was dropped at source {source}: the ODS keeps it while {} still have it", holders.join(", ")),
-                        },
-                        (OnDrop::Drop, true) => {
-                            t.gone.insert(column.clone());
-                            Step::DropColumn {
-                                column: column.clone(),
-                            }
-                        }
-                    });
+                    let what = format!("column {column}");
+                    if let Some(noted) = kept(on_drop, &holders, &what, source) {
+                        steps.push(noted);
+                    } else {
+                        t.gone.insert(column.clone());
+                        steps.push(Step::DropColumn {
+                            column: column.clone(),
+                        });
+                    }
                 }
                 Change::DropTable => {
                     t.table_dropped.insert(source.to_string(), at);
                     let holders = holders(&t.sources, |s| t.table_dropped.contains_key(s));
-                    steps.push(match (on_drop, holders.is_empty()) {
-                        (OnDrop::Keep, _) => Step::Noted {
-                            what: format!("the table was dropped at source {source}: the ODS keeps it (sink.on_drop = \"keep\")"),
-                        },
-                        (OnDrop::Drop, false) => Step::Noted {
-                            what: format!("the table was dropped at source {source}: the ODS keeps it while {} still have it", holders.join(", ")),
-                        },
-                        (OnDrop::Drop, true) => {
-                            t.table_gone = true;
-                            Step::DropTable
-                        }
-                    });
+                    if let Some(noted) = kept(on_drop, &holders, "the table", source) {
+                        steps.push(noted);
+                    } else {
+                        t.table_gone = true;
+                        steps.push(Step::DropTable);
+                    }
                 }
                 Change::Key { from, to } => {
                     if t.ods_key.is_none() && !from.is_empty() {
@@ -434,6 +423,19 @@ impl SchemaLog {
             .filter(move |b| at < b.at)
             .map(|b| (b.column.as_str(), b.value))
     }
+}
+
+/// Why a column or table (`what`) that `source` dropped stays in the ODS, if it does:
+/// `sink.on_drop = "keep"`, or sources that still have it (`holders`).
+fn kept(on_drop: OnDrop, holders: &[String], what: &str, source: &str) -> Option<Step> {
+    let why = match (on_drop, holders.is_empty()) {
+        (OnDrop::Keep, _) => "(sink.on_drop = \"keep\")".to_string(),
+        (OnDrop::Drop, false) => format!("while {} still have it", holders.join(", ")),
+        (OnDrop::Drop, true) => return None,
+    };
+    Some(Step::Noted {
+        what: format!("{what} was dropped at source {source}: the ODS keeps it {why}"),
+    })
 }
 
 /// The known sources that do not (yet) satisfy `done`, sorted, for messages.

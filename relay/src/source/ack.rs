@@ -342,6 +342,19 @@ mod tests {
         assert_eq!(t.confirmable(), Lsn(250));
     }
 
+    /// The invariant: nothing at or past the commit of an unacknowledged message is
+    /// confirmable (`outstanding`: each message's ticket and its transaction's commit).
+    fn check(t: &AckTracker, outstanding: &[(Ticket, Lsn)]) {
+        if let Some(m) = outstanding.iter().map(|o| o.1).min() {
+            assert!(
+                t.confirmable() < m,
+                "confirmed {} while {} unacknowledged",
+                t.confirmable(),
+                m
+            );
+        }
+    }
+
     proptest! {
         /// Streamed transactions interleaved with ordinary ones, acknowledgements in any order
         /// and at any time: the confirmable LSN never passes the commit of a transaction with
@@ -356,11 +369,6 @@ mod tests {
             let mut outstanding: Vec<(Ticket, Lsn)> = Vec::new();
             let lsn = |i: usize| Lsn(100 * (i as u64 + 1));
             let mut acks = order.into_iter();
-            let check = |t: &AckTracker, outstanding: &Vec<(Ticket, Lsn)>| {
-                if let Some(m) = outstanding.iter().map(|o| o.1).min() {
-                    assert!(t.confirmable() < m, "confirmed {} while {} unacknowledged", t.confirmable(), m);
-                }
-            };
             for j in 0..txs.len() {
                 // Blocks of the streamed transactions open at this point (transaction i starts
                 // streaming `back` commits before its own).
@@ -416,12 +424,6 @@ mod tests {
                 }
                 t.complete(tk);
             }
-            let check = |t: &AckTracker, outstanding: &Vec<(Ticket, Lsn)>| {
-                let min_unacked = outstanding.iter().map(|o| o.1).min();
-                if let Some(m) = min_unacked {
-                    assert!(t.confirmable() < m, "confirmed {} while {} unacknowledged", t.confirmable(), m);
-                }
-            };
             check(&t, &outstanding);
             for idx in order {
                 if outstanding.is_empty() { break; }

@@ -125,44 +125,64 @@ fn source_rows(db: &mut saiki_tests::postgres::Client, cols: &str) -> Vec<Vec<Op
     text_rows(db, &format!("SELECT {cols} FROM items ORDER BY id"))
 }
 
-#[test]
-fn the_ods_follows_a_migration_rolled_out_shard_by_shard_with_writes_in_between() {
-    let pg = PgCluster::start(&[]);
-    let broker = Broker::start();
-    let mut ods = pg.create_db("ods");
+/// Source databases `shop1`..`shop{n}` on `pg`, each with the extension and `schema`, and a
+/// source relay each (source `shard{i}`, slot `saiki_shard{i}`), once every slot is active.
+fn start_shards(
+    pg: &PgCluster,
+    broker: &Broker,
+    n: usize,
+    schema: &[&str],
+) -> (Vec<saiki_tests::postgres::Client>, Vec<Relay>) {
     let mut dbs = Vec::new();
     let mut relays = Vec::new();
-    for i in 1..=2 {
+    for i in 1..=n {
         let mut db = pg.create_db(&format!("shop{i}"));
-        exec(
-            &mut db,
-            &[
-                "CREATE EXTENSION saiki",
-                "CREATE TABLE items (id int PRIMARY KEY, n int, note text)",
-                "CREATE SEQUENCE items_seq",
-            ],
-        );
+        exec(&mut db, &["CREATE EXTENSION saiki"]);
+        exec(&mut db, schema);
         let port = loopback_port();
-        let cfg = relay_config(&pg, &format!("shop{i}"), &broker, port, "")
+        let cfg = relay_config(pg, &format!("shop{i}"), broker, port, "")
             .replace("name = \"shard1\"", &format!("name = \"shard{i}\""))
             .replace(
                 "slot = \"saiki_test\"",
                 &format!("slot = \"saiki_shard{i}\""),
             );
-        let relay = Relay::start(&pg.dir, &cfg, port);
-        wait_until(Duration::from_secs(60), &relay, || {
+        relays.push(Relay::start(&pg.dir, &cfg, port));
+        dbs.push(db);
+    }
+    for (i, db) in dbs.iter_mut().enumerate() {
+        let slot = format!("saiki_shard{}", i + 1);
+        wait_until(Duration::from_secs(60), &relays[i], || {
             let active = text_rows(
-                &mut db,
-                &format!("SELECT active::text FROM pg_replication_slots WHERE slot_name = 'saiki_shard{i}'"),
+                db,
+                &format!(
+                    "SELECT active::text FROM pg_replication_slots WHERE slot_name = '{slot}'"
+                ),
             );
             (active != vec![vec![Some("true".to_string())]]).then(|| format!("slot: {active:?}"))
         });
+    }
+    (dbs, relays)
+}
+
+#[test]
+fn the_ods_follows_a_migration_rolled_out_shard_by_shard_with_writes_in_between() {
+    let pg = PgCluster::start(&[]);
+    let broker = Broker::start();
+    let mut ods = pg.create_db("ods");
+    let (mut dbs, _relays) = start_shards(
+        &pg,
+        &broker,
+        2,
+        &[
+            "CREATE TABLE items (id int PRIMARY KEY, n int, note text)",
+            "CREATE SEQUENCE items_seq",
+        ],
+    );
+    for db in dbs.iter_mut() {
         exec(
-            &mut db,
+            db,
             &["INSERT INTO items SELECT g, g, 'note ' || g FROM generate_series(1, 10) g"],
         );
-        dbs.push(db);
-        relays.push(relay);
     }
     let sport = loopback_port();
     let mut sink = Relay::start_sink(&pg.dir, &sink_config(&pg, "ods", &broker, sport, ""), sport);
@@ -407,40 +427,17 @@ fn eight_shards_migrate_in_eighteen_steps_under_a_workload_and_the_ods_stays_the
     let pg = PgCluster::start(&["max_connections = 60"]);
     let broker = Broker::start();
     let mut ods = pg.create_db("ods");
-    let mut dbs = Vec::new();
-    let mut relays = Vec::new();
-    for i in 1..=SHARDS {
-        let mut db = pg.create_db(&format!("shop{i}"));
-        exec(
-            &mut db,
-            &[
-                "CREATE EXTENSION saiki",
-                "CREATE TABLE items (id int PRIMARY KEY, n int, note text, w int NOT NULL DEFAULT 0)",
-                "CREATE SEQUENCE items_seq",
-                "INSERT INTO items (id, n, note) SELECT g, g, 'note ' || g FROM generate_series(1, 10) g",
-            ],
-        );
-        let port = loopback_port();
-        let cfg = relay_config(&pg, &format!("shop{i}"), &broker, port, "")
-            .replace("name = \"shard1\"", &format!("name = \"shard{i}\""))
-            .replace(
-                "slot = \"saiki_test\"",
-                &format!("slot = \"saiki_shard{i}\""),
-            );
-        relays.push(Relay::start(&pg.dir, &cfg, port));
-        dbs.push(db);
-    }
-    for (i, db) in dbs.iter_mut().enumerate() {
-        wait_until(Duration::from_secs(60), &relays[i], || {
-            let active = text_rows(
-                db,
-                &format!(
-                    "SELECT active::text FROM pg_replication_slots WHERE slot_name = 'saiki_shard{}'",
-                    i + 1
-                ),
-            );
-            (active != vec![vec![Some("true".to_string())]]).then(|| format!("slot: {active:?}"))
-        });
+    let (mut dbs, _relays) = start_shards(
+        &pg,
+        &broker,
+        SHARDS,
+        &[
+            "CREATE TABLE items (id int PRIMARY KEY, n int, note text, w int NOT NULL DEFAULT 0)",
+            "CREATE SEQUENCE items_seq",
+            "INSERT INTO items (id, n, note) SELECT g, g, 'note ' || g FROM generate_series(1, 10) g",
+        ],
+    );
+    for db in dbs.iter_mut() {
         // The seed rows, once the slot is there.
         exec(db, &["UPDATE items SET w = 1"]);
     }
@@ -569,40 +566,15 @@ fn a_schema_change_the_ods_cannot_follow_stops_its_topic_until_resumed_and_the_r
     let pg = PgCluster::start(&[]);
     let broker = Broker::start();
     let mut ods = pg.create_db("ods");
-    let mut dbs = Vec::new();
-    let mut relays = Vec::new();
-    for i in 1..=2 {
-        let mut db = pg.create_db(&format!("shop{i}"));
-        exec(
-            &mut db,
-            &[
-                "CREATE EXTENSION saiki",
-                "CREATE TABLE items (id int PRIMARY KEY, v text)",
-                "CREATE TABLE other (id int PRIMARY KEY)",
-            ],
-        );
-        let port = loopback_port();
-        let cfg = relay_config(&pg, &format!("shop{i}"), &broker, port, "")
-            .replace("name = \"shard1\"", &format!("name = \"shard{i}\""))
-            .replace(
-                "slot = \"saiki_test\"",
-                &format!("slot = \"saiki_shard{i}\""),
-            );
-        relays.push(Relay::start(&pg.dir, &cfg, port));
-        dbs.push(db);
-    }
-    for (i, db) in dbs.iter_mut().enumerate() {
-        wait_until(Duration::from_secs(60), &relays[i], || {
-            let active = text_rows(
-                db,
-                &format!(
-                    "SELECT active::text FROM pg_replication_slots WHERE slot_name = 'saiki_shard{}'",
-                    i + 1
-                ),
-            );
-            (active != vec![vec![Some("true".to_string())]]).then(|| format!("slot: {active:?}"))
-        });
-    }
+    let (mut dbs, _relays) = start_shards(
+        &pg,
+        &broker,
+        2,
+        &[
+            "CREATE TABLE items (id int PRIMARY KEY, v text)",
+            "CREATE TABLE other (id int PRIMARY KEY)",
+        ],
+    );
     exec(&mut dbs[0], &["INSERT INTO items VALUES (1, '3')"]);
     exec(&mut dbs[1], &["INSERT INTO items VALUES (1, 'abc')"]);
     let sport = loopback_port();
