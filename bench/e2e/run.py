@@ -223,7 +223,12 @@ class Pipeline:
 
     def freshness(self, seconds, rate, during=None):
         """Commit -> ODS commit of every order of a fixed-rate run (seconds), with `during()`
-        run alongside; (achieved tps, sorted freshness list, ids of the run)."""
+        run alongside: (achieved tps, freshness per order by commit timestamps, and
+        [(start, freshness)] per order by stored times). The commit timestamps are those of
+        the rows' xmin; a table rewrite (ALTER COLUMN ... TYPE) or a backfill gives rows a new
+        xmin, so during a migration the stored times are what holds: the order's `created`
+        (its transaction's start, a moment before its commit) and the ODS row's
+        `_saiki_applied_at` (the statement time of the apply, a moment before its commit)."""
         before_ids = int(self.c.psql("SELECT coalesce(max(id), 0) FROM orders", db="shop"))
         p = self.pgbench("shop", seconds, rate)
         if during:
@@ -236,7 +241,10 @@ class Pipeline:
         ods = dict(line.split("|") for line in self.c.psql(
             f"SELECT id, extract(epoch FROM pg_xact_commit_timestamp(xmin)) FROM ods.orders WHERE id > {before_ids}",
             db="ods").splitlines())
-        return tps, [float(ods[i]) - float(src[i]) for i in src if i in ods]
+        stored = [tuple(map(float, line.split("|"))) for line in self.c.psql(
+            f"SELECT extract(epoch FROM created), extract(epoch FROM _saiki_applied_at - created) "
+            f"FROM ods.orders WHERE id > {before_ids}", db="ods").splitlines()]
+        return tps, [float(ods[i]) - float(src[i]) for i in src if i in ods], stored
 
     def stop(self):
         for p in self.procs:
@@ -302,7 +310,7 @@ def main():
 
         half = ok_rate // 2
         before = buckets(metrics(pl.sink_http), "saiki_sink_freshness_seconds")
-        tps, fresh = pl.freshness(args.fresh_seconds, half)
+        tps, fresh, stored = pl.freshness(args.fresh_seconds, half)
         after = buckets(metrics(pl.sink_http), "saiki_sink_freshness_seconds")
         window = [(le, a - b) for (le, a), (_, b) in zip(after, before)]
         print(f"\nfreshness at half that rate ({half} tx/s asked, {tps:.1f} achieved, {args.fresh_seconds} s, "
@@ -323,19 +331,31 @@ def main():
                 rows = int(pl.c.psql("SELECT count(*) FROM orders", db="shop"))
                 t = time.time()
                 pl.c.psql(stmt, db="shop")
-                steps.append((stmt, rows, time.time() - t))
+                steps.append((stmt, rows, time.time() - t, t))
                 time.sleep(args.fresh_seconds / (2 * len(MIGRATION)))
 
-        tps_m, fresh_m = pl.freshness(args.fresh_seconds, half, migrate)
+        tps_m, _, timed_m = pl.freshness(args.fresh_seconds, half, migrate)
+        fresh_m = [f for _, f in timed_m]
+        steady = [f for _, f in stored]
+        s50, s99 = pct(steady, 0.5), pct(steady, 0.99)
         m50, m99 = pct(fresh_m, 0.5), pct(fresh_m, 0.99)
         print(f"\nfreshness during a migration of orders ({len(MIGRATION)} statements, {tps_m:.1f} tx/s, "
               f"{len(fresh_m)} orders):")
-        print(f"  commit -> ODS commit: p50 {m50 * 1000:.0f} ms, p99 {m99 * 1000:.0f} ms, max {max(fresh_m) * 1000:.0f} ms"
-              f" = {m99 / p99:.2f}x the steady p99 (goal <= 2x: {'met' if m99 <= 2 * p99 else 'NOT met'})")
+        print(f"  by stored times (created -> _saiki_applied_at; xmin does not survive the rewrite): steady run "
+              f"p50 {s50 * 1000:.0f} ms, p99 {s99 * 1000:.0f} ms; this run p50 {m50 * 1000:.0f} ms, p99 "
+              f"{m99 * 1000:.0f} ms, max {max(fresh_m) * 1000:.0f} ms = {m99 / s99:.2f}x the steady p99 "
+              f"(goal <= 2x: {'met' if m99 <= 2 * s99 else 'NOT met'})")
         ods_steps = dict(line.split("|", 1)[::-1] for line in pl.c.psql(
             "SELECT (extract(epoch FROM applied_at) * 1000)::bigint, statement FROM saiki_sink.schema_changes "
             "WHERE ods_table = 'orders'", db="ods").splitlines())
-        for stmt, rows, secs in steps:
+        first = steps[0][3] if steps else float("inf")
+        before_m = [f for t, f in timed_m if t < first]
+        after_m = [f for t, f in timed_m if t >= first]
+        if before_m and after_m:
+            print(f"  orders before the first statement: p50 {pct(before_m, 0.5) * 1000:.0f} ms, p99 "
+                  f"{pct(before_m, 0.99) * 1000:.0f} ms; from it on: p50 {pct(after_m, 0.5) * 1000:.0f} ms, "
+                  f"p99 {pct(after_m, 0.99) * 1000:.0f} ms")
+        for stmt, rows, secs, _ in steps:
             print(f"  {stmt:<55} source {secs * 1000:>7.0f} ms ({rows} rows)"
                   f"{'' if stmt in ods_steps else '  (not in saiki_sink.schema_changes!)'}")
         stall = max(fresh_m)
