@@ -319,23 +319,25 @@ fn top_txn(txn: *mut pg_sys::ReorderBufferTXN) -> *mut pg_sys::ReorderBufferTXN 
     }
 }
 
-/// The subtransaction of the message being streamed, if it is not the top-level one.
+/// The (sub)transaction of the message being streamed.
 ///
 /// PostgreSQL 15 hands a streamed message's callback only the top-level transaction (unlike a
 /// row's, whose `change->txn` names its subtransaction). But before it applies each change of
 /// a streamed, in-progress transaction, reorderbuffer.c sets `CheckXidAlive` to the xid of that
 /// change's (sub)transaction, to notice a concurrent abort (`SetupCheckXidLive`). That xid is
 /// taken only if it is one of this transaction's subtransactions; in the stream of a
-/// transaction that has committed meanwhile it is unset, and the message carries no subxid:
-/// nothing of a committed transaction is aborted any more.
-unsafe fn streamed_message_subxid(txn: *mut pg_sys::ReorderBufferTXN) -> Option<u64> {
+/// transaction that has committed meanwhile it is unset, and the message goes with the
+/// top-level transaction (no subxid): nothing of a committed transaction is aborted any more.
+unsafe fn streamed_message_txn(
+    txn: *mut pg_sys::ReorderBufferTXN,
+) -> *mut pg_sys::ReorderBufferTXN {
     // SAFETY: txn is a valid ReorderBufferTXN of the callback; its subtxns list links
     // ReorderBufferTXNs by their `node`, and an empty list may hold null pointers.
     unsafe {
         let top = top_txn(txn);
         let alive = pg_sys::CheckXidAlive;
         if alive == pg_sys::InvalidTransactionId || alive == (*top).xid {
-            return None;
+            return top;
         }
         let head = &raw mut (*top).subtxns.head;
         let mut node = (*head).next;
@@ -343,11 +345,30 @@ unsafe fn streamed_message_subxid(txn: *mut pg_sys::ReorderBufferTXN) -> Option<
         while !node.is_null() && node != head {
             let sub = node.byte_sub(offset) as *mut pg_sys::ReorderBufferTXN;
             if (*sub).xid == alive {
-                return Some(alive.into_inner() as u64);
+                return sub;
             }
             node = (*node).next;
         }
-        None
+        top
+    }
+}
+
+/// The head of a message's record (`M`, `L`): of its subtransaction when streamed.
+unsafe fn message_head(
+    st: &mut State,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    action: Action,
+    lsn: pg_sys::XLogRecPtr,
+    streamed: bool,
+) -> Head {
+    // SAFETY: a valid transaction of the callback.
+    unsafe {
+        let change_txn = if streamed {
+            streamed_message_txn(txn)
+        } else {
+            txn
+        };
+        change_head(st, txn, change_txn, action, lsn, streamed)
     }
 }
 
@@ -810,11 +831,7 @@ unsafe fn write_message(
                 if !streamed {
                     ensure_begin(ctx, st, txn);
                 }
-                let mut head = change_head(st, txn, txn, Action::Message, lsn, streamed);
-                if streamed {
-                    head.subxid = streamed_message_subxid(txn);
-                }
-                head
+                message_head(st, txn, Action::Message, lsn, streamed)
             } else {
                 // Not part of a transaction's output: its own LSN is the position to confirm.
                 Head {
@@ -872,10 +889,7 @@ unsafe fn write_schema_change(
             if !streamed {
                 ensure_begin(ctx, st, txn);
             }
-            let mut head = change_head(st, txn, txn, Action::SchemaChange, lsn, streamed);
-            if streamed {
-                head.subxid = streamed_message_subxid(txn);
-            }
+            let head = message_head(st, txn, Action::SchemaChange, lsn, streamed);
             encode::write_head(&mut st.buf, &head);
             st.buf.extend_from_slice(&tail);
             write_origin(st, (*txn).origin_id);

@@ -86,7 +86,8 @@ struct TableLog {
     renames: Vec<Rename>,
     backfills: HashMap<String, Vec<Backfill>>,
     applied: HashSet<(String, Pos)>,
-    /// The sources known to write the table (rows or `L` records).
+    /// The sources known to write the table: its watermarks and the batch's rows when an
+    /// `L` record is taken in, and the sources of its `L` records.
     sources: HashSet<String>,
     /// Per column, the sources that dropped it and where (the source adding the name again
     /// takes its drop back).
@@ -105,6 +106,17 @@ struct TableLog {
 }
 
 impl TableLog {
+    /// Whether ODS column `column` is gone and a record of `source` at `at` predates its
+    /// source's drop of it.
+    fn dropped_for(&self, column: &str, source: &str, at: Pos) -> bool {
+        self.gone.contains(column)
+            && self
+                .dropped
+                .get(column)
+                .and_then(|by| by.get(source))
+                .is_some_and(|d| at < *d)
+    }
+
     fn affects(&self) -> bool {
         !self.renames.is_empty()
             || !self.backfills.is_empty()
@@ -153,6 +165,7 @@ impl SchemaLog {
     }
 
     /// Whether `source` is known to write ODS table `table`.
+    #[cfg(test)]
     pub(crate) fn knows(&self, table: &str, source: &str) -> bool {
         self.tables
             .get(table)
@@ -346,26 +359,28 @@ impl SchemaLog {
 
     /// The ODS table of a record of `source` at `at` for source table `name`, when a table
     /// rename applies (`None`: the name itself).
-    pub(crate) fn renamed_table(&self, name: &str, source: &str, at: Pos) -> Option<String> {
+    pub(crate) fn renamed_table(&self, name: &str, source: &str, at: Pos) -> Option<&str> {
         let mut out: Option<&str> = None;
         for r in &self.table_renames {
             if r.maps(out.unwrap_or(name), source, at) {
                 out = Some(&r.to);
             }
         }
-        out.map(str::to_string)
+        out
     }
 
-    /// The ODS name of a record's column `name` (source `source`, position `at`).
+    /// The ODS column of a record's column `name` (source `source`, position `at`), after
+    /// the renames the ODS followed; `None` if the ODS dropped it and the record predates
+    /// its source's drop (the value is left out rather than bringing the column back).
     pub(crate) fn column<'n>(
         &'n self,
         table: &str,
         source: &str,
         at: Pos,
         name: &'n str,
-    ) -> &'n str {
+    ) -> Option<&'n str> {
         let Some(t) = self.tables.get(table) else {
-            return name;
+            return Some(name);
         };
         let mut name = name;
         for r in &t.renames {
@@ -373,7 +388,7 @@ impl SchemaLog {
                 name = &r.to;
             }
         }
-        name
+        (!t.dropped_for(name, source, at)).then_some(name)
     }
 
     /// Whether the table has anything that changes how its rows are read (the planner's
@@ -383,15 +398,12 @@ impl SchemaLog {
     }
 
     /// Whether ODS column `column` is gone and a record of `source` at `at` predates its
-    /// source's drop of it (the value is left out rather than bringing the column back).
+    /// source's drop of it.
+    #[cfg(test)]
     pub(crate) fn column_dropped(&self, table: &str, source: &str, at: Pos, column: &str) -> bool {
-        self.tables.get(table).is_some_and(|t| {
-            t.gone.contains(column)
-                && t.dropped
-                    .get(column)
-                    .and_then(|by| by.get(source))
-                    .is_some_and(|d| at < *d)
-        })
+        self.tables
+            .get(table)
+            .is_some_and(|t| t.dropped_for(column, source, at))
     }
 
     /// Whether the ODS table is gone and a record of `source` at `at` predates its source's
@@ -519,16 +531,19 @@ mod tests {
         // shard1 before its rename (a lagging partition) and shard2 (not migrated): mapped.
         assert_eq!(
             log.column("items", "shard1", pos(0x90, 1), "note"),
-            "remark"
+            Some("remark")
         );
         assert_eq!(
             log.column("items", "shard2", pos(0x999, 1), "note"),
-            "remark"
+            Some("remark")
         );
         // shard1 after its rename: a column called note is a new one of its own.
-        assert_eq!(log.column("items", "shard1", pos(0x100, 4), "note"), "note");
-        assert_eq!(log.column("items", "shard1", pos(0x100, 4), "n"), "n");
-        assert_eq!(log.column("other", "shard1", at, "note"), "note");
+        assert_eq!(
+            log.column("items", "shard1", pos(0x100, 4), "note"),
+            Some("note")
+        );
+        assert_eq!(log.column("items", "shard1", pos(0x100, 4), "n"), Some("n"));
+        assert_eq!(log.column("other", "shard1", at, "note"), Some("note"));
         // shard2's own rename later: the ODS does nothing, and its later records keep their
         // new column names.
         let steps = log.record(
@@ -540,9 +555,12 @@ mod tests {
         assert_eq!(steps, Some(vec![Step::Create]));
         assert_eq!(
             log.column("items", "shard2", pos(0x400, 1), "note"),
-            "remark"
+            Some("remark")
         );
-        assert_eq!(log.column("items", "shard2", pos(0x600, 1), "note"), "note");
+        assert_eq!(
+            log.column("items", "shard2", pos(0x600, 1), "note"),
+            Some("note")
+        );
     }
 
     #[test]
@@ -644,6 +662,7 @@ mod tests {
         // A lagging record of a from before its drop leaves the value out; b's records after
         // the drop do not carry it; a source that never dropped it (new) brings it back.
         assert!(log.column_dropped("items", "a", pos(0x90, 1), "old"));
+        assert_eq!(log.column("items", "a", pos(0x90, 1), "old"), None);
         assert!(!log.column_dropped("items", "a", pos(0x101, 1), "old"));
         assert!(!log.column_dropped("items", "c", pos(0x90, 1), "old"));
         // Added again: it is a column again.
@@ -707,14 +726,17 @@ mod tests {
             ]
         );
         // What the log knew of items is products' now.
-        assert_eq!(log.column("products", "b", pos(0x10, 1), "note"), "remark");
+        assert_eq!(
+            log.column("products", "b", pos(0x10, 1), "note"),
+            Some("remark")
+        );
         assert!(log.knows("products", "b"));
         assert_eq!(
-            log.renamed_table("items", "b", pos(0x999, 1)).as_deref(),
+            log.renamed_table("items", "b", pos(0x999, 1)),
             Some("products")
         );
         assert_eq!(
-            log.renamed_table("items", "a", pos(0x99, 1)).as_deref(),
+            log.renamed_table("items", "a", pos(0x99, 1)),
             Some("products")
         );
         assert_eq!(log.renamed_table("items", "a", pos(0x101, 1)), None);

@@ -540,28 +540,40 @@ impl Session<'_> {
             self.events.as_ref().map(EventCatalog::tables),
             Some(self.schema.clone()),
         );
-        // The sources this batch writes, then its L record: the log decides what the ODS
-        // does for it (a drop or a key change waits for every source known by then).
-        let schema = &mut self.schema;
-        planned.with_dependent_mut(|_, p| {
-            for plan in p.planner.tables.values() {
-                for source in plan.sources() {
-                    if !schema.knows(&plan.name, source) {
-                        Arc::make_mut(schema).saw(&plan.name, source);
-                    }
-                }
-            }
-            for sc in &mut p.planner.schema_changes {
-                sc.steps = Arc::make_mut(schema)
-                    .record(&sc.table, &sc.source, sc.at, &sc.changes)
-                    .unwrap_or_default();
-            }
-        });
         self.settle().await?;
         if self.ledger.rewinding() {
             // The batch before was fenced: this one continues from it, so it is void too.
             drop(planned);
             return self.rewind().await;
+        }
+        let changed: Vec<String> = planned
+            .borrow_dependent()
+            .planner
+            .schema_changes
+            .iter()
+            .map(|sc| sc.table.clone())
+            .collect();
+        if !changed.is_empty() {
+            // The log decides what the ODS does for the batch's L record, a drop or a key
+            // change waiting for every source that writes the table: those of the batches
+            // before (all committed now, in saiki_sink.watermarks) and of this one.
+            let known = self.ods().await?.sources_of(&changed).await?;
+            let log = Arc::make_mut(&mut self.schema);
+            for (table, source) in &known {
+                log.saw(table, source);
+            }
+            planned.with_dependent_mut(|_, p| {
+                for sc in &mut p.planner.schema_changes {
+                    if let Some(plan) = p.planner.tables.get(&sc.table) {
+                        for source in plan.sources() {
+                            log.saw(&sc.table, source);
+                        }
+                    }
+                    sc.steps = log
+                        .record(&sc.table, &sc.source, sc.at, &sc.changes)
+                        .unwrap_or_default();
+                }
+            });
         }
         let offsets = self.ledger.cut();
         let Some(applier) = self.applier.take() else {

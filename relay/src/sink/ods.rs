@@ -36,6 +36,10 @@ use saiki_core::Lsn;
 /// Bookkeeping columns (docs/sink.md, "What lands in the ODS").
 pub(crate) use crate::sink::statements::{APPLIED_COL, LSN_COL, SEQ_COL, SOURCE_COL};
 
+/// The bookkeeping tables with rows per ODS table and source that go with the table (renamed
+/// with it, dropped with it); `saiki_sink.schema_changes` is renamed too, but kept on a drop.
+const PER_TABLE_BOOKKEEPING: [&str; 3] = ["watermarks", "truncations", "tombstones"];
+
 /// An ODS table as the catalog has it.
 #[derive(Debug, Clone)]
 pub(crate) struct OdsTable {
@@ -527,16 +531,8 @@ impl Ods {
         if plan.key.is_empty() {
             return Ok(());
         }
-        let mut want: Vec<String> = Vec::new();
-        if plan.source_in_key {
-            want.push(SOURCE_COL.to_string());
-        }
-        want.extend(plan.key.iter().cloned());
-        let mut have = table.primary_key.clone();
-        let mut want_sorted = want.clone();
-        have.sort();
-        want_sorted.sort();
-        if have != want_sorted {
+        let want = key_columns(plan.source_in_key, &plan.key);
+        if !same_columns(&table.primary_key, &want) {
             return Err(ApplyError::Data(format!(
                 "the key of {} is ({}), but ODS table {qualified} has primary key ({}): recreate the ODS table, or set sink.key_includes_source to match it",
                 plan.source_table,
@@ -573,18 +569,27 @@ impl Ods {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// The schema changes applied so far, for the planner: replayed with the sources known
-    /// now, then settled against what the ODS tables hold.
+    /// The sources that have written these ODS tables (their watermarks): `(table, source)`.
+    pub(crate) async fn sources_of(
+        &self,
+        tables: &[String],
+    ) -> Result<Vec<(String, String)>, RelayError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT ods_table, source FROM saiki_sink.watermarks WHERE ods_table = ANY($1)",
+                &[&tables],
+            )
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The schema changes applied so far, for the planner: replayed, then settled against
+    /// what the ODS tables hold (a drop or a key decision depends on the sources known when
+    /// it was made; the ODS shows what was decided).
     pub(crate) async fn schema_log(&self, on_drop: OnDrop) -> Result<SchemaLog, RelayError> {
         let mut log = SchemaLog::new(on_drop);
-        for r in self
-            .client
-            .query("SELECT ods_table, source FROM saiki_sink.watermarks", &[])
-            .await
-            .map_err(|e| self.err(&e))?
-        {
-            log.saw(r.get(0), r.get(1));
-        }
         let rows = self
             .client
             .query(
@@ -664,7 +669,7 @@ impl Ods {
                         ident(from),
                         ident(to)
                     );
-                    for book in ["watermarks", "truncations", "tombstones", "schema_changes"] {
+                    for book in PER_TABLE_BOOKKEEPING.iter().chain(&["schema_changes"]) {
                         sql.push_str(&format!(
                             " UPDATE saiki_sink.{book} SET ods_table = {} WHERE ods_table = {};",
                             literal(to),
@@ -729,7 +734,7 @@ impl Ods {
                 }
                 (Step::DropTable, Some(_)) => {
                     let mut sql = format!("DROP TABLE {qualified};");
-                    for book in ["watermarks", "truncations", "tombstones"] {
+                    for book in PER_TABLE_BOOKKEEPING {
                         sql.push_str(&format!(
                             " DELETE FROM saiki_sink.{book} WHERE ods_table = {};",
                             literal(&sc.table)
@@ -738,16 +743,8 @@ impl Ods {
                     sql
                 }
                 (Step::Key { columns }, Some(t)) => {
-                    let mut want: Vec<String> = Vec::new();
-                    if self.key_includes_source {
-                        want.push(SOURCE_COL.to_string());
-                    }
-                    want.extend(columns.iter().cloned());
-                    let mut have = t.primary_key.clone();
-                    let mut sorted = want.clone();
-                    have.sort();
-                    sorted.sort();
-                    if have == sorted {
+                    let want = key_columns(self.key_includes_source, columns);
+                    if same_columns(&t.primary_key, &want) {
                         continue;
                     }
                     if let Some(c) = columns.iter().find(|c| !t.columns.contains_key(*c)) {
@@ -1203,11 +1200,10 @@ fn create_table_sql(
         format!("{} timestamptz NOT NULL", ident(APPLIED_COL)),
     ];
     cols.extend(defs.iter().map(|(n, t)| format!("{} {t}", ident(n))));
-    let mut pk: Vec<String> = Vec::new();
-    if source_in_key {
-        pk.push(ident(SOURCE_COL));
-    }
-    pk.extend(key.iter().map(|k| ident(k)));
+    let pk: Vec<String> = key_columns(source_in_key, key)
+        .iter()
+        .map(|k| ident(k))
+        .collect();
     format!(
         "CREATE TABLE IF NOT EXISTS {qualified} ({}, PRIMARY KEY ({}));
          COMMENT ON TABLE {qualified} IS {}",
@@ -1217,6 +1213,20 @@ fn create_table_sql(
             "saiki-relay sink: materialized from {source_table}"
         ))
     )
+}
+
+/// An ODS table's primary key for a source key: `_saiki_source` first when `source_in_key`.
+fn key_columns(source_in_key: bool, key: &[String]) -> Vec<String> {
+    let source = source_in_key.then(|| SOURCE_COL.to_string());
+    source.into_iter().chain(key.iter().cloned()).collect()
+}
+
+/// Whether two primary keys have the same columns, in any order.
+fn same_columns(a: &[String], b: &[String]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort();
+    b.sort();
+    a == b
 }
 
 /// One COPY text line for a net row, and whether some batch column is absent from it.

@@ -391,7 +391,9 @@ impl<'a> Planner<'a> {
         let log = self.schema.as_deref();
         let at = (lsn, seq);
         // The ODS table after the renames the ODS followed.
-        let renamed = log.and_then(|l| l.renamed_table(table, &source, at));
+        let renamed = log
+            .and_then(|l| l.renamed_table(table, &source, at))
+            .map(str::to_string);
         let table: &str = renamed.as_deref().unwrap_or(table);
         if log.is_some_and(|l| l.table_dropped(table, &source, at)) {
             // Older than its source's DROP TABLE, which the ODS followed.
@@ -442,10 +444,9 @@ impl<'a> Planner<'a> {
             return Err(NO_IDENTITY.to_string());
         }
         let ods_name = |n: &str| -> String {
-            match log {
-                Some(l) => l.column(table, &source, at, n).to_string(),
-                None => n.to_string(),
-            }
+            ods_column(log, table, &source, at, n)
+                .unwrap_or(n)
+                .to_string()
         };
         let owned = || key_names.iter().map(|k| ods_name(k)).collect::<Vec<_>>();
         let i = plan_index(&mut self.tables, &owned);
@@ -556,7 +557,8 @@ impl<'a> Planner<'a> {
             .schema
             .as_deref()
             .and_then(|log| log.renamed_table(table, source, at))
-            .unwrap_or_else(|| table.to_string());
+            .unwrap_or(table)
+            .to_string();
         self.schema_changes.push(SchemaChange {
             topic: topic.to_string(),
             table: ods_table,
@@ -715,17 +717,11 @@ impl<'a> Planner<'a> {
             values.insert(*i, v);
         }
         let log = self.schema.as_deref().filter(|l| l.affects(table));
-        // The ODS name of a column, when a rename applies (None: the record's own name).
-        let ods_name = |n: &str| -> Option<String> {
-            log.map(|l| l.column(table, &source, (lsn, seq), n).to_string())
-        };
         if let Some(f) = fields {
             for (name, v) in &f.0 {
-                let mapped = ods_name(name);
-                let column = mapped.as_deref().unwrap_or(name);
-                if log.is_some_and(|l| l.column_dropped(table, &source, (lsn, seq), column)) {
+                let Some(column) = ods_column(log, table, &source, (lsn, seq), name) else {
                     continue; // older than its source's drop of the column, which the ODS followed
-                }
+                };
                 let i = plan.column_as(column, name, types);
                 values.insert(i, v);
             }
@@ -739,11 +735,9 @@ impl<'a> Planner<'a> {
                 }
             }
             for name in rec.unchanged_toast.iter().flatten() {
-                let mapped = ods_name(name);
-                let column = mapped.as_deref().unwrap_or(name);
-                if log.is_some_and(|l| l.column_dropped(table, &source, (lsn, seq), column)) {
+                let Some(column) = ods_column(log, table, &source, (lsn, seq), name) else {
                     continue;
-                }
+                };
                 let i = plan.column_as(column, name, types);
                 values.remove(i);
                 // An unchanged value is the old row's: from the identity (REPLICA IDENTITY
@@ -783,6 +777,22 @@ impl<'a> Planner<'a> {
             }
         }
         Outcome::Planned
+    }
+}
+
+/// The ODS column of a record's column `name`, borrowed: after the renames the ODS followed,
+/// `None` if the ODS dropped it and the record predates its source's drop
+/// ([`SchemaLog::column`]); the name itself without a log.
+fn ods_column<'n>(
+    log: Option<&'n SchemaLog>,
+    table: &str,
+    source: &str,
+    at: (Lsn, i64),
+    name: &'n str,
+) -> Option<&'n str> {
+    match log {
+        Some(l) => l.column(table, source, at, name),
+        None => Some(name),
     }
 }
 
