@@ -57,6 +57,9 @@ unix_socket_directories = '$DIR'
 wal_level = logical
 # PostgreSQL 15.20 loads only the output plugins listed here (one entry per library).
 output_plugin_libraries = 'pgoutput, test_decoding, saiki'
+# Small, so that the demo's batch job (50,000 rows in one transaction) is streamed to Kafka
+# while it runs (source.stream_large); the default is 64MB.
+logical_decoding_work_mem = '2MB'
 CONF
 runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/postgres.log" -w start >/dev/null
 export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=shop
@@ -94,6 +97,8 @@ CREATE TABLE orders (id bigserial PRIMARY KEY, customer int NOT NULL, created ti
 CREATE TABLE order_items (order_id bigint NOT NULL REFERENCES orders, article_id int NOT NULL REFERENCES articles,
                           qty int NOT NULL, PRIMARY KEY (order_id, article_id));
 INSERT INTO articles SELECT g, 'article ' || g, 10 + g % 90 FROM generate_series(1, 100) g;
+CREATE TABLE price_history (article_id int NOT NULL REFERENCES articles, day date NOT NULL,
+                            price numeric(10,2) NOT NULL, PRIMARY KEY (article_id, day));
 SQL
 cat > "$DIR/order.sql" <<'SQL'
 \set customer random(1, 10000)
@@ -194,9 +199,9 @@ echo "[demo] Kafka: 127.0.0.1:$KAFKA_PORT, topics saiki.public.orders, saiki.pub
 echo "[demo] relays: source http://127.0.0.1:$HTTP_PORT/metrics (log $DIR/relay.log), sink http://127.0.0.1:$SINK_HTTP_PORT/metrics (log $DIR/sink.log)"
 echo "[demo] event API: $API (admin token $ADMIN_TOKEN, log $DIR/ingest.log), events in saiki.events.parcel.packed"
 echo "[demo] ODS: postgres://postgres@127.0.0.1:$PORT/ods, schema ods; Ctrl-C stops everything"
-printf '%7s %10s %10s %12s %10s %12s %12s %10s %11s\n' "time" "changes" "changes/s" "kafka acked" "slot lag" "ODS orders" "fresh p50" "events" "ODS events"
+printf '%7s %10s %10s %12s %10s %12s %12s %10s %11s %10s %10s\n' "time" "changes" "changes/s" "kafka acked" "slot lag" "ODS orders" "fresh p50" "events" "ODS events" "streamed" "ODS prices"
 metric() { curl -s "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v m="$2" '$1 ~ "^"m"\\{" {print $2}'; }
-start=$(date +%s); prev=0; migrated=0
+start=$(date +%s); prev=0; migrated=0; batch=0
 while :; do
   sleep 2
   now=$(date +%s); el=$((now - start))
@@ -211,6 +216,16 @@ while :; do
     echo "[demo] migration at the source: ALTER TABLE orders RENAME COLUMN channel TO sales_channel"
     migrated=2
   fi
+  if [ "$batch" = 0 ] && [ "$el" -ge 6 ]; then
+    # A batch job: one transaction of 50,000 rows that stays open 4 s after its inserts.
+    # Kafka gets its rows while it runs; the ODS gets them at its commit, all in one step.
+    "$PG_BIN/psql" -X -q -o /dev/null -c "BEGIN" \
+      -c "INSERT INTO price_history SELECT a, date '2025-01-01' + d, 5 + (a * d) % 95 FROM generate_series(1, 100) a, generate_series(0, 499) d" \
+      -c "SELECT pg_sleep(4)" -c "COMMIT" >"$DIR/batch.log" 2>&1 &
+    PIDS+=($!)
+    echo "[demo] batch job at the source: 50000 price_history rows in one transaction, committed 4 s later"
+    batch=1
+  fi
   n=$(metric "$HTTP_PORT" saiki_source_changes_total); n=${n:-0}
   acked=$(metric "$HTTP_PORT" saiki_source_messages_produced_total)
   lag=$("$PG_BIN/psql" -X -t -A -c "SELECT saiki.lag('saiki_demo')" 2>/dev/null || echo "?")
@@ -220,12 +235,17 @@ while :; do
   fresh=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT coalesce(round(1000 * extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY _saiki_applied_at - created)))::text || 'ms', '-') FROM ods.orders WHERE _saiki_applied_at > now() - interval '2 s'" 2>/dev/null || echo "-")
   events=$(metric "$INGEST_HTTP_PORT" saiki_ingest_events_published_total)
   ods_events=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.ev_parcel_packed" 2>/dev/null || echo 0)
-  printf '%6ss %10s %10s %12s %10s %12s %12s %10s %11s\n' "$el" "$n" "$(( (n - prev) / 2 ))" "${acked:-?}" "$lag" "${rows:-0}" "${fresh:--}" "${events:-0}" "${ods_events:-0}"
+  streamed=$(metric "$HTTP_PORT" saiki_source_streamed_records_total)
+  prices=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.price_history" 2>/dev/null || echo 0)
+  printf '%6ss %10s %10s %12s %10s %12s %12s %10s %11s %10s %10s\n' "$el" "$n" "$(( (n - prev) / 2 ))" "${acked:-?}" "$lag" "${rows:-0}" "${fresh:--}" "${events:-0}" "${ods_events:-0}" "${streamed:-0}" "${prices:-0}"
   prev=$n
   if [ "$SECONDS_TO_RUN" -gt 0 ] && [ "$el" -ge "$SECONDS_TO_RUN" ]; then
     col=$([ "$migrated" = 2 ] && echo sales_channel || echo channel)
     missing=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.orders WHERE $col IS DISTINCT FROM 'web'" 2>/dev/null || echo "?")
     echo "[demo] ODS orders without the migrated column's value: $missing (of ${rows:-0})"
+    # Rows written by one ODS transaction share its xmin.
+    txns=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(DISTINCT xmin::text) FROM ods.price_history" 2>/dev/null || echo "?")
+    echo "[demo] batch job: ${streamed:-0} rows sent to Kafka as a streamed transaction, most before its commit; ODS price_history: ${prices:-0} rows (of 50000), written by $txns ODS transaction(s)"
     break
   fi
 done

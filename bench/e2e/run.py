@@ -17,7 +17,12 @@
    change that rewrites the table, drop), statement by statement: p99 against the steady run's
    (goal: within 2x), and the stall of the table rewrite, at the source and in the ODS (the
    sink rewrites its copy inside one batch's transaction, and every change behind it waits).
-5. The ODS against the source: row counts and a checksum of every column of both tables.
+5. A large transaction in the middle of the order workload (a batch job inserting --big-rows
+   price_history rows in one transaction), with the source relay's stream_large on and then
+   off: commit -> ODS time of the big transaction (its rows' commit timestamps at both ends),
+   the orders' freshness p99 around it, and the walsender's spill and stream bytes
+   (pg_stat_replication_slots) for that transaction.
+6. The ODS against the source: row counts and a checksum of every column of all tables.
 
 Run through bench/e2e/run.sh (setup, release builds)."""
 import argparse, os, re, shutil, subprocess, sys, time, urllib.request
@@ -38,6 +43,8 @@ CREATE TABLE orders (id bigserial PRIMARY KEY, customer int NOT NULL,
 CREATE TABLE order_items (order_id bigint NOT NULL REFERENCES orders, article_id int NOT NULL
                           REFERENCES articles, qty int NOT NULL, PRIMARY KEY (order_id, article_id));
 INSERT INTO articles SELECT g, 'article ' || g, 10 + g % 90 FROM generate_series(1, 100) g;
+CREATE TABLE price_history (article_id int NOT NULL, day date NOT NULL, price numeric(10,2) NOT NULL,
+                            PRIMARY KEY (article_id, day));
 """
 ORDER = r"""\set customer random(1, 10000)
 \set article random(1, 100)
@@ -57,6 +64,7 @@ MIGRATION = [
 CHECKSUMS = {
     "orders": "SELECT count(*), coalesce(sum(hashtext(concat_ws('|', id, customer, created, status))), 0) FROM {t}",
     "order_items": "SELECT count(*), coalesce(sum(hashtext(concat_ws('|', order_id, article_id, qty))), 0) FROM {t}",
+    "price_history": "SELECT count(*), coalesce(sum(hashtext(concat_ws('|', article_id, day, price))), 0) FROM {t}",
 }
 
 
@@ -150,14 +158,71 @@ class Pipeline:
             sys.exit(f"pgbench failed:\n{out}")
         return float(m.group(1))
 
-    def start_relays(self):
-        c = self.c
-        src = os.path.join(c.dir, "source.toml")
+    def source_config(self, stream_large=True):
+        src = os.path.join(self.c.dir, "source.toml")
         with open(src, "w") as f:
-            f.write(f'[source]\nname = "shop"\ndsn = "host=127.0.0.1 port={c.port} user=postgres dbname=shop"\n'
-                    f'slot = "saiki_e2e"\n[kafka]\nbrokers = "{self.brokers}"\n'
+            f.write(f'[source]\nname = "shop"\ndsn = "host=127.0.0.1 port={self.c.port} user=postgres dbname=shop"\n'
+                    f'slot = "saiki_e2e"\nstream_large = {str(stream_large).lower()}\n'
+                    f'[kafka]\nbrokers = "{self.brokers}"\n'
                     f'headers = {str(self.args.headers).lower()}\n'
                     f'[http]\nlisten = "127.0.0.1:{self.src_http}"\n[log]\nlevel = "warn"\n')
+        return src
+
+    def restart_source(self, stream_large):
+        """SIGTERM to the source relay (it drains and confirms), then a new one."""
+        old = self.procs[0]
+        old.terminate()
+        old.wait(60)
+        log = open(os.path.join(self.c.dir, "source.log"), "a")
+        self.procs[0] = subprocess.Popen([RELAY, "--config", self.source_config(stream_large), "source"],
+                                         stdout=subprocess.DEVNULL, stderr=log)
+        self.wait_ready(self.src_http)
+
+    @staticmethod
+    def wait_ready(port):
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1).status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        sys.exit(f"relay on {port} not ready")
+
+    def big_transaction(self, seconds, rate, rows):
+        """A fixed-rate order run with a batch job of `rows` price_history rows in one
+        transaction a quarter in: (commit -> ODS time of the batch job, the orders' freshness
+        list, spill and stream bytes of the slot over the run)."""
+        stats = "SELECT spill_bytes, stream_bytes FROM pg_stat_replication_slots WHERE slot_name = 'saiki_e2e'"
+        spill0, stream0 = map(int, self.c.psql(stats, db="shop").split("|"))
+        days = (rows + 99) // 100
+
+        def batch():
+            time.sleep(seconds / 4)
+            self.c.psql(f"INSERT INTO price_history SELECT a, date '2000-01-01' + d, 1 + (a * d) % 997 / 10.0 "
+                        f"FROM generate_series(1, 100) a, generate_series(0, {days - 1}) d", db="shop")
+
+        tps, fresh, _ = self.freshness(seconds, rate, batch)
+        want = self.c.psql("SELECT count(*) FROM price_history", db="shop")
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            try:
+                if self.c.psql("SELECT count(*) FROM ods.price_history", db="ods") == want:
+                    break
+            except subprocess.CalledProcessError:
+                pass
+            time.sleep(0.2)
+        src = float(self.c.psql("SELECT extract(epoch FROM pg_xact_commit_timestamp(xmin)) FROM price_history LIMIT 1",
+                                db="shop"))
+        ods = float(self.c.psql("SELECT max(extract(epoch FROM pg_xact_commit_timestamp(xmin))) FROM ods.price_history",
+                                db="ods"))
+        txns = self.c.psql("SELECT count(DISTINCT xmin::text) FROM ods.price_history", db="ods")
+        spill1, stream1 = map(int, self.c.psql(stats, db="shop").split("|"))
+        return tps, ods - src, int(txns), fresh, spill1 - spill0, stream1 - stream0
+
+    def start_relays(self):
+        c = self.c
+        src = self.source_config()
         sink = os.path.join(c.dir, "sink.toml")
         with open(sink, "w") as f:
             f.write(f'[sink]\ndsn = "host=127.0.0.1 port={c.port} user=postgres dbname=ods"\n'
@@ -171,15 +236,7 @@ class Pipeline:
             self.procs.append(subprocess.Popen([RELAY, "--config", cfg, cmd], stdout=subprocess.DEVNULL, stderr=log))
         # The slot exists and both relays are ready before the first measured change.
         for port in (self.src_http, self.sink_http):
-            for _ in range(600):
-                try:
-                    if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1).status == 200:
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.1)
-            else:
-                sys.exit(f"relay on {port} not ready; logs in {c.dir}")
+            self.wait_ready(port)
 
     def slot_lag(self):
         v = self.c.psql("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) FROM pg_replication_slots "
@@ -267,6 +324,8 @@ def main():
     ap.add_argument("--linger", default="10ms", help="sink.batch_linger")
     ap.add_argument("--headers", action=argparse.BooleanOptionalAction, default=True, help="kafka.headers")
     ap.add_argument("--max-rate", type=int, help="skip the search: take this as the highest rate kept up with")
+    ap.add_argument("--big-rows", type=int, default=1_000_000,
+                    help="rows of the batch job's one transaction in the large-transaction runs (0: skip them)")
     ap.add_argument("--sink-property", action="append", default=["fetch.wait.max.ms=20"], metavar="K=V",
                     help="a [kafka.properties] entry for the sink (repeatable; fetch.wait.max.ms=20 is always "
                          "there: tansu holds every fetch for the whole wait, Kafka answers when data arrives)")
@@ -361,6 +420,24 @@ def main():
         stall = max(fresh_m)
         print(f"  the rewrite (ALTER COLUMN customer TYPE bigint) stalls the ODS: every change behind it waits "
               f"for the sink's copy of the rewrite; the worst order waited {stall * 1000:.0f} ms")
+
+        if args.big_rows:
+            print(f"\na batch job of {args.big_rows:,} rows in one transaction, {args.fresh_seconds // 4} s into an "
+                  f"order run at {half} tx/s ({args.fresh_seconds} s; logical_decoding_work_mem 64MB):", flush=True)
+            results = {}
+            for stream_large in (True, False):
+                pl.restart_source(stream_large)
+                pl.c.psql("TRUNCATE price_history", db="shop")
+                tps_b, commit_to_ods, txns, fresh_b, spill, stream = pl.big_transaction(
+                    args.fresh_seconds, half, args.big_rows)
+                results[stream_large] = commit_to_ods
+                print(f"  stream_large {'on ' if stream_large else 'off'}: its commit -> ODS {commit_to_ods:7.2f} s "
+                      f"(in {txns} ODS transaction{'s' if txns != 1 else ''}); orders ({tps_b:.1f} tx/s) p50 "
+                      f"{pct(fresh_b, 0.5) * 1000:.0f} ms, p99 {pct(fresh_b, 0.99) * 1000:.0f} ms, max "
+                      f"{max(fresh_b) * 1000:.0f} ms; walsender spilled {spill / 2**20:.0f} MiB, streamed "
+                      f"{stream / 2**20:.0f} MiB", flush=True)
+            print(f"  commit -> ODS of the batch job, streaming on against off: "
+                  f"{results[True] / max(results[False], 1e-3):.2f}x the time")
 
         print("\nODS against the source:")
         equal = True

@@ -25,6 +25,8 @@ batch_bytes = 65536              # plugin batch-bytes: records per replication m
 tombstones = false               # a null-value message after each delete (log compaction)
 include_types = true             # plugin include-types: the sink creates ODS tables from them
 include_timestamp = true         # plugin include-timestamp: commit_ts, the sink's freshness metric
+stream_large = true              # plugin stream-changes: a transaction past logical_decoding_work_mem
+                                 # reaches Kafka while it runs (records marked "streamed"; docs/relay.md)
 reconnect_backoff_max = "30s"    # cap of the exponential backoff between attempts
 shutdown_grace = "30s"           # SIGTERM: time to drain in-flight messages before exiting
 
@@ -123,6 +125,9 @@ pub(crate) struct SourceConfig {
     pub(crate) include_types: bool,
     #[serde(default = "d_true")]
     pub(crate) include_timestamp: bool,
+    /// Open the slot with `stream-changes`: large transactions are produced while they run.
+    #[serde(default = "d_true")]
+    pub(crate) stream_large: bool,
     #[serde(default = "d_30s", with = "duration")]
     pub(crate) reconnect_backoff_max: Duration,
     #[serde(default = "d_30s", with = "duration")]

@@ -15,6 +15,11 @@ pub(crate) const SOURCE_SNAPSHOT_ROWS_TOTAL: &str = "saiki_source_snapshot_rows_
 pub(crate) const SOURCE_SNAPSHOT_TABLE_ROWS: &str = "saiki_source_snapshot_table_rows";
 pub(crate) const SOURCE_SNAPSHOT_TABLE_ROWS_ESTIMATED: &str =
     "saiki_source_snapshot_table_rows_estimated";
+pub(crate) const SOURCE_STREAMED_TRANSACTIONS_OPEN: &str =
+    "saiki_source_streamed_transactions_open";
+pub(crate) const SOURCE_STREAMED_RECORDS_TOTAL: &str = "saiki_source_streamed_records_total";
+pub(crate) const SOURCE_STREAMED_COMMITS_TOTAL: &str = "saiki_source_streamed_commits_total";
+pub(crate) const SOURCE_STREAMED_ABORTS_TOTAL: &str = "saiki_source_streamed_aborts_total";
 
 pub(crate) const SINK_RECORDS_CONSUMED_TOTAL: &str = "saiki_sink_records_consumed_total";
 pub(crate) const SINK_ROWS_APPLIED_TOTAL: &str = "saiki_sink_rows_applied_total";
@@ -27,6 +32,10 @@ pub(crate) const SINK_RETRIES_TOTAL: &str = "saiki_sink_retries_total";
 pub(crate) const SINK_ASSIGNED_PARTITIONS: &str = "saiki_sink_assigned_partitions";
 pub(crate) const SINK_FRESHNESS_SECONDS: &str = "saiki_sink_freshness_seconds";
 pub(crate) const SINK_STOPPED_TOPICS: &str = "saiki_sink_stopped_topics";
+pub(crate) const SINK_STAGED_ROWS: &str = "saiki_sink_staged_rows";
+pub(crate) const SINK_STREAMED_TRANSACTIONS_OPEN: &str = "saiki_sink_streamed_transactions_open";
+pub(crate) const SINK_STREAMED_COMMITS_TOTAL: &str = "saiki_sink_streamed_commits_total";
+pub(crate) const SINK_STREAMED_ABORTS_TOTAL: &str = "saiki_sink_streamed_aborts_total";
 
 pub(crate) const INGEST_EVENTS_PUBLISHED_TOTAL: &str = "saiki_ingest_events_published_total";
 pub(crate) const INGEST_EVENTS_REJECTED_TOTAL: &str = "saiki_ingest_events_rejected_total";
@@ -51,6 +60,10 @@ pub const ALL: &[&str] = &[
     SOURCE_SNAPSHOT_ROWS_TOTAL,
     SOURCE_SNAPSHOT_TABLE_ROWS,
     SOURCE_SNAPSHOT_TABLE_ROWS_ESTIMATED,
+    SOURCE_STREAMED_TRANSACTIONS_OPEN,
+    SOURCE_STREAMED_RECORDS_TOTAL,
+    SOURCE_STREAMED_COMMITS_TOTAL,
+    SOURCE_STREAMED_ABORTS_TOTAL,
     SINK_RECORDS_CONSUMED_TOTAL,
     SINK_ROWS_APPLIED_TOTAL,
     SINK_BATCHES_TOTAL,
@@ -62,6 +75,10 @@ pub const ALL: &[&str] = &[
     SINK_ASSIGNED_PARTITIONS,
     SINK_FRESHNESS_SECONDS,
     SINK_STOPPED_TOPICS,
+    SINK_STAGED_ROWS,
+    SINK_STREAMED_TRANSACTIONS_OPEN,
+    SINK_STREAMED_COMMITS_TOTAL,
+    SINK_STREAMED_ABORTS_TOTAL,
     INGEST_EVENTS_PUBLISHED_TOTAL,
     INGEST_EVENTS_REJECTED_TOTAL,
     INGEST_KAFKA_FAILURES_TOTAL,
@@ -179,6 +196,13 @@ pub struct SinkMetrics {
     pub(crate) assigned: AtomicU64,
     /// Topics stopped at a schema change (`saiki_sink.stopped`).
     pub(crate) stopped: AtomicU64,
+    /// Rows of streamed transactions staged in the ODS, and those transactions
+    /// (`saiki_sink.streams`, all instances), as last read.
+    pub(crate) staged_rows: AtomicU64,
+    pub(crate) streams_open: AtomicU64,
+    /// Streamed transactions this instance applied at their commit, or dropped at their abort.
+    pub(crate) stream_commits: AtomicU64,
+    pub(crate) stream_aborts: AtomicU64,
     /// Time to apply and commit one batch.
     pub(crate) apply: Histogram,
     /// Per applied change: ODS commit time minus the source's commit time.
@@ -201,6 +225,10 @@ impl SinkMetrics {
             lag: z(),
             assigned: z(),
             stopped: z(),
+            staged_rows: z(),
+            streams_open: z(),
+            stream_commits: z(),
+            stream_aborts: z(),
             apply: Histogram::new(APPLY_BUCKETS),
             freshness: Histogram::new(FRESHNESS_BUCKETS),
             ready: AtomicBool::new(false),
@@ -264,6 +292,30 @@ impl Exporter for SinkMetrics {
             "gauge",
             "Topics stopped at a schema change their ODS table cannot follow (saiki_sink.stopped).",
             g(&self.stopped),
+        );
+        metric(
+            SINK_STAGED_ROWS,
+            "gauge",
+            "Rows of open streamed transactions staged in the ODS (saiki_sink.staged), all sink instances.",
+            g(&self.staged_rows),
+        );
+        metric(
+            SINK_STREAMED_TRANSACTIONS_OPEN,
+            "gauge",
+            "Streamed transactions staged in the ODS and not yet committed or aborted (saiki_sink.streams).",
+            g(&self.streams_open),
+        );
+        metric(
+            SINK_STREAMED_COMMITS_TOTAL,
+            "counter",
+            "Streamed transactions this instance applied at their commit, in one ODS transaction.",
+            g(&self.stream_commits),
+        );
+        metric(
+            SINK_STREAMED_ABORTS_TOTAL,
+            "counter",
+            "Streamed transactions this instance dropped from the staging at their abort.",
+            g(&self.stream_aborts),
         );
         let l = ("group", self.group.as_str());
         self.apply.write(
@@ -421,6 +473,11 @@ pub struct SourceMetrics {
     pub(crate) reconnects: AtomicU64,
     pub(crate) heartbeats: AtomicU64,
     pub(crate) snapshot_rows: AtomicU64,
+    /// Streamed transactions (`source.stream_large`) sent and not yet committed or aborted.
+    pub(crate) streamed_open: AtomicU64,
+    pub(crate) streamed_records: AtomicU64,
+    pub(crate) streamed_committed: AtomicU64,
+    pub(crate) streamed_aborted: AtomicU64,
     /// Per table of this relay's snapshots since it started: (rows done, rows estimated).
     pub(crate) snapshot_tables: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
     /// Streaming from the slot and producing: what /ready reports.
@@ -503,6 +560,30 @@ impl SourceMetrics {
             "counter",
             "Snapshot rows produced as R records (chunk rows whose key did not change while the chunk was read).",
             g(&self.snapshot_rows),
+        );
+        metric(
+            SOURCE_STREAMED_TRANSACTIONS_OPEN,
+            "gauge",
+            "Large transactions being streamed to Kafka before their commit (source.stream_large).",
+            g(&self.streamed_open),
+        );
+        metric(
+            SOURCE_STREAMED_RECORDS_TOTAL,
+            "counter",
+            "Change records of streamed transactions produced before their commit.",
+            g(&self.streamed_records),
+        );
+        metric(
+            SOURCE_STREAMED_COMMITS_TOTAL,
+            "counter",
+            "Streamed transactions that committed.",
+            g(&self.streamed_committed),
+        );
+        metric(
+            SOURCE_STREAMED_ABORTS_TOTAL,
+            "counter",
+            "Streamed transactions that aborted (their records in Kafka are void).",
+            g(&self.streamed_aborted),
         );
         let tables = self
             .snapshot_tables

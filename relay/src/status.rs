@@ -72,6 +72,11 @@ pub(crate) struct RelayStatus {
     pub(crate) errors_total: Option<u64>,
     /// Sink: topics stopped at a schema change their ODS table cannot follow.
     pub(crate) stopped_topics: Option<u64>,
+    /// Source: large transactions being streamed before their commit; sink: streamed
+    /// transactions staged in the ODS, not yet ended.
+    pub(crate) streamed_open: Option<u64>,
+    /// Sink: their staged rows.
+    pub(crate) staged_rows: Option<u64>,
     /// Why the relay could not be read.
     pub(crate) error: Option<String>,
 }
@@ -158,6 +163,10 @@ impl RelayStatus {
                 | INGEST_KAFKA_FAILURES_TOTAL => s.errors_total = n,
                 SINK_CONSUMER_LAG_MESSAGES => s.lag_messages = n,
                 SINK_STOPPED_TOPICS => s.stopped_topics = n,
+                SOURCE_STREAMED_TRANSACTIONS_OPEN | SINK_STREAMED_TRANSACTIONS_OPEN => {
+                    s.streamed_open = n
+                }
+                SINK_STAGED_ROWS => s.staged_rows = n,
                 _ if name == freshness_bucket => {
                     let le = label_value(labels, "le").and_then(|le| match le {
                         "+Inf" => Some(f64::INFINITY),
@@ -440,13 +449,7 @@ pub(crate) fn render(
                     millis(r.freshness_p50),
                     millis(r.freshness_p99),
                     r.errors_total.map_or("-".into(), |n| n.to_string()),
-                    match (&r.error, r.stopped_topics) {
-                        (Some(e), _) => e.clone(),
-                        (None, Some(n)) if n > 0 => format!(
-                            "{n} topic(s) stopped at a schema change: see saiki_sink.stopped"
-                        ),
-                        _ => String::new(),
-                    },
+                    note(r),
                 ]
             })
             .collect();
@@ -468,6 +471,30 @@ pub(crate) fn render(
         ));
     }
     out
+}
+
+/// The note of a relay's row: why it could not be read, stopped topics, streamed
+/// transactions in flight.
+fn note(r: &RelayStatus) -> String {
+    if let Some(e) = &r.error {
+        return e.clone();
+    }
+    let mut notes = Vec::new();
+    if let Some(n) = r.stopped_topics.filter(|n| *n > 0) {
+        notes.push(format!(
+            "{n} topic(s) stopped at a schema change: see saiki_sink.stopped"
+        ));
+    }
+    match (r.streamed_open.filter(|n| *n > 0), r.staged_rows) {
+        (Some(n), Some(rows)) => notes.push(format!(
+            "{n} streamed transaction(s) staged, {rows} rows, applied at their commit: see saiki_sink.streams"
+        )),
+        (Some(n), None) => notes.push(format!(
+            "{n} large transaction(s) streaming before their commit"
+        )),
+        _ => {}
+    }
+    notes.join("; ")
 }
 
 #[cfg(test)]
@@ -506,6 +533,17 @@ mod tests {
         assert_eq!(s.name.as_deref(), Some("saiki-ods"));
         assert_eq!(s.lag_messages, Some(7));
         assert_eq!(s.stopped_topics, Some(1));
+        m.streams_open
+            .store(2, std::sync::atomic::Ordering::Relaxed);
+        m.staged_rows
+            .store(5000, std::sync::atomic::Ordering::Relaxed);
+        let s2 = RelayStatus::from_metrics("http://x", &m.render());
+        assert_eq!((s2.streamed_open, s2.staged_rows), (Some(2), Some(5000)));
+        assert!(
+            note(&s2).contains("2 streamed transaction(s) staged, 5000 rows"),
+            "{}",
+            note(&s2)
+        );
         let p50 = s.freshness_p50.unwrap();
         assert!((0.025..=0.05).contains(&p50), "{p50}");
         assert!(s.freshness_p99.unwrap() <= 0.05);

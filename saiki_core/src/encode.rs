@@ -385,13 +385,13 @@ mod tests {
         fn any_written_record_parses_back_to_the_same_fields(
             a in action(), xid in any::<u32>(), lsn in any::<u64>(), commit in proptest::option::of(any::<u64>()),
             ts in proptest::option::of(-1_000_000_000_000_000i64..1_000_000_000_000_000),
-            streamed in any::<bool>(), seq in proptest::option::of(1u64..1_000_000),
+            streamed in any::<bool>(), subxid in proptest::option::of(any::<u32>()), seq in proptest::option::of(1u64..1_000_000),
             schema in ".*", table in ".*", cols in prop::collection::vec((".*", proptest::option::of(any::<i64>())), 0..5),
             prefix in ".*", content in prop::collection::vec(any::<u8>(), 0..40), origin in proptest::option::of(".*"),
         ) {
             let mut b = Vec::new();
             write_head(&mut b, &Head { action: a, xid: xid as u64, lsn: Lsn(lsn), commit_lsn: commit.map(Lsn),
-                commit_ts: ts, streamed, subxid: None, seq });
+                commit_ts: ts, streamed, subxid: subxid.map(u64::from), seq });
             write_table_quoted(&mut b, &quoted(&schema), &quoted(&table));
             let mut o = ObjectWriter::open_member(&mut b, "columns");
             let mut expected = serde_json::Map::new();
@@ -430,6 +430,7 @@ mod tests {
             prop_assert_eq!((v.xid, v.lsn, v.commit_lsn), (xid as u64, Lsn(lsn), commit.map(Lsn)));
             prop_assert_eq!(v.commit_ts.as_deref(), r.commit_ts.as_deref());
             prop_assert_eq!(v.seq, seq.map(|s| s as i64));
+            prop_assert_eq!((v.streamed, v.subxid), (streamed.then_some(true), subxid.map(u64::from)));
             prop_assert_eq!(v.schema.as_deref(), Some(schema.as_str()));
             prop_assert_eq!(v.table.as_deref(), Some(table.as_str()));
             let fields = v.columns.unwrap();

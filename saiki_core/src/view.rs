@@ -33,6 +33,12 @@ pub struct RecordView<'a, F = &'a RawValue> {
     /// With `include-timestamp`: the source commit time (RFC 3339).
     #[serde(default, borrow)]
     pub commit_ts: Option<Cow<'a, str>>,
+    /// A record of a streamed transaction (`stream-changes`): `true`.
+    #[serde(default)]
+    pub streamed: Option<bool>,
+    /// The subtransaction of a streamed record, or of the `A` that aborts it.
+    #[serde(default)]
+    pub subxid: Option<u64>,
     #[serde(default)]
     pub seq: Option<i64>,
     #[serde(default, borrow)]

@@ -18,13 +18,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::error::RelayError;
 use crate::kafka::Kafka;
 use crate::sink::evolve::SchemaLog;
 use crate::sink::ods::{ApplyError, Ods, PartitionOffsets};
 use crate::sink::plan::{EventTables, Msg, Outcome, Planner};
+use crate::sink::staging::{self, Ended};
+use crate::sink::stream::StreamKey;
 
 /// A batch's plan: the messages, and what they do to each ODS table.
 pub(crate) struct Planned<'a> {
@@ -102,6 +104,50 @@ pub(crate) fn msg_of(m: &OwnedMessage) -> Msg<'_> {
 pub struct Applied {
     pub written: u64,
     pub dead: usize,
+    /// Streamed transactions: rows staged, transactions applied at their commit, dropped at
+    /// their abort.
+    pub staged: u64,
+    pub stream_commits: u64,
+    pub stream_aborts: u64,
+}
+
+/// Rows of a committed streamed transaction read from the staging and applied at once.
+const STAGED_CHUNK_ROWS: i64 = 10_000;
+
+/// What the batch's streamed records did.
+#[derive(Debug, Default)]
+struct StreamsDone {
+    written: u64,
+    staged: u64,
+    commits: u64,
+    aborts: u64,
+}
+
+/// Plans the staged records of a streamed transaction that committed at `commit_lsn`.
+fn plan_committed(
+    messages: Vec<OwnedMessage>,
+    key_includes_source: bool,
+    schema: Option<Arc<SchemaLog>>,
+    commit_lsn: saiki_core::Lsn,
+    commit_ts: Option<&str>,
+) -> PlannedBatch {
+    PlannedBatch::new(messages, |owned| {
+        let msgs: Vec<Msg<'_>> = owned.iter().map(msg_of).collect();
+        let mut planner = Planner::new(key_includes_source, None)
+            .with_schema(schema)
+            .committed_at(commit_lsn, commit_ts);
+        let mut dead = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            if let Outcome::DeadLetter(reason) = planner.add(i, m) {
+                dead.push((i, reason));
+            }
+        }
+        Planned {
+            msgs,
+            planner,
+            dead,
+        }
+    })
 }
 
 /// A batch back from its apply task.
@@ -186,6 +232,9 @@ impl Applier {
 
         let mut written;
         let mut isolate = None;
+        // Staged records of streamed transactions that cannot be applied at their commit.
+        let mut staged_dead: Vec<(OwnedMessage, String)> = Vec::new();
+        let mut streams = StreamsDone::default();
         // Runs again only after a KeyTaken, which turns its table to upserts: at most once
         // per table.
         'batch: loop {
@@ -198,6 +247,21 @@ impl Applier {
                     Err(ApplyError::Data(reason) | ApplyError::CannotCreate(reason)) => {
                         isolate = Some(reason);
                         break 'batch;
+                    }
+                    Err(ApplyError::KeyTaken(table)) => {
+                        info!(%table, messages = msgs.len(), "applying the batch again with upserts for this table");
+                        self.ods.rollback().await;
+                        continue 'batch;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if isolate.is_none() {
+                staged_dead.clear();
+                match self.apply_streams(planned, &mut staged_dead).await {
+                    Ok(done) => {
+                        written += done.written;
+                        streams = done;
                     }
                     Err(ApplyError::KeyTaken(table)) => {
                         info!(%table, messages = msgs.len(), "applying the batch again with upserts for this table");
@@ -232,50 +296,201 @@ impl Applier {
                     .with_schema(planned.planner.schema());
                 // The batch's L record (its last message) is applied after the loop, with
                 // the steps decided when the batch was cut.
-                if one.add(i, m) != Outcome::Planned || !one.schema_changes.is_empty() {
+                // A streamed record is staged by apply_streams, after this loop.
+                if one.add(i, m) != Outcome::Planned
+                    || !one.schema_changes.is_empty()
+                    || !one.streams.is_empty()
+                {
                     continue;
                 }
-                for plan in one.tables.values() {
-                    if let Some(r) = self.ods.unmaterializable(&plan.name) {
-                        dead.push((i, r.to_string()));
-                        continue;
-                    }
-                    self.ods.savepoint().await?;
-                    match self.ods.apply_table(plan, true).await {
-                        Ok(n) => {
-                            self.ods.release_savepoint().await?;
-                            written += n;
-                        }
-                        Err(ApplyError::Data(reason)) => {
-                            self.ods.rollback_to_savepoint().await?;
-                            dead.push((i, reason));
-                        }
-                        Err(ApplyError::CannotCreate(reason)) => {
-                            self.ods.rollback_to_savepoint().await?;
-                            self.ods.set_unmaterializable(&plan.name, reason.clone());
-                            dead.push((i, reason));
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
+                written += self.apply_isolated(&one, i, &mut dead).await?;
             }
+            staged_dead.clear();
+            streams = self.apply_streams(planned, &mut staged_dead).await?;
+            written += streams.written;
             for sc in &planned.planner.schema_changes {
                 self.ods.apply_schema_change(sc).await?;
             }
         }
-        self.send_dead_letters(batch.messages(), &dead).await?;
+        let all = batch.messages();
+        let letters: Vec<(&OwnedMessage, &str)> = dead
+            .iter()
+            .map(|(i, r)| (&all[*i], r.as_str()))
+            .chain(staged_dead.iter().map(|(m, r)| (m, r.as_str())))
+            .collect();
+        self.send_dead_letters(&letters).await?;
         self.ods.commit().await?;
         Ok(Applied {
             written,
-            dead: dead.len(),
+            dead: letters.len(),
+            staged: streams.staged,
+            stream_commits: streams.commits,
+            stream_aborts: streams.aborts,
         })
+    }
+
+    /// The batch's streamed records (`sink/stream.rs`): stages them, drops rolled-back
+    /// subtransactions, records the end copies, and applies each transaction whose last copy
+    /// this is (dropping it, for an abort). Inside the batch's transaction.
+    async fn apply_streams(
+        &mut self,
+        planned: &Planned<'_>,
+        staged_dead: &mut Vec<(OwnedMessage, String)>,
+    ) -> Result<StreamsDone, ApplyError> {
+        let ops = &planned.planner.streams;
+        let mut done = StreamsDone::default();
+        if ops.is_empty() {
+            return Ok(done);
+        }
+        let fatal = |ods: &Ods, e: tokio_postgres::Error| ApplyError::Fatal(ods.err(&e));
+        done.staged = staging::stage(self.ods.client(), ops, &planned.msgs)
+            .await
+            .map_err(|e| fatal(&self.ods, e))?;
+        staging::abort_subxacts(self.ods.client(), ops)
+            .await
+            .map_err(|e| fatal(&self.ods, e))?;
+        for end in ops.ends_in_lock_order() {
+            let ended = staging::end(self.ods.client(), end)
+                .await
+                .map_err(|e| fatal(&self.ods, e))?;
+            if ended != Ended::Complete {
+                debug!(source = %end.key.source, xid = end.key.xid, ?ended, "streamed transaction end copy");
+                continue;
+            }
+            match &end.commit {
+                Some((lsn, ts)) => {
+                    let started = Instant::now();
+                    let (n, rows) = self
+                        .apply_committed(&end.key, *lsn, ts.as_deref(), planned, staged_dead)
+                        .await?;
+                    done.written += n;
+                    done.commits += 1;
+                    info!(source = %end.key.source, xid = end.key.xid, commit_lsn = %lsn, rows, written = n, ms = started.elapsed().as_millis() as u64, "streamed transaction applied at its commit");
+                }
+                None => {
+                    done.aborts += 1;
+                    info!(source = %end.key.source, xid = end.key.xid, "streamed transaction aborted: its staged rows are dropped");
+                }
+            }
+            staging::finish(self.ods.client(), &end.key)
+                .await
+                .map_err(|e| fatal(&self.ods, e))?;
+        }
+        Ok(done)
+    }
+
+    /// Applies a committed streamed transaction's staged records in chunks of
+    /// [`STAGED_CHUNK_ROWS`] (memory stays flat for any size), each under a savepoint: a chunk
+    /// a statement fails on is applied record by record, and what fails goes to the
+    /// dead-letter topic. Returns rows written and records read.
+    async fn apply_committed(
+        &mut self,
+        key: &StreamKey,
+        commit_lsn: saiki_core::Lsn,
+        commit_ts: Option<&str>,
+        planned: &Planned<'_>,
+        staged_dead: &mut Vec<(OwnedMessage, String)>,
+    ) -> Result<(u64, u64), ApplyError> {
+        let kis = self.ods.key_includes_source();
+        let schema = planned.planner.schema();
+        let (mut after, mut written, mut read) = (0i64, 0u64, 0u64);
+        loop {
+            let rows = staging::chunk(self.ods.client(), key, after, STAGED_CHUNK_ROWS)
+                .await
+                .map_err(|e| ApplyError::Fatal(self.ods.err(&e)))?;
+            let Some((last, _)) = rows.last() else {
+                break;
+            };
+            after = *last;
+            read += rows.len() as u64;
+            let msgs: Vec<OwnedMessage> = rows.into_iter().map(|(_, m)| m).collect();
+            let chunk = plan_committed(msgs, kis, schema.clone(), commit_lsn, commit_ts);
+            let p = chunk.borrow_dependent();
+            let owned = chunk.messages();
+            let mut dead: Vec<(usize, String)> = p.dead.clone();
+            self.ods.savepoint().await?;
+            let mut failed = false;
+            for plan in p.planner.tables.values() {
+                if let Some(reason) = self.ods.unmaterializable(&plan.name) {
+                    let reason = reason.to_string();
+                    dead.extend(
+                        plan.message_indexes()
+                            .into_iter()
+                            .map(|i| (i, reason.clone())),
+                    );
+                    continue;
+                }
+                match self.ods.apply_table(plan, false).await {
+                    Ok(n) => written += n,
+                    Err(ApplyError::Data(_) | ApplyError::CannotCreate(_)) => {
+                        failed = true;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if failed {
+                self.ods.rollback_to_savepoint().await?;
+                let already: std::collections::HashSet<usize> = dead.iter().map(|d| d.0).collect();
+                for (i, m) in p.msgs.iter().enumerate() {
+                    if already.contains(&i) {
+                        continue;
+                    }
+                    let mut one = Planner::new(kis, None)
+                        .with_schema(schema.clone())
+                        .committed_at(commit_lsn, commit_ts);
+                    if one.add(i, m) != Outcome::Planned {
+                        continue;
+                    }
+                    written += self.apply_isolated(&one, i, &mut dead).await?;
+                }
+            } else {
+                self.ods.release_savepoint().await?;
+            }
+            staged_dead.extend(dead.into_iter().map(|(i, r)| (owned[i].clone(), r)));
+        }
+        Ok((written, read))
+    }
+
+    /// Applies one record's plan under a savepoint; a statement that fails on its data
+    /// dead-letters it (`dead`, batch index `i`).
+    async fn apply_isolated(
+        &mut self,
+        one: &Planner<'_>,
+        i: usize,
+        dead: &mut Vec<(usize, String)>,
+    ) -> Result<u64, ApplyError> {
+        let mut written = 0;
+        for plan in one.tables.values() {
+            if let Some(r) = self.ods.unmaterializable(&plan.name) {
+                dead.push((i, r.to_string()));
+                continue;
+            }
+            self.ods.savepoint().await?;
+            match self.ods.apply_table(plan, true).await {
+                Ok(n) => {
+                    self.ods.release_savepoint().await?;
+                    written += n;
+                }
+                Err(ApplyError::Data(reason)) => {
+                    self.ods.rollback_to_savepoint().await?;
+                    dead.push((i, reason));
+                }
+                Err(ApplyError::CannotCreate(reason)) => {
+                    self.ods.rollback_to_savepoint().await?;
+                    self.ods.set_unmaterializable(&plan.name, reason.clone());
+                    dead.push((i, reason));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(written)
     }
 
     /// Produces the dead letters and waits for Kafka's acknowledgement of each.
     async fn send_dead_letters(
         &mut self,
-        batch: &[OwnedMessage],
-        dead: &[(usize, String)],
+        dead: &[(&OwnedMessage, &str)],
     ) -> Result<(), RelayError> {
         if dead.is_empty() {
             return Ok(());
@@ -290,8 +505,7 @@ impl Applier {
         };
         producer.ensure_topic(&topic).await?;
         let mut pending = Vec::with_capacity(dead.len());
-        for (i, reason) in dead {
-            let m = &batch[*i];
+        for (m, reason) in dead {
             let origin = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
             warn!(%origin, %reason, "dead letter");
             // The original headers, but an earlier dead letter's reason and origin.

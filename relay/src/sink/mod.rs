@@ -23,7 +23,9 @@ pub(crate) mod evolve;
 pub(crate) mod ods;
 pub(crate) mod offsets;
 pub(crate) mod plan;
+pub(crate) mod staging;
 pub(crate) mod statements;
+pub(crate) mod stream;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -62,6 +64,9 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 const TOMBSTONE_GC_INTERVAL: Duration = Duration::from_secs(600);
 /// How often topics are listed while none matches yet.
 const NO_TOPICS_REFRESH: Duration = Duration::from_millis(500);
+/// How often partitions waiting for a streamed transaction's commit look whether it has been
+/// applied (by this instance or another).
+const HOLD_POLL: Duration = Duration::from_millis(200);
 
 /// The sink's settings, checked.
 pub(crate) struct SinkRuntime {
@@ -261,6 +266,11 @@ struct Session<'a> {
     /// The schema changes followed so far (from the ODS at the start and after a rewind;
     /// taken in as soon as a batch with one is planned, which the next batch reads through).
     schema: Arc<SchemaLog>,
+    /// Partitions of the batch in hand that delivered a streamed transaction's end copy.
+    ends: Vec<Tp>,
+    /// Partitions paused after a streamed transaction's commit copy until the transaction
+    /// is applied (`sink/stream.rs`): their messages are not taken meanwhile.
+    held: Vec<Tp>,
 }
 
 impl Drop for Session<'_> {
@@ -339,6 +349,8 @@ async fn session(
         events: rt.registry_dsn.clone().map(EventCatalog::new),
         schema: Arc::default(),
         stopped: Vec::new(),
+        ends: Vec::new(),
+        held: Vec::new(),
     };
     s.load_stopped().await?;
     s.schema = Arc::new(s.ods().await?.schema_log(rt.sink.on_drop).await?);
@@ -398,20 +410,34 @@ async fn session(
                         s.accept(m).await?;
                         // A batch ends after a schema change, so that what follows it is
                         // planned knowing it (sink/evolve.rs).
-                        let schema_change = s
-                            .batch
-                            .last()
-                            .and_then(|m| m.payload())
-                            .is_some_and(|p| p.starts_with(SCHEMA_CHANGE_PREFIX));
-                        if schema_change || s.batch.len() >= rt.sink.batch_max_rows || s.batch_bytes >= rt.sink.batch_max_bytes {
+                        let last = s.batch.last().and_then(|m| m.payload());
+                        let schema_change = last.is_some_and(|p| p.starts_with(SCHEMA_CHANGE_PREFIX));
+                        // A batch ends after a streamed transaction's end copy too, and is
+                        // applied before anything else is read: its partition may have to
+                        // wait for the transaction (sink/stream.rs).
+                        let stream_end = last.is_some_and(stream::is_stream_end);
+                        if schema_change || stream_end || s.batch.len() >= rt.sink.batch_max_rows || s.batch_bytes >= rt.sink.batch_max_bytes {
                             s.apply_batch().await?;
+                        }
+                        if stream_end {
+                            s.settle().await?;
+                            s.hold_after_ends().await?;
                         }
                     }
                     Err(e) => warn!(error = %e, "consume"),
                 }
             }
+            _ = tokio::time::sleep(HOLD_POLL), if !s.held.is_empty() => {
+                s.release_holds().await?;
+            }
             _ = tokio::time::sleep_until(next_refresh) => {
                 s.handle_events();
+                let (open, rows) = {
+                    let ods = s.ods().await?;
+                    staging::gauges(ods.client()).await.map_err(|e| ods.err(&e))?
+                };
+                metrics.streams_open.store(open, Ordering::Relaxed);
+                metrics.staged_rows.store(rows, Ordering::Relaxed);
                 if !s.stopped.is_empty() {
                     // A DBA resumes a topic by deleting its row.
                     s.load_stopped().await?;
@@ -469,7 +495,13 @@ impl Session<'_> {
         self.applier = Some(done.applier);
         let messages = done.batch.len();
         match done.result {
-            Ok(Applied { written, dead }) => {
+            Ok(Applied {
+                written,
+                dead,
+                staged,
+                stream_commits,
+                stream_aborts,
+            }) => {
                 self.ledger.committed(&done.offsets);
                 let pos = &self.consumer.context().positions;
                 let mut pos = pos.lock().unwrap_or_else(|p| p.into_inner());
@@ -482,6 +514,12 @@ impl Session<'_> {
                 m.batches.fetch_add(1, Ordering::Relaxed);
                 m.consumed.fetch_add(messages as u64, Ordering::Relaxed);
                 m.dead_letters.fetch_add(dead as u64, Ordering::Relaxed);
+                m.stream_commits
+                    .fetch_add(stream_commits, Ordering::Relaxed);
+                m.stream_aborts.fetch_add(stream_aborts, Ordering::Relaxed);
+                if staged > 0 {
+                    m.staged_rows.fetch_add(staged, Ordering::Relaxed);
+                }
                 m.apply.observe(done.elapsed.as_secs_f64());
                 let now = saiki_core::time::unix_micros_now();
                 for ts in done.batch.commit_times() {
@@ -595,6 +633,7 @@ impl Session<'_> {
         self.batch.clear();
         self.batch_bytes = 0;
         self.batch_started = None;
+        self.ends.clear();
         for (tp, next) in self.ledger.rewind(&all) {
             if let Err(e) = self.seek(&tp, next) {
                 // Typically revoked meanwhile (the rebalance that fenced the batch). If it is
@@ -673,10 +712,12 @@ impl Session<'_> {
         if changed.is_empty() {
             return;
         }
-        // The ODS is read again on each partition's first message.
+        // The ODS is read again on each partition's first message (and whether it waits
+        // for a streamed transaction).
         for tp in &changed {
             self.ledger.forget(tp);
         }
+        self.held.retain(|tp| !changed.contains(tp));
         let n = self
             .consumer
             .assignment()
@@ -689,10 +730,24 @@ impl Session<'_> {
     async fn accept(&mut self, m: OwnedMessage) -> Result<(), RelayError> {
         let tp: Tp = (m.topic().to_string(), m.partition());
         let offset = m.offset();
+        if self.held.contains(&tp) {
+            // Fetched before the pause: read again once the partition resumes.
+            return Ok(());
+        }
         let mut verdict = self.ledger.accept(&tp, offset);
         if verdict == Accept::Unknown {
-            let stored = self.ods().await?.offset(&tp.0, tp.1).await?;
+            let ods = self.ods().await?;
+            let stored = ods.offset(&tp.0, tp.1).await?;
+            let waits = !staging::holding(ods.client(), std::slice::from_ref(&tp))
+                .await
+                .map_err(|e| ods.err(&e))?
+                .is_empty();
             self.ledger.learn(tp.clone(), stored);
+            if let (true, Some(at)) = (waits, stored) {
+                // Newly assigned while it waits for a streamed transaction's commit.
+                self.hold(tp, at)?;
+                return Ok(());
+            }
             verdict = self.ledger.accept(&tp, offset);
         }
         match verdict {
@@ -720,6 +775,9 @@ impl Session<'_> {
                 if self.batch.is_empty() {
                     self.batch_started = Some(tokio::time::Instant::now());
                 }
+                if m.payload().is_some_and(stream::is_stream_end) {
+                    self.ends.push(tp);
+                }
                 self.batch.push(m);
             }
             Accept::Skip => {
@@ -736,6 +794,75 @@ impl Session<'_> {
                 )))
             }
         }
+        Ok(())
+    }
+
+    /// After a batch with streamed transactions' end copies committed: the partitions whose
+    /// commit copy is recorded and whose transaction is not applied yet wait for it.
+    async fn hold_after_ends(&mut self) -> Result<(), RelayError> {
+        let ends = std::mem::take(&mut self.ends);
+        if ends.is_empty() || self.ledger.rewinding() {
+            return Ok(());
+        }
+        let waiting = {
+            let ods = self.ods().await?;
+            staging::holding(ods.client(), &ends)
+                .await
+                .map_err(|e| ods.err(&e))?
+        };
+        for tp in waiting {
+            let next = self
+                .consumer
+                .context()
+                .positions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&tp)
+                .copied();
+            if let Some(next) = next {
+                self.hold(tp, next)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pauses a partition at `next` until its streamed transaction is applied.
+    fn hold(&mut self, tp: Tp, next: i64) -> Result<(), RelayError> {
+        if self.held.contains(&tp) {
+            return Ok(());
+        }
+        info!(topic = %tp.0, partition = tp.1, next, "waiting for a streamed transaction's end copies in the other partitions");
+        self.seek(&tp, next)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.0, tp.1);
+        self.consumer
+            .pause(&tpl)
+            .map_err(|e| RelayError::Kafka(format!("pause {}[{}]: {e}", tp.0, tp.1)))?;
+        self.held.push(tp);
+        Ok(())
+    }
+
+    /// Resumes the held partitions whose streamed transaction has been applied.
+    async fn release_holds(&mut self) -> Result<(), RelayError> {
+        let held = self.held.clone();
+        let waiting = {
+            let ods = self.ods().await?;
+            staging::holding(ods.client(), &held)
+                .await
+                .map_err(|e| ods.err(&e))?
+        };
+        let mut tpl = TopicPartitionList::new();
+        for tp in held.iter().filter(|tp| !waiting.contains(tp)) {
+            debug!(topic = %tp.0, partition = tp.1, "streamed transaction applied: resuming");
+            tpl.add_partition(&tp.0, tp.1);
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        self.consumer
+            .resume(&tpl)
+            .map_err(|e| RelayError::Kafka(format!("resume: {e}")))?;
+        self.held.retain(|tp| waiting.contains(tp));
         Ok(())
     }
 

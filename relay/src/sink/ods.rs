@@ -156,7 +156,12 @@ impl Ods {
         &self.target
     }
 
-    fn err(&self, e: &tokio_postgres::Error) -> RelayError {
+    /// The connection, for the staging of streamed transactions (`sink/staging.rs`).
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(crate) fn err(&self, e: &tokio_postgres::Error) -> RelayError {
         pg_error(&self.target, e)
     }
 
@@ -172,6 +177,10 @@ impl Ods {
                     AND to_regclass('saiki_sink.watermarks') IS NOT NULL
                     AND to_regclass('saiki_sink.schema_changes') IS NOT NULL
                     AND to_regclass('saiki_sink.stopped') IS NOT NULL
+                    AND to_regclass('saiki_sink.staged') IS NOT NULL
+                    AND to_regclass('saiki_sink.streams') IS NOT NULL
+                    AND to_regclass('saiki_sink.stream_aborts') IS NOT NULL
+                    AND to_regclass('saiki_sink.stream_ends') IS NOT NULL
                     AND to_regnamespace($1) IS NOT NULL",
                 &[&ident(&self.schema)],
             )
@@ -240,8 +249,10 @@ impl Ods {
              COMMENT ON TABLE saiki_sink.stopped IS 'saiki-relay sink: topics stopped at a schema change their ODS table cannot follow; delete a row to resume its topic';
              COMMENT ON TABLE saiki_sink.schema_changes IS 'saiki-relay sink: the schema changes (L records) of each source the ODS followed, in the transaction that followed them';
              COMMENT ON TABLE saiki_sink.offsets IS 'saiki-relay sink: the next Kafka offset to apply per consumer group and partition, written in the transaction that applies the rows';
+             {}
              CREATE SCHEMA IF NOT EXISTS {};
              COMMIT;",
+            crate::sink::staging::TABLES,
             ident(&self.schema)
         );
         self.client.batch_execute(&sql).await.map_err(|e| {

@@ -23,6 +23,7 @@ use serde_json::value::RawValue;
 
 use crate::event_table::{EventTable, METADATA_COLUMNS};
 use crate::sink::evolve::SchemaLog;
+use crate::sink::stream::{StreamOps, Taken};
 
 /// The dead-letter reason for records of tables without a key (docs/sink.md, "Dead letters").
 pub(crate) const NO_IDENTITY: &str =
@@ -282,6 +283,11 @@ pub(crate) struct Planner<'a> {
     schema: Option<Arc<SchemaLog>>,
     /// The batch's `L` records, applied after its rows (the sink cuts a batch after one).
     pub(crate) schema_changes: Vec<SchemaChange>,
+    /// Records of streamed transactions: staged, not planned (`sink/stream.rs`).
+    pub(crate) streams: StreamOps,
+    /// Planning a streamed transaction's staged records at its commit: the commit's
+    /// position, and its time (µs since the Unix epoch).
+    committed: Option<(Lsn, Option<i64>)>,
 }
 
 /// An `L` record of a batch.
@@ -311,7 +317,19 @@ impl<'a> Planner<'a> {
             commit_times: Vec::new(),
             schema: None,
             schema_changes: Vec::new(),
+            streams: StreamOps::default(),
+            committed: None,
         }
+    }
+
+    /// Plans the staged records of a streamed transaction that committed at `commit_lsn`
+    /// (their own records carry none).
+    pub(crate) fn committed_at(mut self, commit_lsn: Lsn, commit_ts: Option<&str>) -> Self {
+        self.committed = Some((
+            commit_lsn,
+            commit_ts.and_then(saiki_core::time::parse_rfc3339_utc_micros),
+        ));
+        self
     }
 
     /// Reads rows through the schema changes applied so far.
@@ -346,8 +364,21 @@ impl<'a> Planner<'a> {
                 }
             }
         };
+        if rec.streamed == Some(true) && self.committed.is_none() {
+            return match self.streams.add(idx, msg.topic, msg.partition, payload) {
+                Taken::Kept => Outcome::Planned,
+                Taken::Nothing => Outcome::Skipped,
+                Taken::Refused(reason) => Outcome::DeadLetter(reason),
+            };
+        }
         match rec.action {
             Action::Insert | Action::Update | Action::Delete | Action::Read | Action::Truncate => {}
+            Action::SchemaChange if self.committed.is_some() => {
+                return Outcome::DeadLetter(format!(
+                    "a schema change inside a streamed transaction ({}): this sink applies its rows but not the change itself; apply it to the ODS table by hand (the statement is in the record), or set source.stream_large = false on sources that run DDL in large transactions",
+                    rec.table.as_deref().unwrap_or("?")
+                ));
+            }
             Action::SchemaChange => {
                 return match self.schema_change(msg.topic, payload, &rec) {
                     Ok(()) => Outcome::Planned,
@@ -357,10 +388,13 @@ impl<'a> Planner<'a> {
             // B, C, M and stream markers carry nothing to materialize.
             _ => return Outcome::Skipped,
         }
-        let ts = rec
-            .commit_ts
-            .as_deref()
-            .and_then(saiki_core::time::parse_rfc3339_utc_micros);
+        let ts = match self.committed {
+            Some((_, ts)) => ts,
+            None => rec
+                .commit_ts
+                .as_deref()
+                .and_then(saiki_core::time::parse_rfc3339_utc_micros),
+        };
         match self.change(idx, msg, rec) {
             Ok(o) => {
                 if let (Outcome::Planned, Some(ts)) = (&o, ts) {
@@ -382,9 +416,10 @@ impl<'a> Planner<'a> {
         let source = rec.source.clone().ok_or_else(|| missing("source"))?;
         let schema = rec.schema.as_deref().ok_or_else(|| missing("schema"))?;
         let table = rec.table.as_deref().ok_or_else(|| missing("table"))?;
-        let lsn = rec.commit_lsn.ok_or_else(|| {
-            missing("commit_lsn (records of streamed, uncommitted transactions are not applied)")
-        })?;
+        let lsn = rec
+            .commit_lsn
+            .or(self.committed.map(|c| c.0))
+            .ok_or_else(|| missing("commit_lsn"))?;
         let seq = rec.seq.ok_or_else(|| missing("seq"))?;
         let source_table = || format!("{schema}.{table}");
         // Borrowed, not cloned: this runs for every row.

@@ -91,13 +91,6 @@ impl AckTracker {
     }
 
     /// The unit of a record of streamed transaction `xid`, before its end.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the source relay sends streamed transactions with source.stream_large (issue #17, next)"
-        )
-    )]
     pub(crate) fn streamed(&mut self, xid: u64) -> Ticket {
         self.complete_last();
         if let Some(id) = self.streams.get(&xid) {
@@ -111,13 +104,6 @@ impl AckTracker {
     /// Streamed transaction `xid` ended at `end` (the end LSN of its commit, or its abort's
     /// LSN): its unit takes that place in commit order. Its last records (the `C` or `A`)
     /// are produced with the returned ticket, then it is [`complete`](Self::complete).
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the source relay sends streamed transactions with source.stream_large (issue #17, next)"
-        )
-    )]
     pub(crate) fn stream_end(&mut self, xid: u64, end: Lsn) -> Ticket {
         self.complete_last();
         let id = match self.streams.remove(&xid) {

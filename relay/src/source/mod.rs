@@ -15,7 +15,7 @@ pub(crate) mod route;
 pub(crate) mod snapshot;
 pub(crate) mod snapshot_driver;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,6 +111,7 @@ impl SourceRuntime {
             ),
             ("skip-empty-xacts", "true".to_string()),
             ("batch-bytes", self.source.batch_bytes.to_string()),
+            ("stream-changes", self.source.stream_large.to_string()),
             // The extension's own tables (snapshot progress) are bookkeeping, not data.
             ("filter-tables", "saiki.*".to_string()),
         ];
@@ -272,6 +273,24 @@ struct Session<'a> {
     /// Changes per table of the open transaction, for its C record.
     counts: BTreeMap<String, u64>,
     snapshots: SnapshotDriver,
+    /// Streamed transactions that have not ended yet, by xid.
+    streams: HashMap<u64, OpenStream>,
+    /// This session's replay of the stream: put on every record of a streamed transaction
+    /// (`"attempt"`), so that a consumer tells a transaction streamed again after a restart
+    /// from its first, unfinished sending (the session's start in µs since the Unix epoch;
+    /// sessions of one slot never overlap).
+    attempt: u64,
+}
+
+/// A streamed transaction while it runs: what its commit or abort must reach.
+#[derive(Debug, Default)]
+struct OpenStream {
+    /// Changes per table, for its C record.
+    counts: BTreeMap<String, u64>,
+    /// The table topics that got its records, with their partition counts: every partition
+    /// of each gets its C or A, and the C lists them (`"partitions"`), so that a consumer
+    /// knows when it has seen the end in all of them.
+    topics: BTreeMap<String, i32>,
 }
 
 async fn session(
@@ -309,6 +328,8 @@ async fn session(
         tracker: AckTracker::new(),
         deliveries: FuturesUnordered::new(),
         counts: BTreeMap::new(),
+        streams: HashMap::new(),
+        attempt: saiki_core::time::unix_micros_now().max(0) as u64,
         snapshots: SnapshotDriver::new(
             rt.dsn.clone(),
             rt.slot.clone(),
@@ -468,12 +489,160 @@ impl Session<'_> {
 
     async fn record(&mut self, bytes: &[u8]) -> Result<(), RelayError> {
         let view = route::parse(bytes).map_err(|e| RelayError::Record(e.to_string()))?;
-        let commit_lsn = view
-            .commit_lsn
-            .ok_or_else(|| RelayError::Record(format!("record without commit_lsn at {}: streamed transactions are not enabled by the relay", view.lsn)))?;
+        // A record of a streamed transaction: its xid.
+        let stream = (view.streamed == Some(true)).then_some(view.xid);
+        if let Some(xid) = stream {
+            return self.streamed(bytes, &view, xid).await;
+        }
+        let commit_lsn = view.commit_lsn.ok_or_else(|| {
+            RelayError::Record(format!(
+                "{:?} record without commit_lsn at {}, outside of a streamed transaction",
+                view.action, view.lsn
+            ))
+        })?;
         let ticket = self.tracker.unit_for(commit_lsn);
-        let all_headers = self.headers(&view);
+        self.change(bytes, &view, ticket, None).await
+    }
+
+    /// A record of streamed transaction `xid` (docs/relay.md, "Large transactions"): its
+    /// changes go where a committed one's would, marked `streamed` and with this session's
+    /// `attempt`; `S` and `E` go to the transactions topic; its `C` or `A` goes there and to
+    /// every partition of every table topic that got its records.
+    async fn streamed(
+        &mut self,
+        bytes: &[u8],
+        view: &RecordView<'_>,
+        xid: u64,
+    ) -> Result<(), RelayError> {
+        let all_headers = self.headers(view);
         let headers = all_headers.as_ref().map_or(&[][..], |h| &h[..]);
+        let mut attempt = b",\"attempt\":".to_vec();
+        write_u64(&mut attempt, self.attempt);
+        match view.action {
+            Action::StreamStart | Action::StreamStop => {
+                let ticket = self.tracker.streamed(xid);
+                if let std::collections::hash_map::Entry::Vacant(e) = self.streams.entry(xid) {
+                    e.insert(OpenStream::default());
+                    self.metrics.streamed_open.fetch_add(1, Ordering::Relaxed);
+                }
+                let value = route::value_with_members(bytes, &attempt, &self.source_json);
+                let topic = self.topics.transactions_topic();
+                self.produce_by_source(ticket, &topic, &value, headers)
+                    .await
+            }
+            Action::StreamAbort if view.subxid.is_some() => {
+                // A subtransaction rolled back: its records are dropped by the consumer,
+                // which must see this in every partition that may hold them.
+                let ticket = self.tracker.streamed(xid);
+                self.stream_marker(ticket, xid, bytes, &attempt, headers)
+                    .await
+            }
+            Action::StreamAbort | Action::Commit => {
+                let end = match view.action {
+                    Action::Commit => view.commit_lsn.ok_or_else(|| {
+                        RelayError::Record(format!(
+                            "the commit of streamed transaction {xid} at {} has no commit_lsn",
+                            view.lsn
+                        ))
+                    })?,
+                    _ => view.lsn,
+                };
+                let ticket = self.tracker.stream_end(xid, end);
+                let open = match self.streams.remove(&xid) {
+                    Some(open) => {
+                        self.metrics.streamed_open.fetch_sub(1, Ordering::Relaxed);
+                        open
+                    }
+                    None => OpenStream::default(),
+                };
+                let mut members = attempt;
+                if view.action == Action::Commit {
+                    let mut obj = ObjectWriter::open_member(&mut members, "changes");
+                    for (t, n) in &open.counts {
+                        obj.field_str(&mut members, t.as_bytes());
+                        write_u64(&mut members, *n);
+                    }
+                    obj.close(&mut members);
+                }
+                let mut obj = ObjectWriter::open_member(&mut members, "partitions");
+                for (t, n) in &open.topics {
+                    obj.field_str(&mut members, t.as_bytes());
+                    write_u64(&mut members, (*n).max(0) as u64);
+                }
+                obj.close(&mut members);
+                if view.action == Action::Commit {
+                    // A chunk read while it committed may hold rows from before it: read
+                    // again (its changes were not observed one by one).
+                    let tables: Vec<&str> = open.counts.keys().map(String::as_str).collect();
+                    self.snapshots.observe_streamed_commit(&tables);
+                    self.metrics
+                        .streamed_committed
+                        .fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.metrics
+                        .streamed_aborted
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                self.streams.insert(xid, open);
+                self.stream_marker(ticket, xid, bytes, &members, headers)
+                    .await?;
+                self.streams.remove(&xid);
+                self.tracker.complete(ticket);
+                Ok(())
+            }
+            Action::Begin => Err(RelayError::Record(format!(
+                "a streamed B record at {}: the plugin begins a streamed transaction with S",
+                view.lsn
+            ))),
+            _ => {
+                let ticket = self.tracker.streamed(xid);
+                self.metrics
+                    .streamed_records
+                    .fetch_add(1, Ordering::Relaxed);
+                self.change(bytes, view, ticket, Some((xid, &attempt)))
+                    .await
+            }
+        }
+    }
+
+    /// A streamed transaction's `A` or `C` (`members` added): to the transactions topic and
+    /// to every partition of the table topics its records went to.
+    async fn stream_marker(
+        &mut self,
+        ticket: Ticket,
+        xid: u64,
+        bytes: &[u8],
+        members: &[u8],
+        headers: &[(&'static str, String)],
+    ) -> Result<(), RelayError> {
+        let value = route::value_with_members(bytes, members, &self.source_json);
+        let topic = self.topics.transactions_topic();
+        self.produce_by_source(ticket, &topic, &value, headers)
+            .await?;
+        let topics: Vec<(String, i32)> = self
+            .streams
+            .get(&xid)
+            .map(|s| s.topics.iter().map(|(t, n)| (t.clone(), *n)).collect())
+            .unwrap_or_default();
+        for (topic, partitions) in topics {
+            self.produce_to_all(ticket, &topic, partitions, &value, headers)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A change (or B, C, M of a committed transaction), produced with `ticket`. `stream`:
+    /// the xid of its streamed transaction and the members it gets (`"attempt"`).
+    async fn change(
+        &mut self,
+        bytes: &[u8],
+        view: &RecordView<'_>,
+        ticket: Ticket,
+        stream: Option<(u64, &[u8])>,
+    ) -> Result<(), RelayError> {
+        let all_headers = self.headers(view);
+        let headers = all_headers.as_ref().map_or(&[][..], |h| &h[..]);
+        let members = stream.map_or(&[][..], |(_, m)| m);
         match view.action {
             Action::Begin => {
                 self.counts.clear();
@@ -509,15 +678,18 @@ impl Session<'_> {
                     Action::Truncate => (None, None),
                     _ => (view.key_json(), view.old_key_json()),
                 };
-                self.snapshots.observe(
-                    &qualified,
-                    key.as_deref(),
-                    old_key.as_deref(),
-                    view.truncate.as_ref().map(|t| t.tables.as_slice()),
-                );
-                *self.counts.entry(qualified).or_default() += 1;
+                if stream.is_none() {
+                    // A streamed change is observed at its commit (`streamed`).
+                    self.snapshots.observe(
+                        &qualified,
+                        key.as_deref(),
+                        old_key.as_deref(),
+                        view.truncate.as_ref().map(|t| t.tables.as_slice()),
+                    );
+                }
+                self.count(stream.map(|s| s.0), Some(qualified), &topic, partitions);
                 self.metrics.changes.fetch_add(1, Ordering::Relaxed);
-                let value = route::value_with_source(bytes, &self.source_json);
+                let value = route::value_with_members(bytes, members, &self.source_json);
                 if view.action == Action::Truncate {
                     // A truncate concerns every row: every partition gets it, in order.
                     self.produce_to_all(ticket, &topic, partitions, &value, headers)
@@ -538,7 +710,13 @@ impl Session<'_> {
                         )
                         .await?;
                     }
-                    if view.action == Action::Delete && self.rt.source.tombstones && key.is_some() {
+                    // Not for a streamed delete: compaction would drop the key's last value
+                    // before the transaction commits, or though it aborts.
+                    if view.action == Action::Delete
+                        && self.rt.source.tombstones
+                        && key.is_some()
+                        && stream.is_none()
+                    {
                         self.produce(ticket, &topic, None, key, None, headers)
                             .await?;
                     }
@@ -562,7 +740,6 @@ impl Session<'_> {
                         topics.push(old_topic);
                     }
                 }
-                *self.counts.entry(format!("{schema}.{table}")).or_default() += 1;
                 self.metrics.changes.fetch_add(1, Ordering::Relaxed);
                 if l.needs_snapshot() {
                     // A volatile default gave every existing row its own value: a snapshot of
@@ -584,9 +761,12 @@ impl Session<'_> {
                         }
                     });
                 }
-                let value = route::value_with_source(bytes, &self.source_json);
+                let value = route::value_with_members(bytes, members, &self.source_json);
+                let mut qualified = Some(format!("{schema}.{table}"));
                 for topic in topics {
                     let partitions = self.kafka.ensure_topic(&topic).await?;
+                    // Counted once, under the table's new name.
+                    self.count(stream.map(|s| s.0), qualified.take(), &topic, partitions);
                     self.produce_to_all(ticket, &topic, partitions, &value, headers)
                         .await?;
                 }
@@ -596,7 +776,7 @@ impl Session<'_> {
                     .content
                     .and_then(|c| serde_json::from_str::<String>(c.get()).ok());
                 if let Some(ready) = self.snapshots.watermark(content.as_deref()).await {
-                    self.produce_chunk(ready, &view, ticket).await?;
+                    self.produce_chunk(ready, view, ticket).await?;
                 }
                 if view.transactional != Some(true) {
                     self.tracker.complete(ticket);
@@ -605,7 +785,7 @@ impl Session<'_> {
             Action::Message => {
                 if view.prefix.as_deref() != Some(HEARTBEAT_PREFIX) {
                     let topic = self.topics.messages_topic();
-                    let value = route::value_with_source(bytes, &self.source_json);
+                    let value = route::value_with_members(bytes, members, &self.source_json);
                     self.produce_by_source(ticket, &topic, &value, headers)
                         .await?;
                 }
@@ -621,6 +801,34 @@ impl Session<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Counts a change of `qualified` (if given) for its transaction's C record, and, in a
+    /// streamed transaction, the topic its end must reach.
+    fn count(
+        &mut self,
+        stream: Option<u64>,
+        qualified: Option<String>,
+        topic: &str,
+        partitions: i32,
+    ) {
+        match stream {
+            None => {
+                if let Some(q) = qualified {
+                    *self.counts.entry(q).or_default() += 1;
+                }
+            }
+            Some(xid) => {
+                let open = self.streams.entry(xid).or_default();
+                if !open.topics.contains_key(topic) {
+                    // Looked up first: a String per change only for a new topic.
+                    open.topics.insert(topic.to_string(), partitions);
+                }
+                if let Some(q) = qualified {
+                    *open.counts.entry(q).or_default() += 1;
+                }
+            }
+        }
     }
 
     /// The headers of a record's messages, unless `kafka.headers` is off: built only when

@@ -86,6 +86,10 @@ pub(crate) struct Window {
     pub(crate) changed: HashSet<String>,
     /// The table was truncated inside the window: no chunk row stands.
     pub(crate) truncated: bool,
+    /// A streamed transaction that changed the table committed inside the window: its keys
+    /// were not observed one by one (they came before its commit), so the chunk is read
+    /// again instead of produced.
+    pub(crate) void: bool,
 }
 
 impl Window {
@@ -95,6 +99,7 @@ impl Window {
             low_seen: false,
             changed: HashSet::new(),
             truncated: false,
+            void: false,
         }
     }
 
@@ -112,6 +117,13 @@ impl Window {
     pub(crate) fn observe_truncate(&mut self, tables: &[String]) {
         if self.low_seen && tables.contains(&self.table) {
             self.truncated = true;
+        }
+    }
+
+    /// A streamed transaction that changed `tables` committed.
+    pub(crate) fn observe_streamed_commit(&mut self, tables: &[&str]) {
+        if self.low_seen && tables.contains(&self.table.as_str()) {
+            self.void = true;
         }
     }
 
@@ -353,6 +365,21 @@ mod tests {
             !w.keeps(r#"{"id":1}"#),
             "a truncate inside the window drops every row"
         );
+    }
+
+    #[test]
+    fn a_streamed_transaction_committing_inside_the_window_voids_the_chunk() {
+        let mut w = Window::new("public.t".into());
+        w.observe_streamed_commit(&["public.t"]); // committed before the low watermark
+        assert!(!w.void);
+        w.low_seen = true;
+        w.observe_streamed_commit(&["public.other"]);
+        assert!(
+            !w.void,
+            "another table's transaction leaves the chunk alone"
+        );
+        w.observe_streamed_commit(&["public.other", "public.t"]);
+        assert!(w.void);
     }
 
     #[test]

@@ -268,6 +268,17 @@ impl SnapshotDriver {
         }
     }
 
+    /// A streamed transaction that changed `tables` committed: a chunk of one of them whose
+    /// window is open is read again.
+    pub(crate) fn observe_streamed_commit(&mut self, tables: &[&str]) {
+        if let State::Reading {
+            window: Some(w), ..
+        } = &mut self.state
+        {
+            w.observe_streamed_commit(tables);
+        }
+    }
+
     /// A `saiki.snapshot` message (its content, a JSON string) from the stream. At the high
     /// watermark of the chunk being read, the chunk and its window are handed back to be
     /// produced; watermarks of other sessions or relays are ignored.
@@ -301,6 +312,11 @@ impl SnapshotDriver {
                 else {
                     return None;
                 };
+                if window.void {
+                    // Idle: the next step reads the chunk again from the recorded progress.
+                    debug!(table = %window.table, "a streamed transaction committed inside the chunk's window: reading the chunk again");
+                    return None;
+                }
                 Some(ReadyChunk { chunk, window })
             }
         }

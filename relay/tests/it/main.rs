@@ -12,4 +12,5 @@ mod shards;
 mod sink;
 mod snapshot;
 mod source;
+mod stream;
 mod tls;

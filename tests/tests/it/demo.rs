@@ -11,9 +11,10 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
         .unwrap();
     let out = Command::new("bash")
         .arg(root.join("scripts/demo.sh"))
-        // 20 s: room for the sink's rebalances as the topics appear one by one (tansu takes
-        // seconds for each), and for the migration the demo runs at 4 s.
-        .args(["--seconds", "20"])
+        // 30 s: room for the sink's rebalances as the topics appear one by one (tansu takes
+        // seconds for each), for the migration the demo runs at 4 s, and for its batch job
+        // (6 s in, committed about 5 s later) to reach the ODS.
+        .args(["--seconds", "30"])
         .env("SAIKI_DEMO_PORT", saiki_tests::loopback_port().to_string())
         .env(
             "SAIKI_DEMO_KAFKA_PORT",
@@ -72,6 +73,22 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
     );
     assert!(ods_orders > 10, "orders reached the ODS: {last}\n{stdout}");
     assert!(stdout.contains("nothing left running"), "{stdout}");
+    // The batch job was streamed to Kafka while it ran, and reached the ODS whole, in one
+    // ODS transaction.
+    let batch = stdout
+        .lines()
+        .find(|l| l.starts_with("[demo] batch job: "))
+        .unwrap_or_else(|| panic!("no batch job line:\n{stdout}"));
+    let streamed: u64 = batch["[demo] batch job: ".len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(streamed >= 50000, "{batch}");
+    assert!(
+        batch.contains("ODS price_history: 50000 rows (of 50000), written by 1 ODS transaction(s)"),
+        "{batch}\n{stdout}"
+    );
     // The migrations mid-run reached the ODS (a column added, then renamed), the rows from
     // before them included.
     assert!(
