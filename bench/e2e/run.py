@@ -25,7 +25,7 @@
 6. The ODS against the source: row counts and a checksum of every column of all tables.
 
 Run through bench/e2e/run.sh (setup, release builds)."""
-import argparse, os, re, shutil, subprocess, sys, time, urllib.request
+import argparse, os, re, shutil, subprocess, sys, threading, time, urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "decode"))
 import run as decode  # the throw-away cluster of bench/decode
@@ -66,6 +66,17 @@ CHECKSUMS = {
     "order_items": "SELECT count(*), coalesce(sum(hashtext(concat_ws('|', order_id, article_id, qty))), 0) FROM {t}",
     "price_history": "SELECT count(*), coalesce(sum(hashtext(concat_ws('|', article_id, day, price))), 0) FROM {t}",
 }
+
+
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def metrics(port):
@@ -197,6 +208,18 @@ class Pipeline:
         spill0, stream0 = map(int, self.c.psql(stats, db="shop").split("|"))
         days = (rows + 99) // 100
 
+        rss = {"source": 0, "sink": 0}
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                for name, p in (("source", self.procs[0]), ("sink", self.procs[1])):
+                    rss[name] = max(rss[name], rss_kib(p.pid))
+                time.sleep(0.25)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+
         def batch():
             time.sleep(seconds / 4)
             self.c.psql(f"INSERT INTO price_history SELECT a, date '2000-01-01' + d, 1 + (a * d) % 997 / 10.0 "
@@ -218,7 +241,9 @@ class Pipeline:
                                 db="ods"))
         txns = self.c.psql("SELECT count(DISTINCT xmin::text) FROM ods.price_history", db="ods")
         spill1, stream1 = map(int, self.c.psql(stats, db="shop").split("|"))
-        return tps, ods - src, int(txns), fresh, spill1 - spill0, stream1 - stream0
+        done.set()
+        sampler.join()
+        return tps, ods - src, int(txns), fresh, spill1 - spill0, stream1 - stream0, rss
 
     def start_relays(self):
         c = self.c
@@ -428,14 +453,15 @@ def main():
             for stream_large in (True, False):
                 pl.restart_source(stream_large)
                 pl.c.psql("TRUNCATE price_history", db="shop")
-                tps_b, commit_to_ods, txns, fresh_b, spill, stream = pl.big_transaction(
+                tps_b, commit_to_ods, txns, fresh_b, spill, stream, rss = pl.big_transaction(
                     args.fresh_seconds, half, args.big_rows)
                 results[stream_large] = commit_to_ods
                 print(f"  stream_large {'on ' if stream_large else 'off'}: its commit -> ODS {commit_to_ods:7.2f} s "
                       f"(in {txns} ODS transaction{'s' if txns != 1 else ''}); orders ({tps_b:.1f} tx/s) p50 "
                       f"{pct(fresh_b, 0.5) * 1000:.0f} ms, p99 {pct(fresh_b, 0.99) * 1000:.0f} ms, max "
                       f"{max(fresh_b) * 1000:.0f} ms; walsender spilled {spill / 2**20:.0f} MiB, streamed "
-                      f"{stream / 2**20:.0f} MiB", flush=True)
+                      f"{stream / 2**20:.0f} MiB; peak RSS source relay {rss['source'] / 1024:.0f} MiB, sink "
+                      f"{rss['sink'] / 1024:.0f} MiB", flush=True)
             print(f"  commit -> ODS of the batch job, streaming on against off: "
                   f"{results[True] / max(results[False], 1e-3):.2f}x the time")
 

@@ -109,6 +109,9 @@ pub struct Applied {
     pub staged: u64,
     pub stream_commits: u64,
     pub stream_aborts: u64,
+    /// The schema changes followed, when a streamed transaction applied here held one: the
+    /// sink plans what comes next through it.
+    pub(crate) schema: Option<Arc<SchemaLog>>,
 }
 
 /// Rows of a committed streamed transaction read from the staging and applied at once.
@@ -121,6 +124,8 @@ struct StreamsDone {
     staged: u64,
     commits: u64,
     aborts: u64,
+    /// The schema log after the `L` records of the transactions applied, if any.
+    schema: Option<Arc<SchemaLog>>,
 }
 
 /// Plans the staged records of a streamed transaction that committed at `commit_lsn`.
@@ -326,6 +331,7 @@ impl Applier {
             staged: streams.staged,
             stream_commits: streams.commits,
             stream_aborts: streams.aborts,
+            schema: streams.schema,
         })
     }
 
@@ -360,9 +366,13 @@ impl Applier {
             match &end.commit {
                 Some((lsn, ts)) => {
                     let started = Instant::now();
-                    let (n, rows) = self
-                        .apply_committed(&end.key, *lsn, ts.as_deref(), planned, staged_dead)
+                    let schema = done.schema.clone().or_else(|| planned.planner.schema());
+                    let (n, rows, followed) = self
+                        .apply_committed(&end.key, *lsn, ts.as_deref(), schema, staged_dead)
                         .await?;
+                    if followed.is_some() {
+                        done.schema = followed;
+                    }
                     done.written += n;
                     done.commits += 1;
                     info!(source = %end.key.source, xid = end.key.xid, commit_lsn = %lsn, rows, written = n, ms = started.elapsed().as_millis() as u64, "streamed transaction applied at its commit");
@@ -382,22 +392,30 @@ impl Applier {
     /// Applies a committed streamed transaction's staged records in chunks of
     /// [`STAGED_CHUNK_ROWS`] (memory stays flat for any size), each under a savepoint: a chunk
     /// a statement fails on is applied record by record, and what fails goes to the
-    /// dead-letter topic. Returns rows written and records read.
+    /// dead-letter topic. A chunk ends after an `L` record, which the ODS follows before the
+    /// rows after it are planned, as a batch does. Returns rows written, records read, and the
+    /// schema log after the transaction's `L` records (if it had any).
     async fn apply_committed(
         &mut self,
         key: &StreamKey,
         commit_lsn: saiki_core::Lsn,
         commit_ts: Option<&str>,
-        planned: &Planned<'_>,
+        mut schema: Option<Arc<SchemaLog>>,
         staged_dead: &mut Vec<(OwnedMessage, String)>,
-    ) -> Result<(u64, u64), ApplyError> {
+    ) -> Result<(u64, u64, Option<Arc<SchemaLog>>), ApplyError> {
         let kis = self.ods.key_includes_source();
-        let schema = planned.planner.schema();
         let (mut after, mut written, mut read) = (0i64, 0u64, 0u64);
+        let mut followed = None;
         loop {
-            let rows = staging::chunk(self.ods.client(), key, after, STAGED_CHUNK_ROWS)
+            let mut rows = staging::chunk(self.ods.client(), key, after, STAGED_CHUNK_ROWS)
                 .await
                 .map_err(|e| ApplyError::Fatal(self.ods.err(&e)))?;
+            if let Some(l) = rows.iter().position(|(_, m)| {
+                m.payload()
+                    .is_some_and(|p| p.starts_with(b"{\"action\":\"L\""))
+            }) {
+                rows.truncate(l + 1);
+            }
             let Some((last, _)) = rows.last() else {
                 break;
             };
@@ -447,9 +465,29 @@ impl Applier {
             } else {
                 self.ods.release_savepoint().await?;
             }
+            // The chunk's L record (its last): decided and followed as the sink does for a
+            // batch's, through a log of this apply's own, handed back to the sink.
+            for sc in &p.planner.schema_changes {
+                let mut log: SchemaLog = schema.as_deref().cloned().unwrap_or_default();
+                for (table, source) in self.ods.sources_of(std::slice::from_ref(&sc.table)).await? {
+                    log.saw(&table, &source);
+                }
+                if let Some(plan) = p.planner.tables.get(&sc.table) {
+                    for source in plan.sources() {
+                        log.saw(&sc.table, source);
+                    }
+                }
+                let mut sc = sc.clone();
+                sc.steps = log
+                    .record(&sc.table, &sc.source, sc.at, &sc.changes)
+                    .unwrap_or_default();
+                self.ods.apply_schema_change(&sc).await?;
+                schema = Some(Arc::new(log));
+                followed = schema.clone();
+            }
             staged_dead.extend(dead.into_iter().map(|(i, r)| (owned[i].clone(), r)));
         }
-        Ok((written, read))
+        Ok((written, read, followed))
     }
 
     /// Applies one record's plan under a savepoint; a statement that fails on its data

@@ -364,6 +364,9 @@ async fn session(
     // messages queued after them (it did, against tansu, with topic_refresh = 200ms).
     let mut next_refresh = tokio::time::Instant::now() + s.refresh_interval();
     let mut last_gc: Option<Instant> = None;
+    // A deadline, not a sleep per turn of the loop: messages of other partitions arriving
+    // all the time would restart a sleep before it ends.
+    let mut next_hold_poll = tokio::time::Instant::now();
     loop {
         if s.ledger.rewinding() {
             s.rewind().await?;
@@ -402,6 +405,10 @@ async fn session(
                 s.inflight = None;
                 s.finish(done)?;
             }
+            _ = tokio::time::sleep_until(next_hold_poll), if !s.held.is_empty() => {
+                s.release_holds().await?;
+                next_hold_poll = tokio::time::Instant::now() + HOLD_POLL;
+            }
             m = s.consumer.recv() => {
                 match m {
                     Ok(m) => {
@@ -426,9 +433,6 @@ async fn session(
                     }
                     Err(e) => warn!(error = %e, "consume"),
                 }
-            }
-            _ = tokio::time::sleep(HOLD_POLL), if !s.held.is_empty() => {
-                s.release_holds().await?;
             }
             _ = tokio::time::sleep_until(next_refresh) => {
                 s.handle_events();
@@ -501,7 +505,13 @@ impl Session<'_> {
                 staged,
                 stream_commits,
                 stream_aborts,
+                schema,
             }) => {
+                if let Some(log) = schema {
+                    // A streamed transaction held schema changes: what comes next is planned
+                    // through them (its batch was the last cut before this).
+                    self.schema = log;
+                }
                 self.ledger.committed(&done.offsets);
                 let pos = &self.consumer.context().positions;
                 let mut pos = pos.lock().unwrap_or_else(|p| p.into_inner());
@@ -717,7 +727,17 @@ impl Session<'_> {
         for tp in &changed {
             self.ledger.forget(tp);
         }
-        self.held.retain(|tp| !changed.contains(tp));
+        let mut resume = TopicPartitionList::new();
+        for tp in self.held.iter().filter(|tp| changed.contains(tp)) {
+            resume.add_partition(&tp.0, tp.1);
+        }
+        if resume.count() > 0 {
+            // Still ours, it is held again at its first message if it must wait.
+            if let Err(e) = self.consumer.resume(&resume) {
+                debug!(error = %e, "resuming partitions that changed hands");
+            }
+            self.held.retain(|tp| !changed.contains(tp));
+        }
         let n = self
             .consumer
             .assignment()

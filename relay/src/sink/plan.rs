@@ -373,12 +373,6 @@ impl<'a> Planner<'a> {
         }
         match rec.action {
             Action::Insert | Action::Update | Action::Delete | Action::Read | Action::Truncate => {}
-            Action::SchemaChange if self.committed.is_some() => {
-                return Outcome::DeadLetter(format!(
-                    "a schema change inside a streamed transaction ({}): this sink applies its rows but not the change itself; apply it to the ODS table by hand (the statement is in the record), or set source.stream_large = false on sources that run DDL in large transactions",
-                    rec.table.as_deref().unwrap_or("?")
-                ));
-            }
             Action::SchemaChange => {
                 return match self.schema_change(msg.topic, payload, &rec) {
                     Ok(()) => Outcome::Planned,
@@ -584,7 +578,9 @@ impl<'a> Planner<'a> {
         let table = rec.table.as_deref().ok_or_else(|| missing("table"))?;
         let source = rec.source.as_deref().ok_or_else(|| missing("source"))?;
         let at = (
-            rec.commit_lsn.ok_or_else(|| missing("commit_lsn"))?,
+            rec.commit_lsn
+                .or(self.committed.map(|c| c.0))
+                .ok_or_else(|| missing("commit_lsn"))?,
             rec.seq.ok_or_else(|| missing("seq"))?,
         );
         // A source that has not renamed the table yet changes the renamed ODS table.

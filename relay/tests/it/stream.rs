@@ -113,6 +113,8 @@ fn setup(pg: &PgCluster) -> saiki_tests::postgres::Client {
     exec(
         &mut db,
         &[
+            // DDL capture: schema changes inside a streamed transaction reach the ODS too.
+            "CREATE EXTENSION saiki",
             "CREATE TABLE orders (id int PRIMARY KEY, qty int, note text)",
             // Out of line, uncompressed: an update of qty leaves note unchanged-TOAST.
             "ALTER TABLE orders ALTER COLUMN note SET STORAGE EXTERNAL",
@@ -219,7 +221,9 @@ fn a_large_transaction_is_in_kafka_while_it_runs_and_in_the_ods_at_its_commit_in
          DELETE FROM orders WHERE id BETWEEN 990 AND 1000;
          SAVEPOINT c;
          UPDATE prices SET price = 7, label = 'released' WHERE sku <= 10;
-         RELEASE c;",
+         RELEASE c;
+         ALTER TABLE prices ADD COLUMN currency text NOT NULL DEFAULT 'EUR';
+         UPDATE prices SET currency = 'USD' WHERE sku <= 100;",
     )
     .unwrap();
     // In Kafka before the commit: the sink read and staged them from there.
@@ -248,7 +252,15 @@ fn a_large_transaction_is_in_kafka_while_it_runs_and_in_the_ods_at_its_commit_in
         &mut db,
         &["UPDATE orders SET qty = qty + 10 WHERE id IN (3, 4, 5, 6)"],
     );
-    wait_same(&mut db, &mut ods, PRICES, ODS_PRICES, &sink);
+    // With the column the transaction added: the ODS followed its L record between its rows.
+    let with_currency = "SELECT sku, price, label, currency FROM prices ORDER BY sku";
+    wait_same(
+        &mut db,
+        &mut ods,
+        with_currency,
+        &with_currency.replace("FROM prices", "FROM ods.prices"),
+        &sink,
+    );
     wait_same(&mut db, &mut ods, ORDERS, ODS_ORDERS, &sink);
     let seen = sampler.finish();
     assert!(
