@@ -14,6 +14,8 @@ use crate::error::RelayError;
 pub(crate) const REFERENCE: &str = r#"[source]
 name = "shard1"                  # required: goes into every record ("source") and header
 dsn = "postgres://saiki@127.0.0.1:5432/shop"   # required: URI or key=value; replication is added
+                                 # several hosts (host=a,b target_session_attrs=read-write):
+                                 # the primary among them, after a failover too
 slot = "saiki_shard1"            # created with plugin saiki if missing (never dropped)
 tables = []                      # add-tables patterns, e.g. ["public.*"]; empty = all tables
 heartbeat_interval = "10s"       # pg_logical_emit_message on a side connection; "0s" = off

@@ -20,6 +20,7 @@ pub(crate) const SOURCE_STREAMED_TRANSACTIONS_OPEN: &str =
 pub(crate) const SOURCE_STREAMED_RECORDS_TOTAL: &str = "saiki_source_streamed_records_total";
 pub(crate) const SOURCE_STREAMED_COMMITS_TOTAL: &str = "saiki_source_streamed_commits_total";
 pub(crate) const SOURCE_STREAMED_ABORTS_TOTAL: &str = "saiki_source_streamed_aborts_total";
+pub(crate) const SOURCE_RESYNCS_TOTAL: &str = "saiki_source_resyncs_total";
 
 pub(crate) const SINK_RECORDS_CONSUMED_TOTAL: &str = "saiki_sink_records_consumed_total";
 pub(crate) const SINK_ROWS_APPLIED_TOTAL: &str = "saiki_sink_rows_applied_total";
@@ -64,6 +65,7 @@ pub const ALL: &[&str] = &[
     SOURCE_STREAMED_RECORDS_TOTAL,
     SOURCE_STREAMED_COMMITS_TOTAL,
     SOURCE_STREAMED_ABORTS_TOTAL,
+    SOURCE_RESYNCS_TOTAL,
     SINK_RECORDS_CONSUMED_TOTAL,
     SINK_ROWS_APPLIED_TOTAL,
     SINK_BATCHES_TOTAL,
@@ -478,6 +480,9 @@ pub struct SourceMetrics {
     pub(crate) streamed_records: AtomicU64,
     pub(crate) streamed_committed: AtomicU64,
     pub(crate) streamed_aborted: AtomicU64,
+    /// Resyncs after the slot lost changes (a failover), and why the last one happened.
+    pub(crate) resyncs: AtomicU64,
+    pub(crate) resync_reason: std::sync::Mutex<Option<String>>,
     /// Per table of this relay's snapshots since it started: (rows done, rows estimated).
     pub(crate) snapshot_tables: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
     /// Streaming from the slot and producing: what /ready reports.
@@ -584,6 +589,12 @@ impl SourceMetrics {
             "counter",
             "Streamed transactions that aborted (their records in Kafka are void).",
             g(&self.streamed_aborted),
+        );
+        metric(
+            SOURCE_RESYNCS_TOTAL,
+            "counter",
+            "Resyncs (a snapshot of every captured table) after the slot lost changes: missing after a failover, or not the one streamed from.",
+            g(&self.resyncs),
         );
         let tables = self
             .snapshot_tables

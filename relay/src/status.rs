@@ -77,6 +77,8 @@ pub(crate) struct RelayStatus {
     pub(crate) streamed_open: Option<u64>,
     /// Sink: their staged rows.
     pub(crate) staged_rows: Option<u64>,
+    /// Source: resyncs after the slot lost changes.
+    pub(crate) resyncs: Option<u64>,
     /// Why the relay could not be read.
     pub(crate) error: Option<String>,
 }
@@ -167,6 +169,7 @@ impl RelayStatus {
                     s.streamed_open = n
                 }
                 SINK_STAGED_ROWS => s.staged_rows = n,
+                SOURCE_RESYNCS_TOTAL => s.resyncs = n,
                 _ if name == freshness_bucket => {
                     let le = label_value(labels, "le").and_then(|le| match le {
                         "+Inf" => Some(f64::INFINITY),
@@ -483,6 +486,11 @@ fn note(r: &RelayStatus) -> String {
     if let Some(n) = r.stopped_topics.filter(|n| *n > 0) {
         notes.push(format!(
             "{n} topic(s) stopped at a schema change: see saiki_sink.stopped"
+        ));
+    }
+    if let Some(n) = r.resyncs.filter(|n| *n > 0) {
+        notes.push(format!(
+            "{n} resync(s): the slot lost changes (a failover?); snapshots of every table requested, see the relay's log"
         ));
     }
     match (r.streamed_open.filter(|n| *n > 0), r.staged_rows) {

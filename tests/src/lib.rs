@@ -174,6 +174,71 @@ impl PgCluster {
             .stderr(std::process::Stdio::null()));
     }
 
+    /// A streaming physical standby of this cluster (`pg_basebackup -R`), started on a port
+    /// of its own; it follows this cluster until [`PgCluster::promote`].
+    pub fn start_standby(&self) -> PgCluster {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("{DATA_PREFIX}{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        run(Command::new("chown").args(["postgres:postgres", dir.to_str().unwrap()]));
+        let data = dir.join("data");
+        run(as_postgres(&format!("{PG_BIN}/pg_basebackup")).args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-D",
+            data.to_str().unwrap(),
+            "-R",
+            "-X",
+            "stream",
+            "--no-sync",
+        ]));
+        let port = free_port();
+        let conf = data.join("postgresql.conf");
+        let text = std::fs::read_to_string(&conf).unwrap();
+        std::fs::write(
+            &conf,
+            format!(
+                "{text}\n# standby\nport = {port}\nunix_socket_directories = '{}'\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let standby = PgCluster { dir, port };
+        run(as_postgres(&format!("{PG_BIN}/pg_ctl"))
+            .args(["-D", data.to_str().unwrap(), "-l"])
+            .arg(standby.dir.join("log"))
+            .args(["-w", "-t", "60", "start"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()));
+        standby
+    }
+
+    /// Stops the server at once (`-m immediate`: no shutdown checkpoint, as a crash).
+    pub fn stop_immediately(&self) {
+        run(as_postgres(&format!("{PG_BIN}/pg_ctl"))
+            .args(["-D", self.data_dir().to_str().unwrap()])
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()));
+    }
+
+    /// Promotes a standby to a primary and waits until it accepts writes.
+    pub fn promote(&self) {
+        run(as_postgres(&format!("{PG_BIN}/pg_ctl"))
+            .args(["-D", self.data_dir().to_str().unwrap()])
+            .args(["-w", "-t", "60", "promote"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()));
+    }
+
     /// The server log so far, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()

@@ -6,8 +6,16 @@ use std::collections::BTreeMap;
 
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct Dsn {
+    /// The first host (where a single-host connection goes).
     pub(crate) host: String,
     pub(crate) port: u16,
+    /// Every host with its port, in the DSN's order (`host=a,b port=5432,5433`, or
+    /// `postgres://a:5432,b:5433/db`), the first one included: a connection tries them in
+    /// turn, as libpq does.
+    pub(crate) hosts: Vec<(String, u16)>,
+    /// `target_session_attrs=read-write`: skip a server in recovery (a standby), so that the
+    /// relay follows a promotion.
+    pub(crate) read_write: bool,
     pub(crate) user: String,
     pub(crate) password: Option<String>,
     pub(crate) dbname: String,
@@ -24,10 +32,13 @@ impl std::fmt::Debug for Dsn {
 impl std::fmt::Display for Dsn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let pw = if self.password.is_some() { ":***" } else { "" };
+        let hosts: Vec<String> = self.hosts.iter().map(|(h, p)| format!("{h}:{p}")).collect();
         write!(
             f,
-            "postgres://{}{pw}@{}:{}/{}",
-            self.user, self.host, self.port, self.dbname
+            "postgres://{}{pw}@{}/{}",
+            self.user,
+            hosts.join(","),
+            self.dbname
         )
     }
 }
@@ -78,13 +89,19 @@ impl Dsn {
                 }
             }
             if !hostport.is_empty() {
-                let (h, p) = match hostport.rsplit_once(':') {
-                    Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => (h, Some(p)),
-                    _ => (hostport, None),
-                };
-                kv.insert("host".into(), h.trim_matches(['[', ']']).to_string());
-                if let Some(p) = p {
-                    kv.insert("port".into(), p.to_string());
+                // `h1:p1,h2:p2`: the key=value form's two lists.
+                let (mut hosts, mut ports) = (Vec::new(), Vec::new());
+                for one in hostport.split(',') {
+                    let (h, p) = match one.rsplit_once(':') {
+                        Some((h, p)) if !h.ends_with(']') || one.starts_with('[') => (h, Some(p)),
+                        _ => (one, None),
+                    };
+                    hosts.push(h.trim_matches(['[', ']']).to_string());
+                    ports.push(p.unwrap_or("").to_string());
+                }
+                kv.insert("host".into(), hosts.join(","));
+                if ports.iter().any(|p| !p.is_empty()) {
+                    kv.insert("port".into(), ports.join(","));
                 }
             }
             if !db.is_empty() {
@@ -108,15 +125,50 @@ impl Dsn {
             .remove("user")
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_else(|| "postgres".into());
-        let port = match kv.remove("port") {
+        let host_list: Vec<String> = kv
+            .remove("host")
+            .unwrap_or_else(|| "localhost".into())
+            .split(',')
+            .map(|h| h.trim().to_string())
+            .collect();
+        if host_list.iter().any(String::is_empty) {
+            return Err("host: an empty entry in the list".into());
+        }
+        let ports: Vec<u16> = match kv.remove("port") {
             Some(p) => p
-                .parse()
-                .map_err(|_| format!("port '{p}' is not a number"))?,
-            None => 5432,
+                .split(',')
+                .map(|one| match one.trim() {
+                    "" => Ok(5432),
+                    n => n.parse().map_err(|_| format!("port '{n}' is not a number")),
+                })
+                .collect::<Result<_, _>>()?,
+            None => vec![5432],
+        };
+        // libpq: one port for every host, or one per host.
+        let hosts: Vec<(String, u16)> = match ports.len() {
+            1 => host_list.iter().map(|h| (h.clone(), ports[0])).collect(),
+            n if n == host_list.len() => host_list.into_iter().zip(ports).collect(),
+            n => {
+                return Err(format!(
+                    "{} hosts but {n} ports: give one port, or one per host",
+                    host_list.len()
+                ))
+            }
+        };
+        let read_write = match kv.remove("target_session_attrs").as_deref() {
+            None | Some("any") => false,
+            Some("read-write") | Some("primary") => true,
+            Some(other) => {
+                return Err(format!(
+                    "target_session_attrs '{other}': the relay supports any, read-write and primary"
+                ))
+            }
         };
         let dsn = Dsn {
-            host: kv.remove("host").unwrap_or_else(|| "localhost".into()),
-            port,
+            host: hosts[0].0.clone(),
+            port: hosts[0].1,
+            hosts,
+            read_write,
             dbname: kv.remove("dbname").unwrap_or_else(|| user.clone()),
             password: kv
                 .remove("password")
@@ -191,6 +243,29 @@ mod tests {
         .unwrap();
         assert_eq!(a, b);
         assert_eq!(a.password.as_deref(), Some("s@cret"));
+    }
+
+    #[test]
+    fn several_hosts_are_tried_in_order_as_libpq_lists_them() {
+        let a =
+            Dsn::parse("host=db1,db2 port=5432,5433 dbname=shop target_session_attrs=read-write")
+                .unwrap();
+        let b = Dsn::parse("postgres://db1:5432,db2:5433/shop?target_session_attrs=read-write")
+            .unwrap();
+        assert_eq!(a.hosts, b.hosts);
+        assert_eq!(a.hosts, vec![("db1".into(), 5432), ("db2".into(), 5433)]);
+        assert!(a.read_write && b.read_write);
+        assert_eq!((a.host.as_str(), a.port), ("db1", 5432));
+        assert!(a.to_string().contains("db1:5432,db2:5433"), "{a}");
+        let one_port = Dsn::parse("host=a,b port=6000").unwrap();
+        assert_eq!(one_port.hosts, vec![("a".into(), 6000), ("b".into(), 6000)]);
+        assert!(!one_port.read_write);
+        assert!(Dsn::parse("host=a,b,c port=1,2")
+            .unwrap_err()
+            .contains("3 hosts but 2 ports"));
+        assert!(Dsn::parse("host=a target_session_attrs=standby")
+            .unwrap_err()
+            .contains("target_session_attrs"));
     }
 
     #[test]

@@ -29,15 +29,64 @@ pub(crate) struct PgConn {
 pub(crate) type Rows = Vec<Vec<Option<String>>>;
 
 impl PgConn {
-    /// Connects and authenticates. `replication` adds `replication=database`; `options` is
-    /// the startup `options` parameter (`-c name=value …`).
+    /// Connects and authenticates to the first of the DSN's hosts that answers (and, with
+    /// `target_session_attrs=read-write`, is not in recovery), as libpq does. `replication`
+    /// adds `replication=database`; `options` is the startup `options` parameter
+    /// (`-c name=value …`). Fails with the last host's error.
     pub(crate) async fn connect(
         dsn: &Dsn,
         replication: bool,
         options: &str,
     ) -> Result<PgConn, RelayError> {
-        let target = dsn.to_string();
-        let stream = crate::pg::tls::connect(&dsn.host, dsn.port, &dsn.tls, &target).await?;
+        let mut last = None;
+        for (host, port) in &dsn.hosts {
+            let attempt = async {
+                let mut c = PgConn::connect_one(dsn, host, *port, replication, options).await?;
+                if dsn.read_write && dsn.hosts.len() > 1 {
+                    let rows = c
+                        .simple_query("SELECT pg_catalog.pg_is_in_recovery()")
+                        .await?;
+                    if rows
+                        .first()
+                        .and_then(|r| r.first())
+                        .cloned()
+                        .flatten()
+                        .as_deref()
+                        == Some("t")
+                    {
+                        return Err(RelayError::Connect {
+                            target: c.target.clone(),
+                            source: std::io::Error::other(
+                                "the server is in recovery (a standby), and target_session_attrs asks for read-write",
+                            ),
+                        });
+                    }
+                }
+                Ok(c)
+            };
+            match attempt.await {
+                Ok(c) => return Ok(c),
+                // A refused login or certificate is the same on every host: definite.
+                Err(e) if !e.is_transient() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(host, port, error = %e, "trying the next host");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| RelayError::Config("the DSN names no host".into())))
+    }
+
+    async fn connect_one(
+        dsn: &Dsn,
+        host: &str,
+        port: u16,
+        replication: bool,
+        options: &str,
+    ) -> Result<PgConn, RelayError> {
+        let pw = if dsn.password.is_some() { ":***" } else { "" };
+        let target = format!("postgres://{}{pw}@{host}:{port}/{}", dsn.user, dsn.dbname);
+        let stream = crate::pg::tls::connect(host, port, &dsn.tls, &target).await?;
         let mut c = PgConn {
             stream,
             rbuf: BytesMut::with_capacity(64 * 1024),

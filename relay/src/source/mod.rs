@@ -29,7 +29,7 @@ use saiki_core::record::{Action, HEARTBEAT_PREFIX, SNAPSHOT_PREFIX};
 use saiki_core::Lsn;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
-use tracing::{debug, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 
 use crate::config::{KafkaConfig, SnapshotMode, SourceConfig};
 use crate::error::RelayError;
@@ -144,18 +144,65 @@ pub(crate) async fn run(
         backoff_max: rt.source.reconnect_backoff_max,
     };
     let span = || info_span!("source", name = %rt.source.name, slot = %rt.slot);
+    let memory = std::sync::Mutex::new(SlotMemory::default());
     supervise(supervised, &mut shutdown, span, async |shutdown| {
-        session(&rt, &metrics, &kafka, shutdown).await
+        session(&rt, &metrics, &kafka, &memory, shutdown).await
     })
     .await
 }
 
+/// What earlier sessions of this process saw of the slot: whether they streamed from it, and
+/// the server (system identifier, timeline) they streamed from.
+#[derive(Debug, Default)]
+struct SlotMemory {
+    streamed: bool,
+    system: Option<(String, String)>,
+}
+
+/// Why the slot no longer holds every change since the position this process confirmed
+/// (issue #14): it was missing (a failover to a standby, which PostgreSQL 15 gives no logical
+/// slots, or a DBA dropped it), or it is another server's, or someone created it anew after
+/// this process last confirmed. `None`: the slot continues where this process left it.
+pub(crate) fn slot_gap(
+    streamed_before: bool,
+    before: Option<&(String, String)>,
+    now: &(String, String),
+    created: bool,
+    slot_confirmed: Lsn,
+    last_confirmed: Lsn,
+) -> Option<String> {
+    if !streamed_before {
+        return None;
+    }
+    if let Some(b) = before.filter(|b| b.0 != now.0) {
+        return Some(format!(
+            "the server is another one (system identifier {}, was {}): its slot is not the one this relay streamed from",
+            now.0, b.0
+        ));
+    }
+    let timeline = match before {
+        Some(b) if b.1 != now.1 => format!(" (timeline {} now, was {}: a promotion)", now.1, b.1),
+        _ => String::new(),
+    };
+    if created {
+        return Some(format!(
+            "the slot was missing and has been created anew{timeline}"
+        ));
+    }
+    if last_confirmed.0 > 0 && slot_confirmed > last_confirmed {
+        return Some(format!(
+            "the slot starts at {slot_confirmed}, past {last_confirmed}, where this relay confirmed it last{timeline}: it is not the slot this relay streamed from"
+        ));
+    }
+    None
+}
+
 /// Checks the slot, creating it with plugin saiki if it is missing (never dropping one).
-/// Returns whether it was created.
-async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<bool, RelayError> {
+/// Returns whether it was created, and its confirmed position.
+async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<(bool, Lsn), RelayError> {
     let rows = conn
         .simple_query(&format!(
-            "SELECT plugin, database FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+            "SELECT plugin, database, confirmed_flush_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
             quote::literal(&rt.slot)
         ))
         .await?;
@@ -179,7 +226,13 @@ async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<bool, Rela
                 actual: db,
             });
         }
-        return Ok(false);
+        let confirmed = row
+            .get(2)
+            .cloned()
+            .flatten()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(Lsn(0));
+        return Ok((false, confirmed));
     }
     info!(slot = %rt.slot, "creating replication slot with plugin saiki");
     let created = conn
@@ -189,7 +242,15 @@ async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<bool, Rela
         ))
         .await;
     match created {
-        Ok(_) => Ok(true),
+        // Its position: the first column of CREATE_REPLICATION_SLOT's row is the slot name,
+        // the second the consistent point.
+        Ok(rows) => Ok((
+            true,
+            rows.first()
+                .and_then(|r| r.get(1).cloned().flatten())
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(Lsn(0)),
+        )),
         Err(RelayError::Server { target, mut error }) => {
             if error
                 .message
@@ -200,6 +261,37 @@ async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<bool, Rela
             Err(RelayError::Server { target, error })
         }
         Err(e) => Err(e),
+    }
+}
+
+/// `IDENTIFY_SYSTEM` on the replication connection: (system identifier, timeline).
+async fn identify_system(conn: &mut PgConn) -> Result<(String, String), RelayError> {
+    let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
+    let row = rows.first().ok_or_else(|| {
+        RelayError::Protocol(crate::pg::wire::ProtocolError(
+            "IDENTIFY_SYSTEM returned no row".into(),
+        ))
+    })?;
+    let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    Ok((col(0), col(1)))
+}
+
+/// The slot lost changes (`why`): a snapshot of every captured table brings the ODS back to
+/// the tables as they are (docs/operations.md, "A primary failover"). Without the extension,
+/// the relay streams on and says what a DBA must do.
+async fn resync(conn: &mut PgConn, rt: &SourceRuntime, metrics: &SourceMetrics, why: &str) {
+    metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+    *metrics
+        .resync_reason
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
+    match request_snapshots(conn, rt).await {
+        Ok(n) => {
+            warn!(reason = %why, tables = n, "resync: changes between the last confirmed position and now may be missing from Kafka; a snapshot of every captured table was requested (progress: saiki-relay status)")
+        }
+        Err(e) => {
+            error!(reason = %why, error = %e, "resync needed, and the snapshots could not be requested: changes between the last confirmed position and now may be missing; run saiki-relay snapshot --table for every captured table (needs CREATE EXTENSION saiki)")
+        }
     }
 }
 
@@ -232,6 +324,13 @@ async fn request_initial_snapshots(
     {
         return Ok(());
     }
+    let n = request_snapshots(conn, rt).await?;
+    info!(tables = n, "initial snapshot requested (progress: saiki-relay status, or SELECT * FROM saiki.snapshot_progress)");
+    Ok(())
+}
+
+/// Asks for a snapshot of every table the relay captures; returns how many.
+async fn request_snapshots(conn: &mut PgConn, rt: &SourceRuntime) -> Result<usize, RelayError> {
     let patterns = (!rt.source.tables.is_empty()).then(|| rt.source.tables.join(","));
     let opts =
         saiki_core::options::Options::parse(patterns.as_deref().map(|p| ("add-tables", Some(p))))
@@ -257,8 +356,7 @@ async fn request_initial_snapshots(
         snapshot::request(conn, &rt.slot, &qualified).await?;
         n += 1;
     }
-    info!(tables = n, "initial snapshot requested (progress: saiki-relay status, or SELECT * FROM saiki.snapshot_progress)");
-    Ok(())
+    Ok(n)
 }
 
 struct Session<'a> {
@@ -297,16 +395,38 @@ async fn session(
     rt: &SourceRuntime,
     metrics: &SourceMetrics,
     kafka: &Kafka,
+    memory: &std::sync::Mutex<SlotMemory>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
     let mut conn = PgConn::connect(&rt.dsn, true, SESSION_OPTIONS).await?;
-    let created = ensure_slot(&mut conn, rt).await?;
-    if rt.source.snapshot == SnapshotMode::Initial {
+    let system = identify_system(&mut conn).await?;
+    let (created, slot_confirmed) = ensure_slot(&mut conn, rt).await?;
+    let (streamed_before, before) = {
+        let m = memory.lock().unwrap_or_else(|p| p.into_inner());
+        (m.streamed, m.system.clone())
+    };
+    let last_confirmed = Lsn(metrics.confirmed_lsn.load(Ordering::Relaxed));
+    let gap = slot_gap(
+        streamed_before,
+        before.as_ref(),
+        &system,
+        created,
+        slot_confirmed,
+        last_confirmed,
+    );
+    if let Some(why) = &gap {
+        resync(&mut conn, rt, metrics, why).await;
+    } else if rt.source.snapshot == SnapshotMode::Initial {
         request_initial_snapshots(&mut conn, rt, created).await?;
     }
     let tls = conn.is_tls();
     let mut stream = conn.start_replication(&rt.start_command()).await?;
-    info!(dsn = %rt.dsn, tls, "streaming from the slot");
+    info!(dsn = %rt.dsn, tls, system = %system.0, timeline = %system.1, "streaming from the slot");
+    {
+        let mut m = memory.lock().unwrap_or_else(|p| p.into_inner());
+        m.streamed = true;
+        m.system = Some(system);
+    }
     metrics.ready.store(true, Ordering::Relaxed);
 
     let mut source_json = Vec::new();
@@ -1011,5 +1131,42 @@ impl Session<'_> {
         stream.flush().await.ok();
         info!(confirmed = %self.tracker.confirmable(), "drained and confirmed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sys(id: &str, tl: &str) -> (String, String) {
+        (id.into(), tl.into())
+    }
+
+    #[test]
+    fn a_slot_that_lost_changes_is_told_from_one_that_continues() {
+        let a1 = sys("7300", "1");
+        // A first session, or a restart at the position confirmed: nothing lost.
+        assert_eq!(slot_gap(false, None, &a1, true, Lsn(50), Lsn(0)), None);
+        assert_eq!(
+            slot_gap(true, Some(&a1), &a1, false, Lsn(100), Lsn(100)),
+            None
+        );
+        // A slot that lags what was confirmed (a synced failover slot) replays: no gap.
+        assert_eq!(
+            slot_gap(true, Some(&a1), &sys("7300", "2"), false, Lsn(90), Lsn(100)),
+            None
+        );
+        // Missing after a promotion.
+        let why = slot_gap(true, Some(&a1), &sys("7300", "2"), true, Lsn(500), Lsn(100)).unwrap();
+        assert!(
+            why.contains("missing") && why.contains("timeline 2"),
+            "{why}"
+        );
+        // Created anew by someone past the confirmed position.
+        let why = slot_gap(true, Some(&a1), &a1, false, Lsn(500), Lsn(100)).unwrap();
+        assert!(why.contains("past 0/64"), "{why}");
+        // Another server altogether.
+        let why = slot_gap(true, Some(&a1), &sys("9999", "1"), false, Lsn(1), Lsn(100)).unwrap();
+        assert!(why.contains("another one"), "{why}");
     }
 }

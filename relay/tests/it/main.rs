@@ -6,6 +6,7 @@ mod apply;
 mod common;
 mod ddl;
 mod docs;
+mod failover;
 mod faults;
 mod ingest;
 mod shards;
