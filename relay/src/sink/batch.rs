@@ -72,9 +72,20 @@ pub(crate) fn plan_with_events(
     events: Option<Arc<EventTables>>,
     schema: Option<Arc<SchemaLog>>,
 ) -> PlannedBatch {
+    plan_through(messages, || {
+        Planner::new(key_includes_source, events).with_schema(schema)
+    })
+}
+
+/// Plans `messages` with the planner `make` gives (empty: it borrows nothing yet, and a
+/// planner is covariant in what it borrows).
+fn plan_through(
+    messages: Vec<OwnedMessage>,
+    make: impl FnOnce() -> Planner<'static>,
+) -> PlannedBatch {
     PlannedBatch::new(messages, |owned| {
         let msgs: Vec<Msg<'_>> = owned.iter().map(msg_of).collect();
-        let mut planner = Planner::new(key_includes_source, events).with_schema(schema);
+        let mut planner = make();
         let mut dead = Vec::new();
         for (i, m) in msgs.iter().enumerate() {
             if let Outcome::DeadLetter(reason) = planner.add(i, m) {
@@ -136,22 +147,10 @@ fn plan_committed(
     commit_lsn: saiki_core::Lsn,
     commit_ts: Option<&str>,
 ) -> PlannedBatch {
-    PlannedBatch::new(messages, |owned| {
-        let msgs: Vec<Msg<'_>> = owned.iter().map(msg_of).collect();
-        let mut planner = Planner::new(key_includes_source, None)
+    plan_through(messages, || {
+        Planner::new(key_includes_source, None)
             .with_schema(schema)
-            .committed_at(commit_lsn, commit_ts);
-        let mut dead = Vec::new();
-        for (i, m) in msgs.iter().enumerate() {
-            if let Outcome::DeadLetter(reason) = planner.add(i, m) {
-                dead.push((i, reason));
-            }
-        }
-        Planned {
-            msgs,
-            planner,
-            dead,
-        }
+            .committed_at(commit_lsn, commit_ts)
     })
 }
 

@@ -305,6 +305,25 @@ pub fn text_rows(db: &mut saiki_tests::postgres::Client, sql: &str) -> Vec<Vec<O
     rows
 }
 
+/// Rows of a query as text (simple protocol), in the query's order; `None` on an error (a
+/// table not created yet).
+pub fn ordered_rows(
+    db: &mut saiki_tests::postgres::Client,
+    sql: &str,
+) -> Option<Vec<Vec<Option<String>>>> {
+    let msgs = db.simple_query(sql).ok()?;
+    Some(
+        msgs.into_iter()
+            .filter_map(|m| match m {
+                saiki_tests::postgres::SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+                }
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
 /// Rows of a query as text, in the query's order; `Err` (say, a table not created yet) as text.
 pub fn try_rows(
     db: &mut saiki_tests::postgres::Client,

@@ -7,20 +7,6 @@ use std::time::Duration;
 use crate::common::*;
 use saiki_tests::{exec, loopback_port, Broker, PgCluster};
 
-fn rows(db: &mut saiki_tests::postgres::Client, sql: &str) -> Option<Vec<Vec<Option<String>>>> {
-    let msgs = db.simple_query(sql).ok()?;
-    Some(
-        msgs.into_iter()
-            .filter_map(|m| match m {
-                saiki_tests::postgres::SimpleQueryMessage::Row(r) => {
-                    Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-                }
-                _ => None,
-            })
-            .collect(),
-    )
-}
-
 const ORDERS: &str = "SELECT id, qty FROM orders ORDER BY id";
 const ODS_ORDERS: &str = "SELECT id, qty FROM ods.orders ORDER BY id";
 
@@ -29,9 +15,9 @@ fn wait_same(
     ods: &mut saiki_tests::postgres::Client,
     relay: &Relay,
 ) {
-    let want = rows(src, ORDERS).expect(ORDERS);
+    let want = ordered_rows(src, ORDERS).expect(ORDERS);
     wait_until(Duration::from_secs(180), relay, || {
-        let got = rows(ods, ODS_ORDERS).unwrap_or_default();
+        let got = ordered_rows(ods, ODS_ORDERS).unwrap_or_default();
         (got != want).then(|| {
             let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).take(3).collect();
             format!(
@@ -104,12 +90,12 @@ fn the_relay_follows_a_promotion_through_a_multi_host_dsn_and_resyncs_what_the_l
             "INSERT INTO orders SELECT g, 7 FROM generate_series(101, 150) g",
         ],
     );
-    let end = rows(&mut db, "SELECT pg_current_wal_lsn()::text").unwrap()[0][0]
+    let end = ordered_rows(&mut db, "SELECT pg_current_wal_lsn()::text").unwrap()[0][0]
         .clone()
         .unwrap();
     let mut replica = standby.connect("shop");
     wait_until(Duration::from_secs(60), &source, || {
-        let r = rows(
+        let r = ordered_rows(
             &mut replica,
             &format!("SELECT pg_last_wal_replay_lsn() >= '{end}'::pg_lsn"),
         );

@@ -295,6 +295,22 @@ fn a_resnapshot_of_a_table_being_written_leaves_the_ods_equal() {
         .replace("[kafka]\n", "[kafka]\nheaders = false\n");
     let relay = Relay::start(&pg.dir, &cfg, port);
     wait_slot_active(&mut db, &relay);
+    // The three topics exist before the sink starts, so that it subscribes once: tansu 0.6.0
+    // at times never completes the group's rejoin after a subscription grows under load
+    // (seen twice in CI, the sink left with no partitions; docs/testing.md).
+    exec(
+        &mut db,
+        &[
+            "INSERT INTO a VALUES (0, 'first', 0)",
+            "INSERT INTO b VALUES ('k0', 0)",
+            "INSERT INTO c VALUES (0, 0, 'first')",
+        ],
+    );
+    let topics = ["saiki.public.a", "saiki.public.b", "saiki.public.c"];
+    wait_until(Duration::from_secs(60), &relay, || {
+        let found = consume(&broker.addr(), &topics, 3, Duration::from_secs(5));
+        (found.len() < 3).then(|| format!("{} of the 3 first rows in Kafka", found.len()))
+    });
     let sport = loopback_port();
     let sink = Relay::start_sink(
         &pg.dir,
@@ -336,7 +352,7 @@ fn a_resnapshot_of_a_table_being_written_leaves_the_ods_equal() {
             l.starts_with("saiki_source_snapshot_table_rows{") && l.contains("table=\"public.b\"")
         })
         .unwrap_or_else(|| panic!("no progress series:\n{m}"));
-    assert!(line.ends_with(" 40000"), "{line}");
+    assert!(line.ends_with(" 40001"), "{line}");
     assert!(
         relay.log_text().contains("snapshot progress")
             && relay.log_text().contains("percent=\"100.0\""),

@@ -19,25 +19,13 @@ fn source_config(pg: &PgCluster, broker: &Broker, port: u16, partitions: u32) ->
     )
 }
 
-/// Rows as text (simple protocol), in the query's order; `None` on an error (a table not
-/// created yet).
-fn rows(db: &mut saiki_tests::postgres::Client, sql: &str) -> Option<Vec<Vec<Option<String>>>> {
-    let msgs = db.simple_query(sql).ok()?;
-    Some(
-        msgs.into_iter()
-            .filter_map(|m| match m {
-                saiki_tests::postgres::SimpleQueryMessage::Row(r) => {
-                    Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-                }
-                _ => None,
-            })
-            .collect(),
-    )
-}
-
 /// The first value of a query's first row; `None` on an error.
 fn scalar(db: &mut saiki_tests::postgres::Client, sql: &str) -> Option<String> {
-    rows(db, sql)?.into_iter().next()?.into_iter().next()?
+    ordered_rows(db, sql)?
+        .into_iter()
+        .next()?
+        .into_iter()
+        .next()?
 }
 
 /// Rows of `ods.prices` (0 while the table does not exist).
@@ -99,7 +87,7 @@ fn staging_is_empty(ods: &mut saiki_tests::postgres::Client) -> Option<String> {
 
 /// Bytes the slot's walsender spilled to disk and streamed, so far.
 fn slot_stats(db: &mut saiki_tests::postgres::Client) -> (u64, u64) {
-    let r = rows(
+    let r = ordered_rows(
         db,
         "SELECT spill_bytes, stream_bytes FROM pg_stat_replication_slots WHERE slot_name = 'saiki_test'",
     )
@@ -140,9 +128,9 @@ fn wait_same(
     dst: &str,
     sink: &Relay,
 ) {
-    let want = rows(db, src).expect(src);
+    let want = ordered_rows(db, src).expect(src);
     wait_until(Duration::from_secs(240), sink, || {
-        let got = rows(ods, dst).unwrap_or_default();
+        let got = ordered_rows(ods, dst).unwrap_or_default();
         (got != want).then(|| format!("{dst}: {} rows, want {}", got.len(), want.len()))
     });
 }
@@ -207,7 +195,7 @@ fn a_large_transaction_is_in_kafka_while_it_runs_and_in_the_ods_at_its_commit_in
         "{r}"
     );
     assert!(r["commit_lsn"].is_null() && r["attempt"].is_u64(), "{r}");
-    let before = rows(&mut ods, ODS_ORDERS);
+    let before = ordered_rows(&mut ods, ODS_ORDERS);
     big.batch_execute(
         "BEGIN;
          INSERT INTO prices SELECT g, g / 100.0, 'kept' FROM generate_series(1, 100000) g;
@@ -241,7 +229,7 @@ fn a_large_transaction_is_in_kafka_while_it_runs_and_in_the_ods_at_its_commit_in
         "spill {spill} B, stream {stream} B"
     );
     // Nothing of it in the ODS yet.
-    assert_eq!(rows(&mut ods, ODS_ORDERS), before);
+    assert_eq!(ordered_rows(&mut ods, ODS_ORDERS), before);
     assert_eq!(ods_prices(&mut ods), 0);
 
     let sampler = Sampler::start(&pg);
