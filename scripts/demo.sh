@@ -57,9 +57,9 @@ unix_socket_directories = '$DIR'
 wal_level = logical
 # PostgreSQL 15.20 loads only the output plugins listed here (one entry per library).
 output_plugin_libraries = 'pgoutput, test_decoding, saiki'
-# Small, so that the demo's batch job (50,000 rows in one transaction) is streamed to Kafka
+# Small, so that the demo's batch job (20,000 rows in one transaction) is streamed to Kafka
 # while it runs (source.stream_large); the default is 64MB.
-logical_decoding_work_mem = '2MB'
+logical_decoding_work_mem = '1MB'
 CONF
 runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/postgres.log" -w start >/dev/null
 export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=shop
@@ -217,13 +217,13 @@ while :; do
     migrated=2
   fi
   if [ "$batch" = 0 ] && [ "$el" -ge 6 ]; then
-    # A batch job: one transaction of 50,000 rows that stays open 4 s after its inserts.
+    # A batch job: one transaction of 20,000 rows that stays open 3 s after its inserts.
     # Kafka gets its rows while it runs; the ODS gets them at its commit, all in one step.
     "$PG_BIN/psql" -X -q -o /dev/null -c "BEGIN" \
-      -c "INSERT INTO price_history SELECT a, date '2025-01-01' + d, 5 + (a * d) % 95 FROM generate_series(1, 100) a, generate_series(0, 499) d" \
-      -c "SELECT pg_sleep(4)" -c "COMMIT" >"$DIR/batch.log" 2>&1 &
+      -c "INSERT INTO price_history SELECT a, date '2025-01-01' + d, 5 + (a * d) % 95 FROM generate_series(1, 100) a, generate_series(0, 199) d" \
+      -c "SELECT pg_sleep(3)" -c "COMMIT" >"$DIR/batch.log" 2>&1 &
     PIDS+=($!)
-    echo "[demo] batch job at the source: 50000 price_history rows in one transaction, committed 4 s later"
+    echo "[demo] batch job at the source: 20000 price_history rows in one transaction, committed 3 s later"
     batch=1
   fi
   n=$(metric "$HTTP_PORT" saiki_source_changes_total); n=${n:-0}
@@ -245,7 +245,7 @@ while :; do
     echo "[demo] ODS orders without the migrated column's value: $missing (of ${rows:-0})"
     # Rows written by one ODS transaction share its xmin.
     txns=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(DISTINCT xmin::text) FROM ods.price_history" 2>/dev/null || echo "?")
-    echo "[demo] batch job: ${streamed:-0} rows sent to Kafka as a streamed transaction, most before its commit; ODS price_history: ${prices:-0} rows (of 50000), written by $txns ODS transaction(s)"
+    echo "[demo] batch job: ${streamed:-0} rows sent to Kafka as a streamed transaction, most before its commit; ODS price_history: ${prices:-0} rows (of 20000), written by $txns ODS transaction(s)"
     break
   fi
 done

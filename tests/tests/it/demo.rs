@@ -11,10 +11,10 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
         .unwrap();
     let out = Command::new("bash")
         .arg(root.join("scripts/demo.sh"))
-        // 30 s: room for the sink's rebalances as the topics appear one by one (tansu takes
+        // 40 s: room for the sink's rebalances as the topics appear one by one (tansu takes
         // seconds for each), for the migration the demo runs at 4 s, and for its batch job
-        // (6 s in, committed about 5 s later) to reach the ODS.
-        .args(["--seconds", "30"])
+        // (6 s in, committed about 4 s later) to reach the ODS.
+        .args(["--seconds", "40"])
         .env("SAIKI_DEMO_PORT", saiki_tests::loopback_port().to_string())
         .env(
             "SAIKI_DEMO_KAFKA_PORT",
@@ -84,9 +84,9 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    assert!(streamed >= 50000, "{batch}");
+    assert!(streamed >= 20000, "{batch}");
     assert!(
-        batch.contains("ODS price_history: 50000 rows (of 50000), written by 1 ODS transaction(s)"),
+        batch.contains("ODS price_history: 20000 rows (of 20000), written by 1 ODS transaction(s)"),
         "{batch}\n{stdout}"
     );
     // The migrations mid-run reached the ODS (a column added, then renamed), the rows from
