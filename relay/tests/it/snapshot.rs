@@ -431,7 +431,9 @@ fn rows_changed_while_their_chunk_is_read_keep_the_streamed_value() {
         &sink_config(&ods_pg, "ods", &broker, sport, ""),
         sport,
     );
-    wait_until(Duration::from_secs(180), &relay, || {
+    // A chunk of 200,000 rows under two writers: past 180 s with the whole suite beside it
+    // on two cores.
+    wait_until(Duration::from_secs(360), &relay, || {
         let st = db
             .query("SELECT state FROM saiki.snapshots", &[])
             .map(|r| r.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())

@@ -141,6 +141,11 @@ fn a_large_transaction_is_in_kafka_while_it_runs_and_in_the_ods_at_its_commit_in
     let broker = Broker::start();
     let mut db = setup(&pg);
     let mut ods = pg.create_db("ods");
+    // The topics exist before the sink starts, so that it subscribes once (docs/testing.md,
+    // "A rejoin that never completes").
+    for t in ["saiki.public.orders", "saiki.public.prices"] {
+        create_topic(&broker.addr(), t, 3);
+    }
     let sport = loopback_port();
     let source = Relay::start(&pg.dir, &source_config(&pg, &broker, sport, 3), sport);
     wait_slot_active(&mut db, &source);
@@ -293,6 +298,9 @@ fn kills_of_the_relay_and_the_sink_mid_stream_leave_no_partial_transaction_and_l
     let mut db = setup(&pg);
     let mut ods = pg.create_db("ods");
     ods.batch_execute(ODS_AUDIT).unwrap();
+    for t in ["saiki.public.orders", "saiki.public.prices"] {
+        create_topic(&broker.addr(), t, 2);
+    }
     let sport = loopback_port();
     let source_cfg = source_config(&pg, &broker, sport, 2);
     let mut source = Relay::start(&pg.dir, &source_cfg, sport);
