@@ -165,13 +165,22 @@ impl PgCluster {
     /// Restarts the server (fast shutdown), logging to the cluster's log file, and waits
     /// until it accepts connections again.
     pub fn restart(&self) {
-        run(as_postgres(&format!("{PG_BIN}/pg_ctl"))
+        self.pg_ctl(&["-m", "fast", "-w", "-t", "60", "restart"]);
+    }
+
+    /// Runs `pg_ctl -D <data> -l <log> <args>` as the `postgres` user (its output to
+    /// nowhere: a server it starts keeps inherited pipes open); panics if it fails.
+    fn pg_ctl(&self, args: &[&str]) {
+        let status = as_postgres(&format!("{PG_BIN}/pg_ctl"))
             .args(["-D", self.data_dir().to_str().unwrap(), "-l"])
             .arg(self.dir.join("log"))
-            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null()));
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run pg_ctl");
+        assert!(status.success(), "pg_ctl {args:?} failed:\n{}", self.log());
     }
 
     /// A streaming physical standby of this cluster (`pg_basebackup -R`), started on a port
@@ -209,34 +218,18 @@ impl PgCluster {
         )
         .unwrap();
         let standby = PgCluster { dir, port };
-        run(as_postgres(&format!("{PG_BIN}/pg_ctl"))
-            .args(["-D", data.to_str().unwrap(), "-l"])
-            .arg(standby.dir.join("log"))
-            .args(["-w", "-t", "60", "start"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null()));
+        standby.pg_ctl(&["-w", "-t", "60", "start"]);
         standby
     }
 
     /// Stops the server at once (`-m immediate`: no shutdown checkpoint, as a crash).
     pub fn stop_immediately(&self) {
-        run(as_postgres(&format!("{PG_BIN}/pg_ctl"))
-            .args(["-D", self.data_dir().to_str().unwrap()])
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null()));
+        self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
     }
 
     /// Promotes a standby to a primary and waits until it accepts writes.
     pub fn promote(&self) {
-        run(as_postgres(&format!("{PG_BIN}/pg_ctl"))
-            .args(["-D", self.data_dir().to_str().unwrap()])
-            .args(["-w", "-t", "60", "promote"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null()));
+        self.pg_ctl(&["-w", "-t", "60", "promote"]);
     }
 
     /// The server log so far, for failure messages.

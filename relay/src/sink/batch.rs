@@ -411,7 +411,7 @@ impl Applier {
                 .map_err(|e| ApplyError::Fatal(self.ods.err(&e)))?;
             if let Some(l) = rows.iter().position(|(_, m)| {
                 m.payload()
-                    .is_some_and(|p| p.starts_with(b"{\"action\":\"L\""))
+                    .is_some_and(|p| p.starts_with(crate::sink::SCHEMA_CHANGE_PREFIX))
             }) {
                 rows.truncate(l + 1);
             }

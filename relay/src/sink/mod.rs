@@ -54,7 +54,7 @@ use crate::sink::offsets::{Accept, Ledger, Tp};
 /// How every change record starts (the plugin writes `action` first).
 const RECORD_PREFIX: &[u8] = b"{\"action\":";
 /// How every `L` record starts.
-const SCHEMA_CHANGE_PREFIX: &[u8] = b"{\"action\":\"L\"";
+pub(crate) const SCHEMA_CHANGE_PREFIX: &[u8] = b"{\"action\":\"L\"";
 /// The header the event API puts on every event (`ingest/mod.rs`).
 const EVENT_TYPE_HEADER: &str = "saiki.event_type";
 /// Dead letters handed to the producer at once (they are awaited before the commit).
@@ -271,6 +271,9 @@ struct Session<'a> {
     /// Partitions paused after a streamed transaction's commit copy until the transaction
     /// is applied (`sink/stream.rs`): their messages are not taken meanwhile.
     held: Vec<Tp>,
+    /// A batch since the last topic refresh staged or ended a streamed transaction: the
+    /// staging gauges are read again.
+    streams_seen: bool,
 }
 
 impl Drop for Session<'_> {
@@ -351,6 +354,7 @@ async fn session(
         stopped: Vec::new(),
         ends: Vec::new(),
         held: Vec::new(),
+        streams_seen: false,
     };
     s.load_stopped().await?;
     s.schema = Arc::new(s.ods().await?.schema_log(rt.sink.on_drop).await?);
@@ -436,12 +440,18 @@ async fn session(
             }
             _ = tokio::time::sleep_until(next_refresh) => {
                 s.handle_events();
-                let (open, rows) = {
-                    let ods = s.ods().await?;
-                    staging::gauges(ods.client()).await.map_err(|e| ods.err(&e))?
-                };
-                metrics.streams_open.store(open, Ordering::Relaxed);
-                metrics.staged_rows.store(rows, Ordering::Relaxed);
+                // The staging gauges, read while there may be something to show: the ODS
+                // query waits for the batch in flight, which a sink without streamed
+                // transactions need not do every refresh.
+                if s.streams_seen || metrics.streams_open.load(Ordering::Relaxed) > 0 {
+                    s.streams_seen = false;
+                    let (open, rows) = {
+                        let ods = s.ods().await?;
+                        staging::gauges(ods.client()).await.map_err(|e| ods.err(&e))?
+                    };
+                    metrics.streams_open.store(open, Ordering::Relaxed);
+                    metrics.staged_rows.store(rows, Ordering::Relaxed);
+                }
                 if !s.stopped.is_empty() {
                     // A DBA resumes a topic by deleting its row.
                     s.load_stopped().await?;
@@ -527,9 +537,7 @@ impl Session<'_> {
                 m.stream_commits
                     .fetch_add(stream_commits, Ordering::Relaxed);
                 m.stream_aborts.fetch_add(stream_aborts, Ordering::Relaxed);
-                if staged > 0 {
-                    m.staged_rows.fetch_add(staged, Ordering::Relaxed);
-                }
+                self.streams_seen |= staged + stream_commits + stream_aborts > 0;
                 m.apply.observe(done.elapsed.as_secs_f64());
                 let now = saiki_core::time::unix_micros_now();
                 for ts in done.batch.commit_times() {
@@ -539,6 +547,7 @@ impl Session<'_> {
                     messages,
                     rows = written,
                     dead_letters = dead,
+                    staged,
                     ms = done.elapsed.as_millis() as u64,
                     "batch committed"
                 );

@@ -376,8 +376,8 @@ struct Session<'a> {
     /// This session's replay of the stream: put on every record of a streamed transaction
     /// (`"attempt"`), so that a consumer tells a transaction streamed again after a restart
     /// from its first, unfinished sending (the session's start in µs since the Unix epoch;
-    /// sessions of one slot never overlap).
-    attempt: u64,
+    /// sessions of one slot never overlap), as the member it is: `,"attempt":N`.
+    attempt: Vec<u8>,
 }
 
 /// A streamed transaction while it runs: what its commit or abort must reach.
@@ -449,7 +449,11 @@ async fn session(
         deliveries: FuturesUnordered::new(),
         counts: BTreeMap::new(),
         streams: HashMap::new(),
-        attempt: saiki_core::time::unix_micros_now().max(0) as u64,
+        attempt: {
+            let mut m = b",\"attempt\":".to_vec();
+            write_u64(&mut m, saiki_core::time::unix_micros_now().max(0) as u64);
+            m
+        },
         snapshots: SnapshotDriver::new(
             rt.dsn.clone(),
             rt.slot.clone(),
@@ -634,10 +638,6 @@ impl Session<'_> {
         view: &RecordView<'_>,
         xid: u64,
     ) -> Result<(), RelayError> {
-        let all_headers = self.headers(view);
-        let headers = all_headers.as_ref().map_or(&[][..], |h| &h[..]);
-        let mut attempt = b",\"attempt\":".to_vec();
-        write_u64(&mut attempt, self.attempt);
         match view.action {
             Action::StreamStart | Action::StreamStop => {
                 let ticket = self.tracker.streamed(xid);
@@ -645,7 +645,9 @@ impl Session<'_> {
                     e.insert(OpenStream::default());
                     self.metrics.streamed_open.fetch_add(1, Ordering::Relaxed);
                 }
-                let value = route::value_with_members(bytes, &attempt, &self.source_json);
+                let value = self.value(bytes, true);
+                let all_headers = self.headers(view);
+                let headers = all_headers.as_ref().map_or(&[][..], |h| &h[..]);
                 let topic = self.topics.transactions_topic();
                 self.produce_by_source(ticket, &topic, &value, headers)
                     .await
@@ -654,8 +656,13 @@ impl Session<'_> {
                 // A subtransaction rolled back: its records are dropped by the consumer,
                 // which must see this in every partition that may hold them.
                 let ticket = self.tracker.streamed(xid);
-                self.stream_marker(ticket, xid, bytes, &attempt, headers)
-                    .await
+                let topics = self
+                    .streams
+                    .get(&xid)
+                    .map(|s| s.topics.clone())
+                    .unwrap_or_default();
+                let value = self.value(bytes, true);
+                self.stream_marker(ticket, &topics, &value, view).await
             }
             Action::StreamAbort | Action::Commit => {
                 let end = match view.action {
@@ -675,21 +682,11 @@ impl Session<'_> {
                     }
                     None => OpenStream::default(),
                 };
-                let mut members = attempt;
+                let mut members = self.attempt.clone();
                 if view.action == Action::Commit {
-                    let mut obj = ObjectWriter::open_member(&mut members, "changes");
-                    for (t, n) in &open.counts {
-                        obj.field_str(&mut members, t.as_bytes());
-                        write_u64(&mut members, *n);
-                    }
-                    obj.close(&mut members);
+                    write_counts(&mut members, "changes", &open.counts);
                 }
-                let mut obj = ObjectWriter::open_member(&mut members, "partitions");
-                for (t, n) in &open.topics {
-                    obj.field_str(&mut members, t.as_bytes());
-                    write_u64(&mut members, (*n).max(0) as u64);
-                }
-                obj.close(&mut members);
+                write_counts(&mut members, "partitions", &open.topics);
                 if view.action == Action::Commit {
                     // A chunk read while it committed may hold rows from before it: read
                     // again (its changes were not observed one by one).
@@ -703,10 +700,9 @@ impl Session<'_> {
                         .streamed_aborted
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                self.streams.insert(xid, open);
-                self.stream_marker(ticket, xid, bytes, &members, headers)
+                let value = route::value_with_members(bytes, &members, &self.source_json);
+                self.stream_marker(ticket, &open.topics, &value, view)
                     .await?;
-                self.streams.remove(&xid);
                 self.tracker.complete(ticket);
                 Ok(())
             }
@@ -719,50 +715,49 @@ impl Session<'_> {
                 self.metrics
                     .streamed_records
                     .fetch_add(1, Ordering::Relaxed);
-                self.change(bytes, view, ticket, Some((xid, &attempt)))
-                    .await
+                self.change(bytes, view, ticket, Some(xid)).await
             }
         }
     }
 
-    /// A streamed transaction's `A` or `C` (`members` added): to the transactions topic and
-    /// to every partition of the table topics its records went to.
+    /// A streamed transaction's `A` or `C` (`value`): to the transactions topic and to every
+    /// partition of the table topics its records went to.
     async fn stream_marker(
         &mut self,
         ticket: Ticket,
-        xid: u64,
-        bytes: &[u8],
-        members: &[u8],
-        headers: &[(&'static str, String)],
+        topics: &BTreeMap<String, i32>,
+        value: &[u8],
+        view: &RecordView<'_>,
     ) -> Result<(), RelayError> {
-        let value = route::value_with_members(bytes, members, &self.source_json);
+        let all_headers = self.headers(view);
+        let headers = all_headers.as_ref().map_or(&[][..], |h| &h[..]);
         let topic = self.topics.transactions_topic();
-        self.produce_by_source(ticket, &topic, &value, headers)
+        self.produce_by_source(ticket, &topic, value, headers)
             .await?;
-        let topics: Vec<(String, i32)> = self
-            .streams
-            .get(&xid)
-            .map(|s| s.topics.iter().map(|(t, n)| (t.clone(), *n)).collect())
-            .unwrap_or_default();
         for (topic, partitions) in topics {
-            self.produce_to_all(ticket, &topic, partitions, &value, headers)
+            self.produce_to_all(ticket, topic, *partitions, value, headers)
                 .await?;
         }
         Ok(())
     }
 
+    /// The Kafka value of a record: the record, `"attempt"` for a streamed one, `"source"`.
+    fn value(&self, bytes: &[u8], streamed: bool) -> Vec<u8> {
+        let members: &[u8] = if streamed { &self.attempt } else { &[] };
+        route::value_with_members(bytes, members, &self.source_json)
+    }
+
     /// A change (or B, C, M of a committed transaction), produced with `ticket`. `stream`:
-    /// the xid of its streamed transaction and the members it gets (`"attempt"`).
+    /// the xid of its streamed transaction.
     async fn change(
         &mut self,
         bytes: &[u8],
         view: &RecordView<'_>,
         ticket: Ticket,
-        stream: Option<(u64, &[u8])>,
+        stream: Option<u64>,
     ) -> Result<(), RelayError> {
         let all_headers = self.headers(view);
         let headers = all_headers.as_ref().map_or(&[][..], |h| &h[..]);
-        let members = stream.map_or(&[][..], |(_, m)| m);
         match view.action {
             Action::Begin => {
                 self.counts.clear();
@@ -774,12 +769,7 @@ impl Session<'_> {
             Action::Commit => {
                 let topic = self.topics.transactions_topic();
                 let mut members = Vec::new();
-                let mut obj = ObjectWriter::open_member(&mut members, "changes");
-                for (t, n) in &self.counts {
-                    obj.field_str(&mut members, t.as_bytes());
-                    write_u64(&mut members, *n);
-                }
-                obj.close(&mut members);
+                write_counts(&mut members, "changes", &self.counts);
                 let value = route::value_with_members(bytes, &members, &self.source_json);
                 self.produce_by_source(ticket, &topic, &value, headers)
                     .await?;
@@ -807,9 +797,9 @@ impl Session<'_> {
                         view.truncate.as_ref().map(|t| t.tables.as_slice()),
                     );
                 }
-                self.count(stream.map(|s| s.0), Some(qualified), &topic, partitions);
+                self.count(stream, Some(qualified), &topic, partitions);
                 self.metrics.changes.fetch_add(1, Ordering::Relaxed);
-                let value = route::value_with_members(bytes, members, &self.source_json);
+                let value = self.value(bytes, stream.is_some());
                 if view.action == Action::Truncate {
                     // A truncate concerns every row: every partition gets it, in order.
                     self.produce_to_all(ticket, &topic, partitions, &value, headers)
@@ -881,12 +871,12 @@ impl Session<'_> {
                         }
                     });
                 }
-                let value = route::value_with_members(bytes, members, &self.source_json);
+                let value = self.value(bytes, stream.is_some());
                 let mut qualified = Some(format!("{schema}.{table}"));
                 for topic in topics {
                     let partitions = self.kafka.ensure_topic(&topic).await?;
                     // Counted once, under the table's new name.
-                    self.count(stream.map(|s| s.0), qualified.take(), &topic, partitions);
+                    self.count(stream, qualified.take(), &topic, partitions);
                     self.produce_to_all(ticket, &topic, partitions, &value, headers)
                         .await?;
                 }
@@ -905,7 +895,7 @@ impl Session<'_> {
             Action::Message => {
                 if view.prefix.as_deref() != Some(HEARTBEAT_PREFIX) {
                     let topic = self.topics.messages_topic();
-                    let value = route::value_with_members(bytes, members, &self.source_json);
+                    let value = self.value(bytes, stream.is_some());
                     self.produce_by_source(ticket, &topic, &value, headers)
                         .await?;
                 }
@@ -1132,6 +1122,21 @@ impl Session<'_> {
         info!(confirmed = %self.tracker.confirmable(), "drained and confirmed");
         Ok(())
     }
+}
+
+/// Appends `,"name":{"key":n,…}` (a C record's per-table `changes`, a streamed end's
+/// `partitions`).
+fn write_counts<N: Copy + TryInto<u64>>(
+    out: &mut Vec<u8>,
+    name: &str,
+    counts: &BTreeMap<String, N>,
+) {
+    let mut obj = ObjectWriter::open_member(out, name);
+    for (k, n) in counts {
+        obj.field_str(out, k.as_bytes());
+        write_u64(out, (*n).try_into().unwrap_or(0));
+    }
+    obj.close(out);
 }
 
 #[cfg(test)]

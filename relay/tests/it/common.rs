@@ -324,6 +324,29 @@ pub fn ordered_rows(
     )
 }
 
+/// Waits until `dst_sql` on the ODS gives, in order, what `src_sql` gives at the source.
+pub fn wait_same_rows(
+    src: &mut saiki_tests::postgres::Client,
+    ods: &mut saiki_tests::postgres::Client,
+    src_sql: &str,
+    dst_sql: &str,
+    relay: &Relay,
+    within: Duration,
+) {
+    let want = ordered_rows(src, src_sql).expect(src_sql);
+    wait_until(within, relay, || {
+        let got = ordered_rows(ods, dst_sql).unwrap_or_default();
+        (got != want).then(|| {
+            let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).take(3).collect();
+            format!(
+                "{dst_sql}: {} rows, want {}; missing {missing:?}",
+                got.len(),
+                want.len()
+            )
+        })
+    });
+}
+
 /// Rows of a query as text, in the query's order; `Err` (say, a table not created yet) as text.
 pub fn try_rows(
     db: &mut saiki_tests::postgres::Client,

@@ -15,18 +15,14 @@ fn wait_same(
     ods: &mut saiki_tests::postgres::Client,
     relay: &Relay,
 ) {
-    let want = ordered_rows(src, ORDERS).expect(ORDERS);
-    wait_until(Duration::from_secs(180), relay, || {
-        let got = ordered_rows(ods, ODS_ORDERS).unwrap_or_default();
-        (got != want).then(|| {
-            let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).take(3).collect();
-            format!(
-                "ODS {} rows, source {}; missing {missing:?}",
-                got.len(),
-                want.len()
-            )
-        })
-    });
+    wait_same_rows(
+        src,
+        ods,
+        ORDERS,
+        ODS_ORDERS,
+        relay,
+        Duration::from_secs(180),
+    );
 }
 
 fn signal(relay: &Relay, sig: &str) {

@@ -128,11 +128,7 @@ fn wait_same(
     dst: &str,
     sink: &Relay,
 ) {
-    let want = ordered_rows(db, src).expect(src);
-    wait_until(Duration::from_secs(240), sink, || {
-        let got = ordered_rows(ods, dst).unwrap_or_default();
-        (got != want).then(|| format!("{dst}: {} rows, want {}", got.len(), want.len()))
-    });
+    wait_same_rows(db, ods, src, dst, sink, Duration::from_secs(240));
 }
 
 #[test]
