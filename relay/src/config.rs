@@ -57,6 +57,7 @@ batch_linger = "10ms"            # how long a batch waits to fill after its firs
 dead_letter_topic = "saiki.dead-letter"   # default {topic_prefix}.dead-letter
 topic_refresh = "5s"             # how often new matching topics are picked up (0.5 s while none matches)
 tombstone_retention = "24h"      # how long a deleted row's (lsn, seq) is kept against replays
+rejoin_timeout = "5m"            # a consumer group still unsettled after this: rejoin with a new consumer
 reconnect_backoff_max = "30s"    # cap of the exponential backoff after an ODS or Kafka failure
 shutdown_grace = "30s"           # SIGTERM: time to commit the batch in hand before exiting
 
@@ -207,6 +208,12 @@ pub(crate) struct SinkConfig {
     pub(crate) topic_refresh: Duration,
     #[serde(default = "d_24h", with = "duration")]
     pub(crate) tombstone_retention: Duration,
+    /// How long the consumer group may stay unsettled (a rebalance that does not complete)
+    /// before the session ends and rejoins with a new consumer. The default is Kafka's
+    /// default rebalance timeout (`max.poll.interval.ms`): a rebalance still open past it
+    /// will not complete on its own.
+    #[serde(default = "d_5m", with = "duration")]
+    pub(crate) rejoin_timeout: Duration,
     #[serde(default = "d_30s", with = "duration")]
     pub(crate) reconnect_backoff_max: Duration,
     #[serde(default = "d_30s", with = "duration")]
@@ -391,6 +398,9 @@ fn d_one() -> i32 {
 }
 fn d_in_flight_events() -> usize {
     10_000
+}
+fn d_5m() -> Duration {
+    Duration::from_secs(300)
 }
 fn d_10m() -> Duration {
     Duration::from_secs(600)

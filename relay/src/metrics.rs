@@ -280,7 +280,7 @@ impl Exporter for SinkMetrics {
         metric(
             SINK_RETRIES_TOTAL,
             "counter",
-            "Batch attempts that failed transiently and were retried.",
+            "Sessions that ended on a transient error (ODS, broker, a group that never settled) and started again.",
             g(&self.retries),
         );
         metric(

@@ -20,6 +20,7 @@
 pub(crate) mod batch;
 pub(crate) mod events;
 pub(crate) mod evolve;
+pub(crate) mod group;
 pub(crate) mod ods;
 pub(crate) mod offsets;
 pub(crate) mod plan;
@@ -48,6 +49,7 @@ use crate::retry::{supervise, Supervised};
 use crate::sink::batch::{Applied, Applier, Done};
 use crate::sink::events::EventCatalog;
 use crate::sink::evolve::SchemaLog;
+use crate::sink::group::GroupWatch;
 use crate::sink::ods::{ApplyError, Ods};
 use crate::sink::offsets::{Accept, Ledger, Tp};
 
@@ -166,6 +168,8 @@ struct SinkContext {
     /// Partitions assigned or revoked since the loop last looked: it forgets what it knew
     /// of them and reads their ODS offsets again.
     changed: Mutex<Vec<Tp>>,
+    /// The group's join state, from the statistics (`sink/group.rs`).
+    group: Mutex<GroupWatch>,
     metrics: Arc<SinkMetrics>,
 }
 
@@ -177,6 +181,12 @@ impl ClientContext for SinkContext {
     /// librdkafka's statistics (every `topic_refresh`) carry each assigned partition's high
     /// watermark, so the lag costs no broker round trip of the loop's own.
     fn stats(&self, stats: rdkafka::Statistics) {
+        if let Some(cg) = &stats.cgrp {
+            self.group
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .observe(&cg.join_state, Instant::now());
+        }
         let pos = self.positions.lock().unwrap_or_else(|p| p.into_inner());
         let mut lag = 0i64;
         for (topic, t) in &stats.topics {
@@ -305,26 +315,29 @@ async fn session(
     let ctx = SinkContext {
         positions: Mutex::new(positions),
         changed: Mutex::new(Vec::new()),
+        group: Mutex::default(),
         metrics: metrics.clone(),
     };
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &rt.kafka.brokers)
         .set("client.id", "saiki-relay-sink")
-        // A sink that died (kill -9) holds its partitions until the session times out:
-        // 10 s instead of librdkafka's 45 s, so that its restart takes over quickly.
-        .set("session.timeout.ms", "10000")
         .set(
             "statistics.interval.ms",
             rt.sink.topic_refresh.as_millis().max(100).to_string(),
         );
+    match &rt.sink.instance_id {
+        // Static membership: a restarted instance takes its partitions back at once, as long
+        // as it is back within its session (librdkafka's 45 s; KIP-345 wants it to cover a
+        // restart, or the restart costs a rebalance after all).
+        Some(id) => cc.set("group.instance.id", id),
+        // A dynamic sink that died (kill -9) holds its partitions until the session times
+        // out: 10 s instead of librdkafka's 45 s, so that the others take over quickly.
+        None => cc.set("session.timeout.ms", "10000"),
+    };
     for (k, v) in &rt.kafka.properties {
         cc.set(k, v);
     }
     // Offsets are the ODS's: Kafka's committed offsets are neither written nor read.
-    if let Some(id) = &rt.sink.instance_id {
-        // Static membership: a restarted instance takes its partitions back at once.
-        cc.set("group.instance.id", id);
-    }
     cc.set("group.id", &rt.sink.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -457,6 +470,7 @@ async fn session(
                     s.load_stopped().await?;
                 }
                 s.refresh_topics()?;
+                s.watch_group()?;
                 if last_gc.is_none_or(|t| t.elapsed() > TOMBSTONE_GC_INTERVAL) && s.batch.is_empty() && s.inflight.is_none() {
                     last_gc = Some(Instant::now());
                     let n = s.ods().await?.gc_tombstones(rt.sink.tombstone_retention).await?;
@@ -720,8 +734,35 @@ impl Session<'_> {
             }
             info!(topics = names.len(), "subscribed: {}", names.join(", "));
             self.subscribed = names;
+            self.consumer
+                .context()
+                .group
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .subscribed();
         }
         Ok(())
+    }
+
+    /// Ends the session (a transient error: the supervisor starts a new one, with a new
+    /// consumer) when the group's rebalance has not completed within `rejoin_timeout`.
+    fn watch_group(&self) -> Result<(), RelayError> {
+        if self.subscribed.is_empty() {
+            return Ok(());
+        }
+        let group = self
+            .consumer
+            .context()
+            .group
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match group.stalled(Instant::now(), self.rt.sink.rejoin_timeout) {
+            None => Ok(()),
+            Some((for_, state)) => Err(RelayError::Kafka(format!(
+                "the consumer group {} has not settled for {for_:.0?} (librdkafka join state \"{state}\"): rejoining with a new consumer; if this repeats, look at the group's other members (kafka-consumer-groups --describe) and the broker's coordinator log",
+                self.rt.sink.group
+            ))),
+        }
     }
 }
 

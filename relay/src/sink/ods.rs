@@ -110,6 +110,11 @@ pub struct Ods {
     unmaterializable: HashMap<String, String>,
     /// Tables where a plain INSERT met a key that was there: upserts only, for this session.
     upserts_only: std::collections::HashSet<String>,
+    /// Tables whose staging table holds rows of this transaction (a committed streamed
+    /// transaction applies a table chunk by chunk): emptied before the next use, or the
+    /// statements would read the earlier chunks' rows again. `ON COMMIT DELETE ROWS` empties
+    /// them only at the commit.
+    filled: std::collections::HashSet<String>,
     in_transaction: bool,
 }
 
@@ -146,6 +151,7 @@ impl Ods {
             statements: HashMap::new(),
             unmaterializable: HashMap::new(),
             upserts_only: std::collections::HashSet::new(),
+            filled: std::collections::HashSet::new(),
             in_transaction: false,
         };
         ods.bootstrap().await?;
@@ -337,11 +343,13 @@ impl Ods {
             .await
             .map_err(|e| self.err(&e))?;
         self.in_transaction = true;
+        self.filled.clear();
         Ok(())
     }
 
     pub(crate) async fn commit(&mut self) -> Result<(), RelayError> {
         self.in_transaction = false;
+        self.filled.clear();
         self.client
             .batch_execute("COMMIT")
             .await
@@ -455,7 +463,7 @@ impl Ods {
         }
         self.check_key(plan, &table, &qualified)?;
         let stage = self.ensure_stage(&plan.name, &table).await?;
-        if isolated {
+        if !self.filled.insert(plan.name.clone()) || isolated {
             self.client
                 .batch_execute(&format!("TRUNCATE {stage}"))
                 .await

@@ -80,6 +80,7 @@ pub fn sink_config(
 dsn = "host=127.0.0.1 port={} user=postgres dbname={db}"
 instance_id = "test-sink"
 batch_linger = "20ms"
+rejoin_timeout = "30s"
 reconnect_backoff_max = "1s"
 topic_refresh = "500ms"
 {extra_sink}

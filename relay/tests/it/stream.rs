@@ -259,6 +259,13 @@ fn a_large_transaction_is_in_kafka_while_it_runs_and_in_the_ods_at_its_commit_in
     wait_until(Duration::from_secs(30), &sink, || {
         staging_is_empty(&mut ods)
     });
+    // Each chunk of the 100,000 rows went through the staging table on its own: none read an
+    // earlier chunk's rows again (a plain insert would then meet their keys).
+    let log = sink.log_text();
+    assert!(
+        !log.contains("takes upserts only"),
+        "a chunk applied an earlier chunk's rows again:\n{log}"
+    );
     let m = sink.http_get("/metrics").unwrap();
     // This one, and the seed of orders (its TOASTed notes pass the 1MB too).
     assert!(
