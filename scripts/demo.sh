@@ -5,8 +5,10 @@
 # the ODS, and `saiki-relay ingest` taking "parcel packed" events that a warehouse service
 # pushes over HTTP. Every two seconds: changes/s, messages Kafka acknowledged, slot lag, rows
 # in the ODS, commit -> ODS freshness, events Kafka acknowledged from the event API, and
-# those events in the ODS table ods.ev_parcel_packed. Four seconds in, a migration adds a
-# column with a default at the source; the ODS follows it, the rows from before included.
+# those events in the ODS table ods.ev_parcel_packed, and the change rows `saiki-relay lake`
+# committed to Apache Iceberg change-log tables (read back with PyIceberg at the end). Four
+# seconds in, a migration adds a column with a default at the source; the ODS follows it, the
+# rows from before included.
 #
 #   scripts/demo.sh                 run until Ctrl-C, then stop everything it started
 #   scripts/demo.sh --seconds 30    run for 30 seconds (headless)
@@ -44,6 +46,7 @@ HTTP_PORT=${SAIKI_DEMO_HTTP_PORT:-19187}
 SINK_HTTP_PORT=${SAIKI_DEMO_SINK_HTTP_PORT:-19188}
 INGEST_PORT=${SAIKI_DEMO_INGEST_PORT:-18080}
 INGEST_HTTP_PORT=${SAIKI_DEMO_INGEST_HTTP_PORT:-19189}
+LAKE_HTTP_PORT=${SAIKI_DEMO_LAKE_HTTP_PORT:-19190}
 ADMIN_TOKEN=demo-admin-token-0123456789
 if [ -f "$DIR/data/postmaster.pid" ]; then
   runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/data" -m fast stop >/dev/null 2>&1 || true
@@ -79,6 +82,7 @@ cleanup() {
     echo "[demo]   event types: SELECT name, owning_team FROM saiki_ingest.event_types;"
     echo "[demo]   events: SELECT warehouse, count(*), sum(items) FROM ods.ev_parcel_packed GROUP BY 1;"
     echo "[demo]   try: SELECT status, count(*) FROM ods.orders GROUP BY 1;  SELECT * FROM saiki_sink.offsets;"
+    echo "[demo] lake: /opt/saiki-py/bin/python -c \"from pyiceberg.catalog.sql import SqlCatalog; print(SqlCatalog('saiki', uri='postgresql+psycopg2://postgres@127.0.0.1:$PORT/ods').load_table('saiki.orders_changes').scan().to_pandas())\""
     echo "[demo] stop with: runuser -u postgres -- $PG_BIN/pg_ctl -D $DIR/data stop"
   else
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/data" -m fast stop >/dev/null 2>&1 || true
@@ -157,11 +161,26 @@ brokers = "127.0.0.1:$KAFKA_PORT"
 [http]
 listen = "127.0.0.1:$INGEST_HTTP_PORT"
 TOML
+cat > "$DIR/lake.toml" <<TOML
+[lake]
+warehouse = "file://$DIR/lake"
+catalog_dsn = "host=127.0.0.1 port=$PORT user=postgres dbname=ods"
+instance_id = "demo-lake"
+commit_interval = "5s"
+[kafka]
+brokers = "127.0.0.1:$KAFKA_PORT"
+[kafka.properties]
+"fetch.wait.max.ms" = "20"
+[http]
+listen = "127.0.0.1:$LAKE_HTTP_PORT"
+TOML
 "$RELAY" --config "$DIR/relay.toml" source >/dev/null 2>"$DIR/relay.log" &
 PIDS+=($!)
 "$RELAY" --config "$DIR/sink.toml" sink >/dev/null 2>"$DIR/sink.log" &
 PIDS+=($!)
 "$RELAY" --config "$DIR/ingest.toml" ingest >/dev/null 2>"$DIR/ingest.log" &
+PIDS+=($!)
+"$RELAY" --config "$DIR/lake.toml" lake >/dev/null 2>"$DIR/lake.log" &
 PIDS+=($!)
 # The warehouse service: registers its event type, gets a token that may publish it, and
 # pushes a batch of "parcel packed" events five times a second.
@@ -198,8 +217,9 @@ echo "[demo] source: postgres://postgres@127.0.0.1:$PORT/shop, slot saiki_demo, 
 echo "[demo] Kafka: 127.0.0.1:$KAFKA_PORT, topics saiki.public.orders, saiki.public.order_items, saiki.transactions"
 echo "[demo] relays: source http://127.0.0.1:$HTTP_PORT/metrics (log $DIR/relay.log), sink http://127.0.0.1:$SINK_HTTP_PORT/metrics (log $DIR/sink.log)"
 echo "[demo] event API: $API (admin token $ADMIN_TOKEN, log $DIR/ingest.log), events in saiki.events.parcel.packed"
+echo "[demo] lake: Iceberg tables in $DIR/lake, SQL catalog \"saiki\" in the ODS database (log $DIR/lake.log)"
 echo "[demo] ODS: postgres://postgres@127.0.0.1:$PORT/ods, schema ods; Ctrl-C stops everything"
-printf '%7s %10s %10s %12s %10s %12s %12s %10s %11s %10s %10s\n' "time" "changes" "changes/s" "kafka acked" "slot lag" "ODS orders" "fresh p50" "events" "ODS events" "streamed" "ODS prices"
+printf '%7s %10s %10s %12s %10s %12s %12s %10s %11s %10s %10s %10s\n' "time" "changes" "changes/s" "kafka acked" "slot lag" "ODS orders" "fresh p50" "events" "ODS events" "streamed" "ODS prices" "lake rows"
 metric() { curl -s "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v m="$2" '$1 ~ "^"m"\\{" {print $2}'; }
 start=$(date +%s); prev=0; migrated=0; batch=0
 while :; do
@@ -237,12 +257,27 @@ while :; do
   ods_events=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.ev_parcel_packed" 2>/dev/null || echo 0)
   streamed=$(metric "$HTTP_PORT" saiki_source_streamed_records_total)
   prices=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.price_history" 2>/dev/null || echo 0)
-  printf '%6ss %10s %10s %12s %10s %12s %12s %10s %11s %10s %10s\n' "$el" "$n" "$(( (n - prev) / 2 ))" "${acked:-?}" "$lag" "${rows:-0}" "${fresh:--}" "${events:-0}" "${ods_events:-0}" "${streamed:-0}" "${prices:-0}"
+  lake=$(metric "$LAKE_HTTP_PORT" saiki_lake_rows_written_total)
+  printf '%6ss %10s %10s %12s %10s %12s %12s %10s %11s %10s %10s %10s\n' "$el" "$n" "$(( (n - prev) / 2 ))" "${acked:-?}" "$lag" "${rows:-0}" "${fresh:--}" "${events:-0}" "${ods_events:-0}" "${streamed:-0}" "${prices:-0}" "${lake:-0}"
   prev=$n
   if [ "$SECONDS_TO_RUN" -gt 0 ] && [ "$el" -ge "$SECONDS_TO_RUN" ]; then
     col=$([ "$migrated" = 2 ] && echo sales_channel || echo channel)
     missing=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.orders WHERE $col IS DISTINCT FROM 'web'" 2>/dev/null || echo "?")
     echo "[demo] ODS orders without the migrated column's value: $missing (of ${rows:-0})"
+    # The lake, read by a reader that is not ours: PyIceberg through the SQL catalog.
+    /opt/saiki-py/bin/python - "postgresql+psycopg2://postgres@127.0.0.1:$PORT/ods" <<'PY' || echo "[demo] lake: PyIceberg could not read the tables"
+import sys
+from pyiceberg.catalog.sql import SqlCatalog
+cat = SqlCatalog("saiki", uri=sys.argv[1])
+for name in ("orders_changes", "price_history_changes"):
+    try:
+        t = cat.load_table("saiki." + name).scan(selected_fields=("_saiki_action",)).to_arrow()
+        acts = t.column("_saiki_action").value_counts().to_pylist()
+        by = ", ".join(f"{a['values']}: {a['counts']}" for a in sorted(acts, key=lambda a: a["values"]))
+        print(f"[demo] lake (PyIceberg): saiki.{name} {t.num_rows} change rows ({by})")
+    except Exception as e:
+        print(f"[demo] lake (PyIceberg): saiki.{name}: {e}")
+PY
     echo "[demo] batch job: ${streamed:-0} rows sent to Kafka as a streamed transaction, most before its commit; ODS price_history: ${prices:-0} rows (of 20000), applied at its commit"
     break
   fi

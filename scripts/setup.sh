@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent machine setup for Saiki on Debian 12, run as root.
 # Installs the Debian packages, cargo-pgrx 0.18.0 (initialised against Debian's PostgreSQL 15)
-# and the tansu Kafka-protocol broker. Safe to run again: each step checks before it acts.
+# the tansu Kafka-protocol broker, and PyIceberg (in /opt/saiki-py). Safe to run again: each step checks before it acts.
 #   SAIKI_SKIP_TANSU=1  skip the broker (only the plugin tests run without it)
 set -euo pipefail
 
@@ -17,7 +17,7 @@ PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 
 PKGS=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo
       postgresql-15-wal2json postgresql-15-decoderbufs pkg-config libssl-dev cmake
-      python3 procps curl docker-compose stunnel4)
+      python3 python3-venv procps curl docker-compose stunnel4)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -49,5 +49,13 @@ if [ "${SAIKI_SKIP_TANSU:-0}" != 1 ]; then
     log "installing tansu 0.6.0 (Kafka-protocol broker; a long build)"
     cargo install tansu --version 0.6.0 --locked --features libsql,dynostore
   fi
+fi
+# PyIceberg (PyPI), the reader that is not ours for the lake's Iceberg tables (tests, demo),
+# in a venv of Debian's Python with the SQL catalog's PostgreSQL driver and pyarrow.
+PYICEBERG="pyiceberg[sql-postgres,pyarrow]==0.10.0"
+if ! /opt/saiki-py/bin/python -c 'import pyiceberg, pyarrow, psycopg2' 2>/dev/null; then
+  log "installing PyIceberg 0.10.0 into /opt/saiki-py"
+  /usr/bin/python3 -m venv /opt/saiki-py
+  /opt/saiki-py/bin/pip install --quiet "$PYICEBERG"
 fi
 log "setup complete"

@@ -84,6 +84,18 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Write the change topics into Apache Iceberg change-log tables (docs/lake.md).
+    Lake {
+        /// lake.warehouse
+        #[arg(long)]
+        warehouse: Option<String>,
+        /// kafka.brokers
+        #[arg(long)]
+        brokers: Option<String>,
+        /// http.listen ("" turns the endpoint off)
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Makes a bearer token for the event API in its registry and prints it (the API's
     /// `POST /tokens` does the same for an admin token's holder).
     Token {
@@ -202,6 +214,16 @@ pub fn main() -> ExitCode {
                 if let Some(v) = listen { cfg.http.listen = v; }
                 run_ingest(ingest, cfg).await
             }
+            Command::Lake { warehouse, brokers, listen } => {
+                let mut lake = match cfg.lake.take() {
+                    Some(l) => l,
+                    None => toml::from_str("").map_err(|e| RelayError::Config(e.to_string()))?,
+                };
+                if let Some(v) = warehouse { lake.warehouse = v; }
+                if let Some(v) = brokers { cfg.kafka.brokers = v; }
+                if let Some(v) = listen { cfg.http.listen = v; }
+                run_lake(lake, cfg).await
+            }
             Command::Token { scopes, dsn } => {
                 let dsn = dsn
                     .or_else(|| cfg.ingest.as_ref().and_then(|i| i.dsn.clone()))
@@ -314,6 +336,30 @@ async fn run_ingest(ingest: crate::config::IngestConfig, cfg: Config) -> Result<
         Some(crate::http::serve(&cfg.http.listen, metrics.clone()).await?)
     };
     crate::ingest::run(runtime, metrics, shutdown_signal()).await
+}
+
+#[cfg(feature = "lake")]
+async fn run_lake(lake: crate::config::LakeConfig, cfg: Config) -> Result<(), RelayError> {
+    let sink_dsn = cfg.sink.as_ref().map(|s| s.dsn.as_str());
+    let runtime = Arc::new(crate::lake::LakeRuntime::new(
+        lake,
+        cfg.kafka.clone(),
+        sink_dsn,
+    )?);
+    let metrics = Arc::new(crate::metrics::LakeMetrics::default());
+    let _http = if cfg.http.listen.is_empty() {
+        None
+    } else {
+        Some(crate::http::serve(&cfg.http.listen, metrics.clone()).await?)
+    };
+    crate::lake::run(runtime, metrics, shutdown_signal()).await
+}
+
+#[cfg(not(feature = "lake"))]
+async fn run_lake(_lake: crate::config::LakeConfig, _cfg: Config) -> Result<(), RelayError> {
+    Err(RelayError::Config(
+        "this saiki-relay was built without the lake (cargo feature \"lake\"): build it with the default features".into(),
+    ))
 }
 
 /// A watch that turns true on SIGTERM or Ctrl-C.

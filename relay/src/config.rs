@@ -76,6 +76,19 @@ dedup_capacity = 1000000         # eids remembered at most
 ack_timeout = "10s"              # a batch Kafka has not acknowledged by then is answered 503
 shutdown_grace = "30s"           # SIGTERM: time to finish the requests in flight
 
+[lake]
+warehouse = "file:///var/lib/saiki/lake"   # where the Parquet and metadata files go (a local folder)
+catalog_dsn = "postgres://saiki@127.0.0.1:5432/ods"   # the Iceberg SQL catalog; default sink.dsn
+catalog_name = "saiki"           # the catalog's name (PyIceberg: SqlCatalog("saiki", ...))
+namespace = "saiki"              # tables are {namespace}.{table}_changes ({schema}_{table}_changes outside public)
+group = "saiki-lake"             # Kafka consumer group (where reading starts; the tables decide what is new)
+instance_id = "lake-1"           # group.instance.id (static membership). Unset: dynamic
+topics = "^saiki\\..*"            # regex over topic names; default: every {topic_prefix}.* topic
+target_file_size = 67108864      # a data file rolls over at this size
+commit_interval = "60s"          # the longest a change waits before it is committed to its table
+reconnect_backoff_max = "30s"    # cap of the exponential backoff after a failure
+shutdown_grace = "30s"           # SIGTERM: time to commit what is buffered before exiting
+
 [http]
 listen = "127.0.0.1:9187"        # /metrics /health /ready; "" = off
 
@@ -95,6 +108,8 @@ pub(crate) struct Config {
     pub(crate) sink: Option<SinkConfig>,
     #[serde(default)]
     pub(crate) ingest: Option<IngestConfig>,
+    #[serde(default)]
+    pub(crate) lake: Option<LakeConfig>,
     #[serde(default)]
     pub(crate) http: HttpConfig,
     #[serde(default)]
@@ -266,6 +281,37 @@ pub(crate) struct IngestConfig {
     pub(crate) shutdown_grace: Duration,
 }
 
+/// `[lake]`: the change history as Apache Iceberg tables (docs/lake.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LakeConfig {
+    /// `file:///path` (or a plain absolute path): the warehouse folder.
+    #[serde(default = "d_warehouse")]
+    pub(crate) warehouse: String,
+    /// The SQL catalog's database; default: `sink.dsn`, the ODS.
+    #[serde(default)]
+    pub(crate) catalog_dsn: Option<String>,
+    #[serde(default = "d_saiki")]
+    pub(crate) catalog_name: String,
+    #[serde(default = "d_saiki")]
+    pub(crate) namespace: String,
+    #[serde(default = "d_lake_group")]
+    pub(crate) group: String,
+    #[serde(default)]
+    pub(crate) instance_id: Option<String>,
+    /// Regex over topic names; `None` = every topic of `kafka.topic_prefix`.
+    #[serde(default)]
+    pub(crate) topics: Option<String>,
+    #[serde(default = "d_file_size")]
+    pub(crate) target_file_size: usize,
+    #[serde(default = "d_60s", with = "duration")]
+    pub(crate) commit_interval: Duration,
+    #[serde(default = "d_30s", with = "duration")]
+    pub(crate) reconnect_backoff_max: Duration,
+    #[serde(default = "d_30s", with = "duration")]
+    pub(crate) shutdown_grace: Duration,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HttpConfig {
@@ -359,6 +405,21 @@ fn d_5s() -> Duration {
 }
 fn d_10ms() -> Duration {
     Duration::from_millis(10)
+}
+fn d_60s() -> Duration {
+    Duration::from_secs(60)
+}
+fn d_warehouse() -> String {
+    "file:///var/lib/saiki/lake".into()
+}
+fn d_saiki() -> String {
+    "saiki".into()
+}
+fn d_lake_group() -> String {
+    "saiki-lake".into()
+}
+fn d_file_size() -> usize {
+    64 << 20
 }
 fn d_ods() -> String {
     "ods".into()
@@ -463,7 +524,7 @@ pub(crate) fn apply_env(
     doc: &mut toml::Table,
     vars: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Vec<String>, RelayError> {
-    const SECTIONS: [&str; 6] = ["source", "kafka", "sink", "ingest", "http", "log"];
+    const SECTIONS: [&str; 7] = ["source", "kafka", "sink", "ingest", "lake", "http", "log"];
     let mut warnings = Vec::new();
     for (k, v) in vars {
         let Some(rest) = k.strip_prefix("SAIKI_") else {
@@ -475,7 +536,7 @@ pub(crate) fn apply_env(
             .find(|s| lower.starts_with(&format!("{s}_")))
         else {
             warnings.push(format!(
-                "ignoring environment variable {k}: not SAIKI_SOURCE_…, SAIKI_KAFKA_…, SAIKI_SINK_…, SAIKI_INGEST_…, SAIKI_HTTP_… or SAIKI_LOG_…"
+                "ignoring environment variable {k}: not SAIKI_SOURCE_…, SAIKI_KAFKA_…, SAIKI_SINK_…, SAIKI_INGEST_…, SAIKI_LAKE_…, SAIKI_HTTP_… or SAIKI_LOG_…"
             ));
             continue;
         };
@@ -561,6 +622,13 @@ mod tests {
         mk.topics.clone_from(&rk.topics);
         mk.dead_letter_topic.clone_from(&rk.dead_letter_topic);
         minimal.ingest.clone_from(&reference.ingest);
+        let l = toml::from_str::<Config>("[lake]\n").unwrap();
+        let (rl, mut ml) = (reference.lake.as_ref().unwrap(), l.lake.unwrap());
+        ml.catalog_dsn.clone_from(&rl.catalog_dsn);
+        ml.instance_id.clone_from(&rl.instance_id);
+        ml.topics.clone_from(&rl.topics);
+        assert_eq!(format!("{ml:?}"), format!("{rl:?}"));
+        minimal.lake.clone_from(&reference.lake);
         let i = toml::from_str::<Config>("[ingest]\n").unwrap();
         let (ri, mut mi) = (reference.ingest.as_ref().unwrap(), i.ingest.unwrap());
         mi.dsn.clone_from(&ri.dsn);

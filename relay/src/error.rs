@@ -54,6 +54,9 @@ pub enum RelayError {
     /// `saiki_sink.stopped`); the session starts again without that topic.
     #[error("ODS table {table} stopped: {message}")]
     TableStopped { table: String, message: String },
+    /// The lake's Iceberg catalog or warehouse (`lake/`).
+    #[error("lake: {message}")]
+    Lake { message: String, transient: bool },
     #[error("ODS {target}: {message}")]
     Ods {
         target: String,
@@ -73,6 +76,7 @@ impl RelayError {
             | RelayError::Kafka(_)
             | RelayError::TableStopped { .. } => true,
             RelayError::Server { error, .. } => server_error_is_transient(&error.code),
+            RelayError::Lake { transient, .. } => *transient,
             RelayError::Ods { code: None, .. } => true,
             RelayError::Ods { code: Some(c), .. } => server_error_is_transient(c),
             // A record the relay cannot read means the plugin and the relay disagree on the
@@ -82,13 +86,13 @@ impl RelayError {
     }
 
     /// The process exit code for a definite error: 2 configuration, 3 source database,
-    /// 4 Kafka, 5 data, 6 ODS database, 7 internal.
+    /// 4 Kafka, 5 data, 6 ODS database or lake, 7 internal.
     pub(crate) fn exit_code(&self) -> u8 {
         match self {
             RelayError::Config(_) => 2,
             RelayError::Kafka(_) | RelayError::KafkaConfig(_) => 4,
             RelayError::Record(_) => 5,
-            RelayError::Ods { .. } | RelayError::TableStopped { .. } => 6,
+            RelayError::Ods { .. } | RelayError::TableStopped { .. } | RelayError::Lake { .. } => 6,
             RelayError::Internal(_) => 7,
             _ => 3,
         }

@@ -241,6 +241,51 @@ impl Kafka {
     }
 }
 
+/// Lists the broker's topics and subscribes `consumer` to those `wants` accepts, if they differ
+/// from `subscribed` (sorted; updated). Returns whether the subscription changed. A broker
+/// that refuses the relay's credentials is a definite error; any other failure to list is
+/// logged and left to the next call. The sink and the lake list topics themselves instead of
+/// a regex subscription, so that a topic created later is picked up on their own schedule.
+pub(crate) fn subscribe_matching<C: rdkafka::consumer::ConsumerContext + 'static>(
+    consumer: &rdkafka::consumer::StreamConsumer<C>,
+    wants: impl Fn(&str) -> bool,
+    subscribed: &mut Vec<String>,
+) -> Result<bool, RelayError> {
+    use rdkafka::consumer::Consumer;
+    let md = match tokio::task::block_in_place(|| consumer.fetch_metadata(None, METADATA_TIMEOUT)) {
+        Ok(md) => md,
+        Err(e) => {
+            let e = refused(RelayError::Kafka(format!("listing topics: {e}")));
+            if !e.is_transient() {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, "listing topics");
+            return Ok(false);
+        }
+    };
+    let mut names: Vec<String> = md
+        .topics()
+        .iter()
+        .map(|t| t.name().to_string())
+        .filter(|t| wants(t))
+        .collect();
+    names.sort();
+    if names == *subscribed {
+        return Ok(false);
+    }
+    if names.is_empty() {
+        consumer.unsubscribe();
+    } else {
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&refs)
+            .map_err(|e| RelayError::Kafka(format!("subscribe: {e}")))?;
+    }
+    tracing::info!(topics = names.len(), "subscribed: {}", names.join(", "));
+    *subscribed = names;
+    Ok(true)
+}
+
 /// Kafka headers from names and values, in order: the one place they are built (the source's
 /// headers of every message, the sink's dead letters).
 pub(crate) fn headers<'a>(

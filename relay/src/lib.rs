@@ -8,6 +8,9 @@
 //!   statements.
 //! - [`ingest`]: the HTTP event API: event types with JSON Schemas, batches of events
 //!   validated and produced to Kafka, bearer tokens.
+//! - `lake` (feature `lake`, on by default): Kafka → Apache Iceberg change-log tables, exactly
+//!   once (the table marks of `lake/ledger.rs`), on the `iceberg` crate's SQL catalog and
+//!   Parquet writers.
 //! - [`pg`]: the PostgreSQL client pieces both sides share: the replication wire codec,
 //!   connections, TLS with libpq's `sslmode`, DSN parsing, SQL quoting.
 //! - Beside them, shared by every daemon: [`config`], [`error`] and [`retry`] (transient
@@ -24,6 +27,8 @@ pub(crate) mod event_table;
 pub(crate) mod http;
 pub(crate) mod ingest;
 pub(crate) mod kafka;
+#[cfg(feature = "lake")]
+pub(crate) mod lake;
 pub(crate) mod metrics;
 pub(crate) mod pg;
 pub(crate) mod retry;
@@ -37,4 +42,6 @@ pub use sink::batch::{plan as plan_batch, Applier, Done};
 pub use sink::ods::{ApplyError, Ods, PartitionOffsets};
 
 /// The metrics, checked against the docs and the dashboard by `tests/it/docs.rs`.
-pub use metrics::{Exporter, IngestMetrics, SinkMetrics, SourceMetrics, ALL as METRIC_NAMES};
+pub use metrics::{
+    Exporter, IngestMetrics, LakeMetrics, SinkMetrics, SourceMetrics, ALL as METRIC_NAMES,
+};

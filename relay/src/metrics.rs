@@ -46,6 +46,16 @@ pub(crate) const INGEST_THROTTLED_TOTAL: &str = "saiki_ingest_throttled_total";
 pub(crate) const INGEST_REQUESTS_REFUSED_TOTAL: &str = "saiki_ingest_requests_refused_total";
 pub(crate) const INGEST_EVENTS_IN_FLIGHT: &str = "saiki_ingest_events_in_flight";
 
+pub(crate) const LAKE_ROWS_WRITTEN_TOTAL: &str = "saiki_lake_rows_written_total";
+pub(crate) const LAKE_COMMITS_TOTAL: &str = "saiki_lake_commits_total";
+pub(crate) const LAKE_DATA_FILES_TOTAL: &str = "saiki_lake_data_files_total";
+pub(crate) const LAKE_DEAD_LETTERS_TOTAL: &str = "saiki_lake_dead_letters_total";
+pub(crate) const LAKE_EVENTS_SKIPPED_TOTAL: &str = "saiki_lake_events_skipped_total";
+pub(crate) const LAKE_RETRIES_TOTAL: &str = "saiki_lake_retries_total";
+pub(crate) const LAKE_HELD_BYTES: &str = "saiki_lake_held_bytes";
+pub(crate) const LAKE_CONSUMER_LAG_MESSAGES: &str = "saiki_lake_consumer_lag_messages";
+pub(crate) const LAKE_LAST_COMMIT_SECONDS: &str = "saiki_lake_last_commit_timestamp_seconds";
+
 /// Every metric name, for the reference in docs/metrics.md and the dashboard (both checked
 /// against this list by the tests).
 pub const ALL: &[&str] = &[
@@ -88,6 +98,15 @@ pub const ALL: &[&str] = &[
     INGEST_THROTTLED_TOTAL,
     INGEST_REQUESTS_REFUSED_TOTAL,
     INGEST_EVENTS_IN_FLIGHT,
+    LAKE_ROWS_WRITTEN_TOTAL,
+    LAKE_COMMITS_TOTAL,
+    LAKE_DATA_FILES_TOTAL,
+    LAKE_DEAD_LETTERS_TOTAL,
+    LAKE_EVENTS_SKIPPED_TOTAL,
+    LAKE_RETRIES_TOTAL,
+    LAKE_HELD_BYTES,
+    LAKE_CONSUMER_LAG_MESSAGES,
+    LAKE_LAST_COMMIT_SECONDS,
 ];
 
 /// What `/metrics` and `/ready` show: the source's or the sink's metrics.
@@ -450,6 +469,98 @@ impl Exporter for IngestMetrics {
             INGEST_PUBLISH_SECONDS,
             "Time from a publishing request's receipt to its answer.",
             ("relay", "ingest"),
+        );
+        out
+    }
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// The lake relay's metrics (`saiki-relay lake`).
+#[derive(Default)]
+pub struct LakeMetrics {
+    /// Change-log rows committed to Iceberg tables.
+    pub(crate) rows: AtomicU64,
+    /// Iceberg commits (one per table per round).
+    pub(crate) commits: AtomicU64,
+    /// Parquet data files committed.
+    pub(crate) files: AtomicU64,
+    pub(crate) dead_letters: AtomicU64,
+    /// Event API events read and not written (the lake takes change records only so far).
+    pub(crate) skipped: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    /// Messages of the assigned partitions past the group's committed offsets (librdkafka's
+    /// statistics).
+    pub(crate) lag: AtomicU64,
+    /// Bytes of streamed transactions' records read and held until their end.
+    pub(crate) held_bytes: AtomicU64,
+    /// µs since the Unix epoch of the last round that committed rows.
+    pub(crate) last_commit: AtomicU64,
+    pub(crate) ready: AtomicBool,
+}
+
+impl Exporter for LakeMetrics {
+    fn render(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let l = label("relay", "lake");
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
+            write_metric(&mut out, name, kind, help, &l, v)
+        };
+        metric(
+            LAKE_ROWS_WRITTEN_TOTAL,
+            "counter",
+            "Change-log rows committed to the lake's Iceberg tables.",
+            g(&self.rows),
+        );
+        metric(
+            LAKE_COMMITS_TOTAL,
+            "counter",
+            "Iceberg commits (one per table with rows per round).",
+            g(&self.commits),
+        );
+        metric(
+            LAKE_DATA_FILES_TOTAL,
+            "counter",
+            "Parquet data files committed.",
+            g(&self.files),
+        );
+        metric(
+            LAKE_DEAD_LETTERS_TOTAL,
+            "counter",
+            "Records the lake cannot read, sent to the dead-letter topic.",
+            g(&self.dead_letters),
+        );
+        metric(
+            LAKE_EVENTS_SKIPPED_TOTAL,
+            "counter",
+            "Event API events read and not written (the lake takes change records only, so far).",
+            g(&self.skipped),
+        );
+        metric(
+            LAKE_RETRIES_TOTAL,
+            "counter",
+            "Sessions restarted after a transient failure (catalog, warehouse, Kafka).",
+            g(&self.retries),
+        );
+        metric(
+            LAKE_HELD_BYTES,
+            "gauge",
+            "Bytes of streamed transactions' records held in memory until their commit or abort.",
+            g(&self.held_bytes),
+        );
+        metric(
+            LAKE_CONSUMER_LAG_MESSAGES,
+            "gauge",
+            "Messages of the assigned partitions not yet committed to the lake (past the group's offsets).",
+            g(&self.lag),
+        );
+        metric(
+            LAKE_LAST_COMMIT_SECONDS,
+            "gauge",
+            "Unix time of the last round that committed rows (0: none yet).",
+            g(&self.last_commit) / 1_000_000,
         );
         out
     }

@@ -52,7 +52,7 @@ pub(crate) struct RelayStatus {
     pub(crate) healthy: bool,
     /// `/ready` answered 200: streaming (source) or consuming and applying (sink).
     pub(crate) ready: bool,
-    /// "source", "sink" or "ingest", from the metric names it exports.
+    /// "source", "sink", "ingest" or "lake", from the metric names it exports.
     pub(crate) role: Option<String>,
     /// The source's name or the sink's consumer group.
     pub(crate) name: Option<String>,
@@ -77,6 +77,8 @@ pub(crate) struct RelayStatus {
     pub(crate) streamed_open: Option<u64>,
     /// Sink: their staged rows.
     pub(crate) staged_rows: Option<u64>,
+    /// Lake: Unix time of the last round that committed rows (0: none yet).
+    pub(crate) last_commit: Option<u64>,
     /// Source: resyncs after the slot lost changes.
     pub(crate) resyncs: Option<u64>,
     /// Why the relay could not be read.
@@ -153,17 +155,22 @@ impl RelayStatus {
                 s.name = label_value(labels, "group").map(str::to_string);
             } else if name.starts_with("saiki_ingest_") {
                 s.role = Some("ingest".into());
+            } else if name.starts_with("saiki_lake_") {
+                s.role = Some("lake".into());
             }
             match name {
                 SOURCE_LAG_BYTES => s.lag_bytes = n,
                 SOURCE_IN_FLIGHT_MESSAGES => s.in_flight = n,
-                SOURCE_CHANGES_TOTAL | SINK_ROWS_APPLIED_TOTAL | INGEST_EVENTS_PUBLISHED_TOTAL => {
-                    s.changes_total = n
-                }
+                SOURCE_CHANGES_TOTAL
+                | SINK_ROWS_APPLIED_TOTAL
+                | INGEST_EVENTS_PUBLISHED_TOTAL
+                | LAKE_ROWS_WRITTEN_TOTAL => s.changes_total = n,
                 SOURCE_DELIVERY_ERRORS_TOTAL
                 | SINK_DEAD_LETTERS_TOTAL
-                | INGEST_KAFKA_FAILURES_TOTAL => s.errors_total = n,
-                SINK_CONSUMER_LAG_MESSAGES => s.lag_messages = n,
+                | INGEST_KAFKA_FAILURES_TOTAL
+                | LAKE_DEAD_LETTERS_TOTAL => s.errors_total = n,
+                SINK_CONSUMER_LAG_MESSAGES | LAKE_CONSUMER_LAG_MESSAGES => s.lag_messages = n,
+                LAKE_LAST_COMMIT_SECONDS => s.last_commit = n,
                 SINK_STOPPED_TOPICS => s.stopped_topics = n,
                 SOURCE_STREAMED_TRANSACTIONS_OPEN | SINK_STREAMED_TRANSACTIONS_OPEN => {
                     s.streamed_open = n
@@ -493,6 +500,16 @@ fn note(r: &RelayStatus) -> String {
             "{n} resync(s): the slot lost changes (a failover?); snapshots of every table requested, see the relay's log"
         ));
     }
+    match r.last_commit {
+        Some(0) => notes.push("no commit to the lake yet".into()),
+        Some(t) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            notes.push(format!("last lake commit {}s ago", now.saturating_sub(t)));
+        }
+        None => {}
+    }
     match (r.streamed_open.filter(|n| *n > 0), r.staged_rows) {
         (Some(n), Some(rows)) => notes.push(format!(
             "{n} streamed transaction(s) staged, {rows} rows, applied at their commit: see saiki_sink.streams"
@@ -584,5 +601,21 @@ mod tests {
         assert_eq!(s.role.as_deref(), Some("ingest"));
         assert_eq!((s.changes_total, s.errors_total), (Some(42), Some(1)));
         assert!(render(None, &[], &[s]).contains("ingest"));
+    }
+
+    #[test]
+    fn a_lake_relays_metrics_summarize_to_rows_lag_and_its_last_commit() {
+        let m = LakeMetrics::default();
+        let o = std::sync::atomic::Ordering::Relaxed;
+        m.rows.store(1000, o);
+        m.lag.store(7, o);
+        let s = RelayStatus::from_metrics("http://x", &m.render());
+        assert_eq!(s.role.as_deref(), Some("lake"));
+        assert_eq!((s.changes_total, s.lag_messages), (Some(1000), Some(7)));
+        assert!(render(None, &[], &[s]).contains("no commit to the lake yet"));
+        m.last_commit
+            .store(saiki_core::time::unix_micros_now() as u64 - 3_000_000, o);
+        let s = RelayStatus::from_metrics("http://x", &m.render());
+        assert!(render(None, &[], &[s]).contains("last lake commit 3s ago"));
     }
 }

@@ -62,7 +62,6 @@ const EVENT_TYPE_HEADER: &str = "saiki.event_type";
 /// Dead letters handed to the producer at once (they are awaited before the commit).
 const DEAD_LETTER_QUEUE_CAPACITY: usize = 10_000;
 const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
-const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 const TOMBSTONE_GC_INTERVAL: Duration = Duration::from_secs(600);
 /// How often topics are listed while none matches yet.
 const NO_TOPICS_REFRESH: Duration = Duration::from_millis(500);
@@ -701,39 +700,9 @@ impl Session<'_> {
 
     /// Subscribes to the matching topics (they appear as the sources create them).
     fn refresh_topics(&mut self) -> Result<(), RelayError> {
-        let md = match tokio::task::block_in_place(|| {
-            self.consumer.fetch_metadata(None, METADATA_TIMEOUT)
-        }) {
-            Ok(md) => md,
-            Err(e) => {
-                // The broker refusing the relay's credentials or certificate is definite;
-                // anything else is retried at the next refresh.
-                let e = crate::kafka::refused(RelayError::Kafka(format!("listing topics: {e}")));
-                if !e.is_transient() {
-                    return Err(e);
-                }
-                warn!(error = %e, "listing topics");
-                return Ok(());
-            }
-        };
-        let mut names: Vec<String> = md
-            .topics()
-            .iter()
-            .map(|t| t.name().to_string())
-            .filter(|t| self.rt.wants(t) && !self.stopped.contains(t))
-            .collect();
-        names.sort();
-        if names != self.subscribed {
-            if names.is_empty() {
-                self.consumer.unsubscribe();
-            } else {
-                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-                self.consumer
-                    .subscribe(&refs)
-                    .map_err(|e| RelayError::Kafka(format!("subscribe: {e}")))?;
-            }
-            info!(topics = names.len(), "subscribed: {}", names.join(", "));
-            self.subscribed = names;
+        let (rt, stopped) = (self.rt, &self.stopped);
+        let wants = |t: &str| rt.wants(t) && !stopped.iter().any(|s| s == t);
+        if crate::kafka::subscribe_matching(&self.consumer, wants, &mut self.subscribed)? {
             self.consumer
                 .context()
                 .group

@@ -106,6 +106,10 @@ impl Relay {
         Relay::start_command(dir, config, http_port, "sink")
     }
 
+    pub fn start_lake(dir: &std::path::Path, config: &str, http_port: u16) -> Relay {
+        Relay::start_command(dir, config, http_port, "lake")
+    }
+
     pub fn start_ingest(dir: &std::path::Path, config: &str, http_port: u16) -> Relay {
         Relay::start_command(dir, config, http_port, "ingest")
     }
@@ -154,11 +158,8 @@ impl Relay {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, and the exit status within `within`.
-    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+    /// The exit status of a relay that stops on its own within `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + within;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -166,11 +167,19 @@ impl Relay {
             }
             assert!(
                 Instant::now() < deadline,
-                "relay did not exit within {within:?} of SIGTERM:\n{}",
+                "relay still runs after {within:?}:\n{}",
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// SIGTERM, and the exit status within `within`.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.wait_exit(within)
     }
 }
 

@@ -23,7 +23,7 @@ fn read(rel: &str) -> String {
 
 /// Every `saiki_…` metric name in `text`, without histogram suffixes.
 fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
-    let re = regex::Regex::new(r"saiki_(source|sink|ingest)_[a-z_]+").unwrap();
+    let re = regex::Regex::new(r"saiki_(source|sink|ingest|lake)_[a-z_]+").unwrap();
     re.find_iter(text)
         .map(|m| {
             let n = m.as_str();
@@ -238,11 +238,13 @@ fn the_dashboard_and_the_metrics_reference_name_exactly_the_exported_metrics() {
     source.snapshot_progress("public.orders", 10, 100); // per-table series appear with a snapshot
     use saiki_relay::Exporter;
     let ingest = saiki_relay::IngestMetrics::default();
+    let lake = saiki_relay::LakeMetrics::default();
     let rendered = metric_names(&format!(
-        "{}{}{}",
+        "{}{}{}{}",
         sink.render(),
         source.render("s"),
-        ingest.render()
+        ingest.render(),
+        lake.render()
     ));
     assert_eq!(rendered, exported, "metrics::ALL against /metrics");
 
@@ -323,6 +325,7 @@ fn the_least_privilege_roles_of_the_images_run_the_pipeline() {
         &[
             ("SAIKI_SINK_PASSWORD", "sink-pw"),
             ("SAIKI_INGEST_PASSWORD", "ingest-pw"),
+            ("SAIKI_LAKE_PASSWORD", "lake-pw"),
         ],
     );
     let roles = |c: &mut saiki_tests::postgres::Client| {
@@ -408,6 +411,29 @@ fn the_least_privilege_roles_of_the_images_run_the_pipeline() {
     );
     let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(st["slots"][0]["slot"], "saiki_test", "{st}");
+
+    // The lake's role keeps the Iceberg catalog in the ODS database and commits the changes.
+    let lport = loopback_port();
+    let lcfg = format!(
+        "[lake]\nwarehouse = \"file://{}/lake\"\ncatalog_dsn = \"host=127.0.0.1 port={} user=saiki_lake password=lake-pw dbname=ods\"\ncommit_interval = \"1s\"\n[kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:{lport}\"\n",
+        pg.dir.display(),
+        pg.port,
+        broker.addr()
+    );
+    let lake = Relay::start_lake(&pg.dir, &lcfg, lport);
+    wait_until(Duration::from_secs(90), &lake, || {
+        let m = lake.http_get("/metrics").unwrap_or_default();
+        // The snapshot's rows (40 to 50, as it met the deletes), 10 updates, 10 deletes.
+        (metric(&m, "saiki_lake_rows_written_total").unwrap_or(0.0) < 60.0)
+            .then(|| format!("lake rows: {m}"))
+    });
+    assert_eq!(
+        text_rows(
+            &mut ods,
+            "SELECT tableowner::text FROM pg_tables WHERE tablename = 'iceberg_tables'"
+        ),
+        vec![vec![s("saiki_lake")]]
+    );
 
     // The event API's role creates its registry in the ODS database and publishes.
     let (api, iport) = (loopback_port(), loopback_port());

@@ -9,6 +9,7 @@ mod docs;
 mod failover;
 mod faults;
 mod ingest;
+mod lake;
 mod shards;
 mod sink;
 mod snapshot;

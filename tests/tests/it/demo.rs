@@ -1,6 +1,6 @@
 //! The README's first command, headless: `scripts/demo.sh --seconds N` streams changes through
 //! the source relay into Kafka and the sink into the ODS, pushes events through the event API,
-//! and leaves nothing running.
+//! writes the changes into Iceberg tables (read back by PyIceberg), and leaves nothing running.
 
 use std::process::Command;
 
@@ -34,6 +34,10 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
         )
         .env(
             "SAIKI_DEMO_INGEST_HTTP_PORT",
+            saiki_tests::loopback_port().to_string(),
+        )
+        .env(
+            "SAIKI_DEMO_LAKE_HTTP_PORT",
             saiki_tests::loopback_port().to_string(),
         )
         .output()
@@ -97,6 +101,20 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
             && stdout.contains("ODS orders without the migrated column's value: 0 "),
         "{stdout}"
     );
+    // The lake: every row of the batch job in its Iceberg change-log table, and orders, as
+    // PyIceberg reads them.
+    assert!(
+        stdout.contains(
+            "[demo] lake (PyIceberg): saiki.price_history_changes 20000 change rows (I: 20000)"
+        ),
+        "{stdout}"
+    );
+    let lake_orders = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("[demo] lake (PyIceberg): saiki.orders_changes "))
+        .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(lake_orders > 10, "orders in the lake:\n{stdout}");
     let left = Command::new("pgrep")
         .args(["-f", "saiki-demo"])
         .output()

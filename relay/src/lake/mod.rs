@@ -1,0 +1,677 @@
+//! `saiki-relay lake`: the change topics as Apache Iceberg change-log tables (DESIGN.md §9,
+//! docs/lake.md). The loop reads records into a *round* (rows per table, in memory), and ends
+//! the round when `commit_interval` has passed since its first row or its rows reach
+//! `target_file_size`: each table with rows gets Parquet data files and one Iceberg commit
+//! whose snapshot summary holds the table's marks (`ledger.rs`), then the consumer group's
+//! offsets are committed. What is in a table is decided by its snapshots alone.
+//!
+//! Built on the Apache Iceberg Rust implementation (`iceberg`, its SQL catalog, its Parquet
+//! writers, its partition splitter): nothing of the table format is written by hand here.
+
+mod columns;
+mod held;
+mod ledger;
+mod table;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use regex::Regex;
+use saiki_core::record::Action;
+use saiki_core::view::{Fields, RecordView, Types};
+use tokio::sync::watch;
+use tracing::{debug, info, info_span, warn};
+
+use crate::config::{KafkaConfig, LakeConfig};
+use crate::error::RelayError;
+use crate::kafka::Kafka;
+use crate::metrics::LakeMetrics;
+use crate::retry::{supervise, Supervised};
+use columns::{changes_table, Row};
+use held::{Held, StreamKey};
+use ledger::{Ledger, Tp};
+use table::{Catalog, ChangeTable};
+
+/// The header the event API puts on every event: events are not in the lake yet.
+const EVENT_TYPE_HEADER: &str = "saiki.event_type";
+/// How often topics are listed.
+const TOPIC_REFRESH: Duration = Duration::from_secs(5);
+/// Dead letters produced at once at most (the lake awaits each).
+const DEAD_LETTER_QUEUE_CAPACITY: usize = 1_000;
+
+/// The lake's settings, checked.
+pub(crate) struct LakeRuntime {
+    pub(crate) lake: LakeConfig,
+    pub(crate) kafka: KafkaConfig,
+    /// The catalog database as a URL (sqlx's form).
+    pub(crate) catalog_url: String,
+    /// `file:///path` of the warehouse folder.
+    pub(crate) warehouse: String,
+    topics: Regex,
+    excluded: Vec<String>,
+    dead_letter_topic: String,
+}
+
+impl LakeRuntime {
+    pub(crate) fn new(
+        lake: LakeConfig,
+        kafka: KafkaConfig,
+        sink_dsn: Option<&str>,
+    ) -> Result<Self, RelayError> {
+        let dsn = lake.catalog_dsn.as_deref().or(sink_dsn).ok_or_else(|| {
+            RelayError::Config(
+                "lake needs a catalog database: lake.catalog_dsn (or sink.dsn)".into(),
+            )
+        })?;
+        let catalog_url = table::catalog_url(dsn)?;
+        let warehouse = table::warehouse_url(&lake.warehouse)?;
+        let pattern = lake
+            .topics
+            .clone()
+            .unwrap_or_else(|| format!("^{}\\.", regex::escape(&kafka.topic_prefix)));
+        let topics = Regex::new(&pattern)
+            .map_err(|e| RelayError::Config(format!("lake.topics = {pattern:?}: {e}")))?;
+        for (k, v) in [
+            ("lake.group", &lake.group),
+            ("lake.namespace", &lake.namespace),
+            ("lake.catalog_name", &lake.catalog_name),
+        ] {
+            if v.trim().is_empty() {
+                return Err(RelayError::Config(format!("{k} must not be empty")));
+            }
+        }
+        if lake.target_file_size < 1 << 20 {
+            return Err(RelayError::Config(format!(
+                "lake.target_file_size = {}: at least 1048576 (1 MiB); analytics wants 64-512 MiB",
+                lake.target_file_size
+            )));
+        }
+        if lake.commit_interval < Duration::from_millis(100) {
+            return Err(RelayError::Config(
+                "lake.commit_interval must be at least 100ms".into(),
+            ));
+        }
+        let dead_letter_topic = format!("{}.dead-letter", kafka.topic_prefix);
+        let excluded = vec![
+            dead_letter_topic.clone(),
+            format!("{}.transactions", kafka.topic_prefix),
+            format!("{}.messages", kafka.topic_prefix),
+        ];
+        Ok(LakeRuntime {
+            lake,
+            kafka,
+            catalog_url,
+            warehouse,
+            topics,
+            excluded,
+            dead_letter_topic,
+        })
+    }
+
+    fn wants(&self, topic: &str) -> bool {
+        self.topics.is_match(topic)
+            && !self.excluded.iter().any(|t| t == topic)
+            && !topic.starts_with("__")
+    }
+}
+
+/// Runs the lake relay until `shutdown` (it commits the round in hand) or a definite error.
+pub(crate) async fn run(
+    rt: Arc<LakeRuntime>,
+    metrics: Arc<LakeMetrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), RelayError> {
+    let supervised = Supervised {
+        ready: &metrics.ready,
+        restarts: &metrics.retries,
+        backoff_max: rt.lake.reconnect_backoff_max,
+    };
+    let span = || info_span!("lake", group = %rt.lake.group);
+    supervise(supervised, &mut shutdown, span, async |shutdown| {
+        session(&rt, &metrics, shutdown).await
+    })
+    .await
+}
+
+/// Tells the loop that partitions changed hands: the round in hand is dropped (it is read
+/// again from the group's offsets) and the tables' marks are loaded again.
+struct LakeContext {
+    rebalanced: AtomicBool,
+    lag: Arc<LakeMetrics>,
+}
+
+impl ClientContext for LakeContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        crate::kafka::client_error(&error, reason);
+    }
+
+    /// The lag from librdkafka's statistics: each assigned partition's high watermark past
+    /// the group's committed offset (what is not yet in the lake for sure).
+    fn stats(&self, stats: rdkafka::Statistics) {
+        let mut lag = 0i64;
+        for t in stats.topics.values() {
+            for (p, part) in &t.partitions {
+                if *p >= 0 && part.fetch_state != "none" && part.consumer_lag > 0 {
+                    lag += part.consumer_lag;
+                }
+            }
+        }
+        self.lag.lag.store(lag as u64, Ordering::Relaxed);
+    }
+}
+
+impl ConsumerContext for LakeContext {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            // Nothing is lost: reading starts at the last offsets the group has.
+            warn!(error = %e, "the group's offsets were not committed; a restart reads a little more again");
+        }
+    }
+
+    fn post_rebalance(
+        &self,
+        _c: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        match rebalance {
+            Rebalance::Assign(tpl) => info!(partitions = tpl.count(), "partitions assigned"),
+            Rebalance::Revoke(tpl) => info!(partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+        self.rebalanced.store(true, Ordering::SeqCst);
+    }
+}
+
+struct Session<'a> {
+    rt: &'a LakeRuntime,
+    metrics: &'a LakeMetrics,
+    consumer: ClosedApart<StreamConsumer<LakeContext>>,
+    catalog: Catalog,
+    ledger: Ledger,
+    /// Records of streamed transactions not yet ended.
+    held: Held,
+    /// Tables met in this session, by their change-log table name.
+    tables: HashMap<String, ChangeTable>,
+    round_rows: usize,
+    round_bytes: usize,
+    round_started: Option<tokio::time::Instant>,
+    subscribed: Vec<String>,
+    dead_letters: Kafka,
+}
+
+async fn session(
+    rt: &LakeRuntime,
+    metrics: &Arc<LakeMetrics>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), RelayError> {
+    let catalog = Catalog::open(rt).await?;
+    info!(warehouse = %rt.warehouse, namespace = %rt.lake.namespace, "catalog open");
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &rt.kafka.brokers)
+        .set("client.id", "saiki-relay-lake")
+        .set("statistics.interval.ms", "5000");
+    match &rt.lake.instance_id {
+        Some(id) => cc.set("group.instance.id", id),
+        None => cc.set("session.timeout.ms", "10000"),
+    };
+    for (k, v) in &rt.kafka.properties {
+        cc.set(k, v);
+    }
+    // The group's offsets say where reading starts; they are committed after every table of
+    // a round has committed (ledger.rs).
+    cc.set("group.id", &rt.lake.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false");
+    let consumer: StreamConsumer<LakeContext> = cc
+        .create_with_context(LakeContext {
+            rebalanced: AtomicBool::new(false),
+            lag: metrics.clone(),
+        })
+        .map_err(|e| RelayError::KafkaConfig(format!("{e}: check [kafka.properties]")))?;
+    let mut s = Session {
+        rt,
+        metrics: metrics.as_ref(),
+        consumer: ClosedApart(Some(consumer)),
+        catalog,
+        ledger: Ledger::default(),
+        held: Held::default(),
+        tables: HashMap::new(),
+        round_rows: 0,
+        round_bytes: 0,
+        round_started: None,
+        subscribed: Vec::new(),
+        dead_letters: Kafka::new(&rt.kafka, DEAD_LETTER_QUEUE_CAPACITY)?,
+    };
+    s.refresh_topics()?;
+    metrics.ready.store(true, Ordering::Relaxed);
+    let mut next_refresh = tokio::time::Instant::now() + TOPIC_REFRESH;
+    loop {
+        let deadline = s.round_started.map(|t| t + rt.lake.commit_interval);
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    info!(rows = s.round_rows, "shutdown: committing the round in hand");
+                    let grace = rt.lake.shutdown_grace;
+                    match tokio::time::timeout(grace, s.end_round()).await {
+                        Ok(r) => r?,
+                        Err(_) => warn!(?grace, "the round did not commit within the grace period: stopped; it is read again on the next start"),
+                    }
+                    return Ok(());
+                }
+            }
+            _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
+                s.end_round().await?;
+            }
+            m = s.consumer.recv() => {
+                match m {
+                    Ok(m) => {
+                        let m = m.detach();
+                        s.after_rebalance();
+                        s.accept(m).await?;
+                        metrics.held_bytes.store(s.held.bytes() as u64, Ordering::Relaxed);
+                        if s.round_bytes >= rt.lake.target_file_size {
+                            s.end_round().await?;
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "consume"),
+                }
+            }
+            _ = tokio::time::sleep_until(next_refresh) => {
+                s.after_rebalance();
+                s.refresh_topics()?;
+                next_refresh = tokio::time::Instant::now() + TOPIC_REFRESH;
+            }
+        }
+    }
+}
+
+impl Session<'_> {
+    fn refresh_topics(&mut self) -> Result<(), RelayError> {
+        let rt = self.rt;
+        crate::kafka::subscribe_matching(&self.consumer, |t| rt.wants(t), &mut self.subscribed)?;
+        Ok(())
+    }
+
+    /// After a rebalance nothing of the round is kept: the consumer starts the partitions
+    /// again at the group's offsets, and the marks are read again from the tables.
+    fn after_rebalance(&mut self) {
+        if self
+            .consumer
+            .context()
+            .rebalanced
+            .swap(false, Ordering::SeqCst)
+        {
+            if self.round_rows > 0 {
+                info!(
+                    rows = self.round_rows,
+                    "rebalance: the round in hand is read again"
+                );
+            }
+            self.ledger.reset();
+            self.held.clear();
+            for t in self.tables.values_mut() {
+                t.rows.clear();
+            }
+            self.round_rows = 0;
+            self.round_bytes = 0;
+            self.round_started = None;
+        }
+    }
+
+    /// One delivered message into the round.
+    async fn accept(&mut self, m: OwnedMessage) -> Result<(), RelayError> {
+        let tp: Tp = (m.topic().to_string(), m.partition());
+        if !self.ledger.take(&tp, m.offset()) {
+            return Ok(());
+        }
+        // Every message read moves the group's offsets on at the round's end.
+        self.round_started
+            .get_or_insert_with(tokio::time::Instant::now);
+        let Some(payload) = m.payload() else {
+            return Ok(()); // a tombstone: the delete before it is the change
+        };
+        if m.headers()
+            .is_some_and(|h| h.iter().any(|h| h.key == EVENT_TYPE_HEADER))
+        {
+            self.metrics.skipped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let origin = Origin {
+            tp: tp.clone(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+        };
+        let rec: RecordView<'_, Fields<'_>> = match RecordView::parse(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                return self
+                    .dead_letter(&origin, payload, &format!("not a change record: {e}"))
+                    .await
+            }
+        };
+        let stream_end = matches!(rec.action, Action::Commit | Action::StreamAbort);
+        if rec.streamed != Some(true) && !stream_end {
+            self.prepare(&rec).await?;
+            return match self.write(&origin, &rec, m.offset(), None) {
+                Ok(()) => Ok(()),
+                Err(reason) => self.dead_letter(&origin, payload, &reason).await,
+            };
+        }
+        // A streamed transaction's record, or its end copy (on a table topic every C or A is
+        // one: other transactions end on the transactions topic).
+        let key = match (rec.source.as_deref(), stream_attempt(payload)) {
+            (Some(source), Some(attempt)) => StreamKey {
+                source: source.to_string(),
+                xid: rec.xid,
+                attempt,
+            },
+            _ => {
+                return self
+                    .dead_letter(&origin, payload, "a streamed record without source or attempt: only saiki-relay source with stream_large produces the streamed records the lake takes")
+                    .await
+            }
+        };
+        match rec.action {
+            Action::StreamAbort if rec.subxid.is_some() => {
+                self.held
+                    .abort_subxact(&tp, &key, rec.subxid.unwrap_or_default());
+            }
+            Action::StreamAbort => {
+                let dropped = self.held.end(&tp, &key).len();
+                debug!(xid = rec.xid, dropped, "streamed transaction aborted");
+            }
+            Action::Commit => {
+                let Some(lsn) = rec.commit_lsn else {
+                    return self
+                        .dead_letter(&origin, payload, "malformed streamed commit: no commit_lsn")
+                        .await;
+                };
+                let commit = (
+                    lsn.0 as i64,
+                    rec.commit_ts.as_deref().and_then(columns::commit_micros),
+                );
+                let records = self.held.end(&tp, &key);
+                debug!(
+                    xid = rec.xid,
+                    rows = records.len(),
+                    "streamed transaction committed"
+                );
+                for r in records {
+                    let held_origin = Origin {
+                        tp: tp.clone(),
+                        offset: r.offset,
+                        key: None,
+                    };
+                    let reason = match RecordView::<Fields<'_>>::parse(&r.payload) {
+                        Ok(hr) => {
+                            self.prepare(&hr).await?;
+                            self.write(&held_origin, &hr, m.offset(), Some(commit))
+                                .err()
+                        }
+                        Err(e) => Some(format!("not a change record: {e}")),
+                    };
+                    if let Some(reason) = reason {
+                        self.dead_letter(&held_origin, &r.payload, &reason).await?;
+                    }
+                }
+            }
+            Action::Insert | Action::Update | Action::Delete | Action::Truncate => {
+                self.held.hold(
+                    &tp,
+                    key,
+                    rec.subxid.unwrap_or_default(),
+                    m.offset(),
+                    payload,
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Reads the marks and columns of the record's tables from the catalog, the first time
+    /// the session meets them.
+    async fn prepare(&mut self, rec: &RecordView<'_, Fields<'_>>) -> Result<(), RelayError> {
+        for (schema, table) in targets(rec).unwrap_or_default() {
+            let name = changes_table(&schema, &table);
+            if self.ledger.knows(&name) {
+                continue;
+            }
+            let t = self.catalog.load(&name).await?;
+            self.ledger.load(
+                &name,
+                t.as_ref().map(|t| t.marks.clone()).unwrap_or_default(),
+            );
+            // A table met before keeps the columns it learned (its rows were dropped).
+            if !self.tables.contains_key(&name) {
+                let t = t.unwrap_or_else(|| ChangeTable::new(&self.rt.lake.namespace, &name));
+                self.tables.insert(name, t);
+            }
+        }
+        Ok(())
+    }
+
+    /// A record's rows into the round, admitted at `at` (its own offset, or its streamed
+    /// transaction's end copy's), with the commit position and time of `commit` if given.
+    /// `Err`: why it cannot be written (a dead letter).
+    fn write(
+        &mut self,
+        origin: &Origin,
+        rec: &RecordView<'_, Fields<'_>>,
+        at: i64,
+        commit: Option<(i64, Option<i64>)>,
+    ) -> Result<(), String> {
+        let targets = targets(rec)?;
+        let types: Types<'_> = match rec.types.map(|t| serde_json::from_str(t.get())) {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => return Err(format!("types: {e}")),
+            None => Types::default(),
+        };
+        let (commit_lsn, commit_ts) = commit.unwrap_or_else(|| {
+            (
+                rec.commit_lsn.unwrap_or(rec.lsn).0 as i64,
+                rec.commit_ts.as_deref().and_then(columns::commit_micros),
+            )
+        });
+        for (schema, table) in targets {
+            let name = changes_table(&schema, &table);
+            let Some(t) = self.tables.get_mut(&name) else {
+                return Err(format!("internal: {name} was not loaded (`prepare`)"));
+            };
+            if !self.ledger.admit(&name, &origin.tp, at) {
+                continue;
+            }
+            let values = match rec.action {
+                Action::Delete => rec.identity.as_ref(),
+                Action::Truncate => None,
+                _ => rec.columns.as_ref(),
+            };
+            let mut row = Row {
+                action: rec.action.code() as char,
+                source: rec.source.as_deref().unwrap_or("").to_string(),
+                commit_lsn,
+                seq: rec.seq.unwrap_or(0),
+                commit_ts,
+                unchanged: rec
+                    .unchanged_toast
+                    .as_ref()
+                    .map(|u| u.iter().map(|c| c.to_string()).collect()),
+                cells: Vec::new(),
+            };
+            if let Some(values) = values {
+                for (col, raw) in &values.0 {
+                    let pg = types.0.iter().find(|(c, _)| c == col).map(|(_, t)| &**t);
+                    let (idx, ty) = t.column(col, pg);
+                    row.cells.push((
+                        idx,
+                        columns::cell(raw.get(), &ty).map_err(|e| format!("{name}.{col}: {e}"))?,
+                    ));
+                }
+            }
+            self.round_bytes += row.size();
+            self.round_rows += 1;
+            t.rows.push(row);
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &mut self,
+        origin: &Origin,
+        payload: &[u8],
+        reason: &str,
+    ) -> Result<(), RelayError> {
+        let topic = self.rt.dead_letter_topic.clone();
+        let at = format!("{}/{}/{}", origin.tp.0, origin.tp.1, origin.offset);
+        warn!(origin = %at, %reason, "dead letter");
+        self.dead_letters.ensure_topic(&topic).await?;
+        let headers = crate::kafka::headers([
+            ("saiki.error", Some(reason.as_bytes())),
+            ("saiki.origin", Some(at.as_bytes())),
+        ]);
+        let f = self
+            .dead_letters
+            .send_owned(&topic, None, origin.key.as_deref(), Some(payload), headers)
+            .await?;
+        match f.await {
+            Ok(Ok(_)) => {}
+            _ => return Err(RelayError::Kafka(format!("dead letter to {topic} failed"))),
+        }
+        self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Commits every table with rows in the round, then the group's offsets.
+    async fn end_round(&mut self) -> Result<(), RelayError> {
+        let names: Vec<String> = self.ledger.round_tables().map(str::to_string).collect();
+        for name in &names {
+            let Some(t) = self.tables.get_mut(name) else {
+                continue;
+            };
+            if t.rows.is_empty() {
+                continue;
+            }
+            let rows = t.rows.len();
+            let span = info_span!("commit", table = %name);
+            let _e = span.enter();
+            let started = std::time::Instant::now();
+            let files = self
+                .catalog
+                .commit(t, &mut self.ledger, self.rt.lake.target_file_size)
+                .await?;
+            t.rows.clear();
+            self.metrics.rows.fetch_add(rows as u64, Ordering::Relaxed);
+            self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .files
+                .fetch_add(files as u64, Ordering::Relaxed);
+            debug!(
+                rows,
+                files,
+                ms = started.elapsed().as_millis() as u64,
+                "committed"
+            );
+        }
+        let held = &self.held;
+        let offsets = self.ledger.group_offsets(|tp| held.first_offset(tp));
+        if !offsets.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for ((topic, p), o) in &offsets {
+                tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
+                    .map_err(|e| RelayError::Kafka(format!("offsets: {e}")))?;
+            }
+            // Asynchronous: the group's offsets only say where reading starts, and an older
+            // one is always safe (the marks skip what the tables hold). A synchronous commit
+            // would block the loop, and a shutdown, while the broker is away.
+            self.consumer
+                .commit(&tpl, CommitMode::Async)
+                .map_err(|e| RelayError::Kafka(format!("committing the group's offsets: {e}")))?;
+        }
+        if self.round_rows > 0 {
+            info!(
+                rows = self.round_rows,
+                tables = names.len(),
+                "round committed"
+            );
+            self.metrics.last_commit.store(
+                saiki_core::time::unix_micros_now() as u64,
+                Ordering::Relaxed,
+            );
+        }
+        self.round_rows = 0;
+        self.round_bytes = 0;
+        self.round_started = None;
+        Ok(())
+    }
+}
+
+/// Drops what it holds on a thread of its own. A consumer's close waits for its outstanding
+/// offset commits, and while the broker is away that is forever: a session that ends (a
+/// shutdown, or an error to retry) must not wait for it. The thread ends when the close does,
+/// or with the process.
+struct ClosedApart<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> std::ops::Deref for ClosedApart<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.0.as_ref().expect("held until dropped")
+    }
+}
+
+impl<T: Send + 'static> Drop for ClosedApart<T> {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            let _ = std::thread::Builder::new()
+                .name("lake-consumer-close".into())
+                .spawn(move || drop(t));
+        }
+    }
+}
+
+/// Where a record came from (for the marks and a dead letter).
+struct Origin {
+    tp: Tp,
+    offset: i64,
+    key: Option<Vec<u8>>,
+}
+
+/// The tables a record writes rows to: `(schema, table)`; none for transaction bounds,
+/// messages and schema changes.
+fn targets(rec: &RecordView<'_, Fields<'_>>) -> Result<Vec<(String, String)>, String> {
+    Ok(match rec.action {
+        Action::Insert | Action::Update | Action::Delete | Action::Read => {
+            match (&rec.schema, &rec.table) {
+                (Some(s), Some(t)) => vec![(s.to_string(), t.to_string())],
+                _ => return Err("a row change without schema or table".into()),
+            }
+        }
+        Action::Truncate => rec
+            .truncate
+            .as_ref()
+            .map(|t| t.tables.clone())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    })
+}
+
+/// The `attempt` of a streamed record (the one key `RecordView` does not read).
+fn stream_attempt(payload: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Attempt {
+        #[serde(default)]
+        attempt: Option<u64>,
+    }
+    serde_json::from_slice::<Attempt>(payload).ok()?.attempt
+}

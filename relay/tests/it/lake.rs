@@ -1,0 +1,362 @@
+//! `saiki-relay lake` against PostgreSQL, the broker and a local warehouse folder, read back
+//! by a reader that is not ours: PyIceberg (PyPI), through the SQL catalog in PostgreSQL.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use saiki_tests::{exec, loopback_port, Broker, PgCluster};
+
+use crate::common::*;
+
+/// The Python with PyIceberg that scripts/setup.sh installs.
+fn python() -> String {
+    std::env::var("SAIKI_PYICEBERG_PYTHON").unwrap_or_else(|_| "/opt/saiki-py/bin/python".into())
+}
+
+/// Reads a change-log table with PyIceberg and prints what the test checks: its rows, the
+/// (commit_lsn, seq, action) pairs seen twice, the table rebuilt from its changes, the types.
+const READ: &str = r#"
+import json, sys
+from pyiceberg.catalog.sql import SqlCatalog
+uri, name, key = sys.argv[1], sys.argv[2], sys.argv[3]
+cat = SqlCatalog("saiki", uri=uri)
+try:
+    t = cat.load_table(name)
+except Exception as e:
+    print(json.dumps({"rows": -1, "error": str(e)})); sys.exit(0)
+rows = t.scan().to_arrow().to_pylist()
+seen, dup = set(), 0
+for r in rows:
+    k = (r["_saiki_source"], r["_saiki_commit_lsn"], r["_saiki_seq"], r["_saiki_action"])
+    dup += k in seen
+    seen.add(k)
+state = {}
+for r in sorted(rows, key=lambda r: (r["_saiki_commit_lsn"], r["_saiki_seq"])):
+    a = r["_saiki_action"]
+    if a == "T":
+        state.clear()
+    elif a == "D":
+        state.pop(r[key], None)
+    else:
+        state[r[key]] = r
+cols = [f.name for f in t.schema().fields if not f.name.startswith("_saiki_")]
+out = [[None if r[c] is None else str(r[c]) for c in cols] for _, r in sorted(state.items())]
+types = {f.name: str(f.field_type) for f in t.schema().fields}
+actions = {}
+for r in rows:
+    actions[r["_saiki_action"]] = actions.get(r["_saiki_action"], 0) + 1
+print(json.dumps({"rows": len(rows), "dup": dup, "actions": actions, "state": out, "types": types,
+                  "spec": str(t.spec()), "files": len(list(t.scan().plan_files()))}))
+"#;
+
+fn read_table(catalog_uri: &str, table: &str, key: &str) -> serde_json::Value {
+    let out = Command::new(python())
+        .args(["-c", READ, catalog_uri, table, key])
+        .output()
+        .expect("PyIceberg's Python (scripts/setup.sh installs it in /opt/saiki-py)");
+    assert!(
+        out.status.success(),
+        "PyIceberg: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the reader's JSON")
+}
+
+fn lake_config(pg: &PgCluster, broker: &Broker, warehouse: &str, group: &str, port: u16) -> String {
+    format!(
+        r#"[lake]
+warehouse = "file://{warehouse}"
+group = "{group}"
+catalog_dsn = "host=127.0.0.1 port={} user=postgres dbname=ods"
+instance_id = "test-lake"
+commit_interval = "1s"
+reconnect_backoff_max = "1s"
+
+[kafka]
+brokers = "{}"
+topic_prefix = "saiki"
+
+[http]
+listen = "127.0.0.1:{port}"
+"#,
+        pg.port,
+        broker.addr()
+    )
+}
+
+fn start_lake(pg: &PgCluster, broker: &Broker, warehouse: &str) -> Relay {
+    start_lake_in(pg, broker, warehouse, "saiki-lake")
+}
+
+fn start_lake_in(pg: &PgCluster, broker: &Broker, warehouse: &str, group: &str) -> Relay {
+    let port = loopback_port();
+    Relay::start_lake(
+        &pg.dir,
+        &lake_config(pg, broker, warehouse, group, port),
+        port,
+    )
+}
+
+/// Waits until the change-log table has `rows` rows, and returns what the reader saw.
+fn wait_rows_in(uri: &str, table: &str, key: &str, rows: i64, lake: &Relay) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let got = read_table(uri, table, key);
+        if got["rows"].as_i64() == Some(rows) {
+            return got;
+        }
+        assert!(
+            got["rows"].as_i64() < Some(rows),
+            "{table}: more rows than changes: {}",
+            got["actions"]
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{table}: {got} rows, want {rows}; lake log:\n{}",
+            lake.log_text()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// The source relay of database `shop` with its slot active, and the warehouse folder.
+fn start_source(
+    pg: &PgCluster,
+    db: &mut saiki_tests::postgres::Client,
+    broker: &Broker,
+    extra: &str,
+) -> (Relay, String) {
+    let port = loopback_port();
+    let source = Relay::start(
+        &pg.dir,
+        &relay_config(pg, "shop", broker, port, extra),
+        port,
+    );
+    wait_slot_active(db, &source);
+    let warehouse = pg.dir.join("lake").to_str().unwrap().to_string();
+    (source, warehouse)
+}
+
+/// Waits until the lake relay has joined its group and committed a round.
+fn wait_first_commit(lake: &Relay) {
+    wait_until(Duration::from_secs(120), lake, || {
+        let m = lake.http_get("/metrics").unwrap_or_default();
+        (metric(&m, "saiki_lake_commits_total").unwrap_or(0.0) < 1.0)
+            .then(|| format!("no commit yet: {m}"))
+    });
+}
+
+#[test]
+fn every_change_lands_in_its_iceberg_table_once_though_the_lake_relay_is_killed_twice_and_its_group_offsets_are_lost(
+) {
+    let pg = PgCluster::start(&[]);
+    let mut broker = Broker::start();
+    let mut db = pg.create_db("shop");
+    let _ods = pg.create_db("ods");
+    exec(
+        &mut db,
+        &[
+            "CREATE TABLE orders (id int PRIMARY KEY, article text, qty int, price numeric(10,2),
+                                  placed timestamptz NOT NULL DEFAULT '2026-12-02 10:00:00+00', tags jsonb)",
+            "CREATE SCHEMA billing",
+            "CREATE TABLE billing.items (id int PRIMARY KEY, sku text)",
+        ],
+    );
+    for t in ["saiki.public.orders", "saiki.billing.items"] {
+        create_topic(&broker.addr(), t, 1);
+    }
+    let (_source, warehouse) = start_source(&pg, &mut db, &broker, "stream_large = false");
+    let warehouse = warehouse.as_str();
+    let mut lake = start_lake(&pg, &broker, warehouse);
+    exec(
+        &mut db,
+        &[
+            "INSERT INTO orders (id, article, qty, price, tags) SELECT g, 'article ' || g, g % 5, g * 1.5, '{\"a\": 1}' FROM generate_series(1, 200) g",
+            "INSERT INTO billing.items SELECT g, 'sku' || g FROM generate_series(1, 30) g",
+        ],
+    );
+    // The first kill: after a commit.
+    wait_first_commit(&lake);
+    lake.kill9();
+    exec(
+        &mut db,
+        &[
+            "UPDATE orders SET qty = qty + 1 WHERE id <= 50",
+            "DELETE FROM orders WHERE id > 180",
+            "TRUNCATE billing.items",
+        ],
+    );
+    lake = start_lake(&pg, &broker, warehouse);
+    // The second kill: a round in hand, likely before its commit.
+    std::thread::sleep(Duration::from_millis(1500));
+    lake.kill9();
+    exec(
+        &mut db,
+        &[
+            "INSERT INTO billing.items SELECT g, 'again' || g FROM generate_series(1, 5) g",
+            "UPDATE orders SET price = price * 2, placed = '2026-12-03 23:30:00+01' WHERE id BETWEEN 100 AND 150",
+        ],
+    );
+    // A poison record between them: a dead letter, and the rest keeps flowing.
+    produce_raw(
+        &broker.addr(),
+        "saiki.public.orders",
+        &[(
+            Some(b"{\"id\":1}".as_slice()),
+            Some(b"{not json".as_slice()),
+        )],
+    );
+    // The third start is in a new consumer group, as after the group's offsets expired: it
+    // reads every topic from its start, and the tables' marks skip what they hold.
+    lake = start_lake_in(&pg, &broker, warehouse, "saiki-lake-renamed");
+
+    let uri = format!("postgresql+psycopg2://postgres@127.0.0.1:{}/ods", pg.port);
+    // 200 inserts, 50 updates, 20 deletes, 51 updates.
+    let orders = wait_rows_in(&uri, "saiki.orders_changes", "id", 321, &lake);
+    assert_eq!(orders["dup"], 0, "a change twice: {orders}");
+    let want = text_rows(
+        &mut db,
+        "SELECT id::text, article, qty::text, price::text,
+                to_char(placed AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || '+00:00',
+                replace(tags::text, ' ', '')  -- the plugin writes JSON compact
+         FROM orders",
+    );
+    let mut have: Vec<Vec<Option<String>>> =
+        serde_json::from_value(orders["state"].clone()).unwrap();
+    have.sort(); // as text_rows sorts
+    assert_eq!(have, want, "the orders rebuilt from the change log");
+    assert_eq!(orders["types"]["price"], "decimal(10, 2)");
+    assert_eq!(orders["types"]["placed"], "timestamptz");
+    assert_eq!(orders["types"]["qty"], "int");
+    assert_eq!(orders["types"]["_saiki_commit_ts"], "timestamptz");
+    assert!(
+        orders["spec"].as_str().unwrap().contains("day"),
+        "partitioned by day: {orders}"
+    );
+    // 30 inserts, the truncate, 5 inserts: the schema is in the table's name.
+    let items = wait_rows_in(&uri, "saiki.billing_items_changes", "id", 36, &lake);
+    assert_eq!(items["dup"], 0, "a change twice: {items}");
+    assert_eq!(
+        items["state"].as_array().unwrap().len(),
+        5,
+        "the truncate emptied the items: {items}"
+    );
+    let m = lake.http_get("/metrics").unwrap_or_default();
+    assert_eq!(
+        metric(&m, "saiki_lake_dead_letters_total"),
+        Some(1.0),
+        "{m}"
+    );
+    let dead = consume(
+        &broker.addr(),
+        &["saiki.dead-letter"],
+        1,
+        Duration::from_secs(10),
+    );
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].headers["saiki.error"].starts_with("not a change record"));
+    assert!(dead[0].headers["saiki.origin"].starts_with("saiki.public.orders/0/"));
+    assert_eq!(dead[0].payload.as_deref(), Some(b"{not json".as_slice()));
+    // SIGTERM commits what is in hand and exits 0, even with the broker gone (librdkafka's
+    // close would wait for the group's offset commit forever).
+    broker.stop();
+    assert!(
+        lake.terminate(Duration::from_secs(40)).success(),
+        "{}",
+        lake.log_text()
+    );
+}
+
+#[test]
+fn a_warehouse_the_relay_cannot_write_is_a_definite_error_that_names_it() {
+    let pg = PgCluster::start(&[]);
+    let broker = Broker::start();
+    let _ods = pg.create_db("ods");
+    // A file where the folder should be: no user, root included, can make a folder in it.
+    let blocker = pg.dir.join("not-a-folder");
+    std::fs::write(&blocker, b"x").unwrap();
+    let warehouse = blocker.join("lake");
+    let mut lake = start_lake(&pg, &broker, warehouse.to_str().unwrap());
+    let status = lake.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        status.code(),
+        Some(6),
+        "exit code 6 (lake): {}",
+        lake.log_text()
+    );
+    assert!(
+        lake.log_text().contains("cannot be written"),
+        "{}",
+        lake.log_text()
+    );
+}
+
+#[test]
+fn a_streamed_transaction_lands_whole_at_its_commit_though_the_lake_relay_dies_while_holding_it() {
+    // Transactions past 64kB reach Kafka while they run (source.stream_large, the default).
+    let pg = PgCluster::start(&["logical_decoding_work_mem = '64kB'"]);
+    let broker = Broker::start();
+    let mut db = pg.create_db("shop");
+    let _ods = pg.create_db("ods");
+    exec(
+        &mut db,
+        &["CREATE TABLE prices (id int PRIMARY KEY, price numeric(10,2), note text)"],
+    );
+    create_topic(&broker.addr(), "saiki.public.prices", 1);
+    let (_source, warehouse) = start_source(&pg, &mut db, &broker, "");
+    let warehouse = warehouse.as_str();
+    let mut lake = start_lake(&pg, &broker, warehouse);
+    exec(
+        &mut db,
+        &[
+            // Aborted: none of it may land.
+            "BEGIN; INSERT INTO prices SELECT g, g, repeat('x', 50) FROM generate_series(100001, 103000) g; ROLLBACK",
+            "INSERT INTO prices VALUES (0, 0, 'small, committed before')",
+        ],
+    );
+    // The lake has joined its group and committed the rows before.
+    wait_first_commit(&lake);
+    // A batch job that streams, waits, rolls a savepoint back, and commits.
+    let mut job = pg.connect("shop");
+    let batch = std::thread::spawn(move || {
+        job.batch_execute(
+            "BEGIN;
+             INSERT INTO prices SELECT g, g * 1.5, repeat('y', 50) FROM generate_series(1, 3000) g;
+             SAVEPOINT s;
+             INSERT INTO prices SELECT g, 1, 'rolled back' FROM generate_series(5001, 6000) g;
+             ROLLBACK TO s;
+             SELECT pg_sleep(8);
+             UPDATE prices SET price = price * 2 WHERE id <= 1000;
+             COMMIT",
+        )
+        .unwrap();
+    });
+    // The lake holds the streamed records while the job sleeps (8 s): it dies with them.
+    wait_until(Duration::from_secs(60), &lake, || {
+        let m = lake.http_get("/metrics").unwrap_or_default();
+        (metric(&m, "saiki_lake_held_bytes").unwrap_or(0.0) < 10_000.0)
+            .then(|| format!("nothing held yet: {m}"))
+    });
+    // Rounds end every second meanwhile, and commit the group's offsets: never past what
+    // is held.
+    std::thread::sleep(Duration::from_millis(2500));
+    lake.kill9();
+    batch.join().unwrap();
+    exec(
+        &mut db,
+        &["INSERT INTO prices VALUES (-1, 0, 'small, committed after')"],
+    );
+    lake = start_lake(&pg, &broker, warehouse);
+    let uri = format!("postgresql+psycopg2://postgres@127.0.0.1:{}/ods", pg.port);
+    // 1 + 3000 inserts and 1001 updates (id 0 too) of the job + 1.
+    let prices = wait_rows_in(&uri, "saiki.prices_changes", "id", 4003, &lake);
+    assert_eq!(prices["dup"], 0, "a change twice: {prices}");
+    let want = text_rows(&mut db, "SELECT id::text, price::text, note FROM prices");
+    let mut have: Vec<Vec<Option<String>>> =
+        serde_json::from_value(prices["state"].clone()).unwrap();
+    have.sort();
+    assert_eq!(have, want, "the prices rebuilt from the change log");
+    let m = lake.http_get("/metrics").unwrap_or_default();
+    assert_eq!(metric(&m, "saiki_lake_held_bytes"), Some(0.0));
+    assert_eq!(metric(&m, "saiki_lake_dead_letters_total"), Some(0.0));
+}
