@@ -241,6 +241,44 @@ impl Kafka {
     }
 }
 
+/// Which topics a consumer of change topics (the sink, the lake) reads: those its pattern
+/// matches (`{section}.topics`; default every `{topic_prefix}.` topic), but never the
+/// dead-letter, transactions and messages topics, nor Kafka's internal `__` topics.
+pub(crate) struct TopicFilter {
+    pattern: regex::Regex,
+    excluded: Vec<String>,
+}
+
+impl TopicFilter {
+    /// `key` names the setting in errors (`sink.topics`, `lake.topics`).
+    pub(crate) fn new(
+        key: &str,
+        pattern: Option<&str>,
+        kafka: &crate::config::KafkaConfig,
+        dead_letter_topic: &str,
+    ) -> Result<TopicFilter, RelayError> {
+        let pattern = pattern
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("^{}\\.", regex::escape(&kafka.topic_prefix)));
+        let compiled = regex::Regex::new(&pattern)
+            .map_err(|e| RelayError::Config(format!("{key} = {pattern:?}: {e}")))?;
+        Ok(TopicFilter {
+            pattern: compiled,
+            excluded: vec![
+                dead_letter_topic.to_string(),
+                format!("{}.transactions", kafka.topic_prefix),
+                format!("{}.messages", kafka.topic_prefix),
+            ],
+        })
+    }
+
+    pub(crate) fn wants(&self, topic: &str) -> bool {
+        self.pattern.is_match(topic)
+            && !self.excluded.iter().any(|t| t == topic)
+            && !topic.starts_with("__")
+    }
+}
+
 /// Lists the broker's topics and subscribes `consumer` to those `wants` accepts, if they differ
 /// from `subscribed` (sorted; updated). Returns whether the subscription changed. A broker
 /// that refuses the relay's credentials is a definite error; any other failure to list is

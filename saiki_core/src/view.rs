@@ -59,6 +59,10 @@ pub struct RecordView<'a, F = &'a RawValue> {
     /// Added by the source relay to every value it produces.
     #[serde(default, borrow)]
     pub source: Option<Cow<'a, str>>,
+    /// Added by the source relay to a streamed transaction's records: the session that sent
+    /// them (µs since the Unix epoch).
+    #[serde(default)]
+    pub attempt: Option<u64>,
     /// A logical message's prefix.
     #[serde(default, borrow)]
     pub prefix: Option<Cow<'a, str>>,

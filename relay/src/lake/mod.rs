@@ -21,7 +21,6 @@ use std::time::Duration;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
-use regex::Regex;
 use saiki_core::record::Action;
 use saiki_core::view::{Fields, RecordView, Types};
 use tokio::sync::watch;
@@ -29,7 +28,7 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::config::{KafkaConfig, LakeConfig};
 use crate::error::RelayError;
-use crate::kafka::Kafka;
+use crate::kafka::{Kafka, TopicFilter};
 use crate::metrics::LakeMetrics;
 use crate::retry::{supervise, Supervised};
 use columns::{changes_table, Row};
@@ -52,8 +51,7 @@ pub(crate) struct LakeRuntime {
     pub(crate) catalog_url: String,
     /// `file:///path` of the warehouse folder.
     pub(crate) warehouse: String,
-    topics: Regex,
-    excluded: Vec<String>,
+    topics: TopicFilter,
     dead_letter_topic: String,
 }
 
@@ -70,12 +68,6 @@ impl LakeRuntime {
         })?;
         let catalog_url = table::catalog_url(dsn)?;
         let warehouse = table::warehouse_url(&lake.warehouse)?;
-        let pattern = lake
-            .topics
-            .clone()
-            .unwrap_or_else(|| format!("^{}\\.", regex::escape(&kafka.topic_prefix)));
-        let topics = Regex::new(&pattern)
-            .map_err(|e| RelayError::Config(format!("lake.topics = {pattern:?}: {e}")))?;
         for (k, v) in [
             ("lake.group", &lake.group),
             ("lake.namespace", &lake.namespace),
@@ -97,26 +89,24 @@ impl LakeRuntime {
             ));
         }
         let dead_letter_topic = format!("{}.dead-letter", kafka.topic_prefix);
-        let excluded = vec![
-            dead_letter_topic.clone(),
-            format!("{}.transactions", kafka.topic_prefix),
-            format!("{}.messages", kafka.topic_prefix),
-        ];
+        let topics = TopicFilter::new(
+            "lake.topics",
+            lake.topics.as_deref(),
+            &kafka,
+            &dead_letter_topic,
+        )?;
         Ok(LakeRuntime {
             lake,
             kafka,
             catalog_url,
             warehouse,
             topics,
-            excluded,
             dead_letter_topic,
         })
     }
 
     fn wants(&self, topic: &str) -> bool {
-        self.topics.is_match(topic)
-            && !self.excluded.iter().any(|t| t == topic)
-            && !topic.starts_with("__")
+        self.topics.wants(topic)
     }
 }
 
@@ -363,15 +353,21 @@ impl Session<'_> {
         };
         let stream_end = matches!(rec.action, Action::Commit | Action::StreamAbort);
         if rec.streamed != Some(true) && !stream_end {
-            self.prepare(&rec).await?;
-            return match self.write(&origin, &rec, m.offset(), None) {
+            let written = match tables_of(&rec) {
+                Ok(names) => {
+                    self.prepare(&names).await?;
+                    self.write(&origin, &rec, &names, m.offset(), None)
+                }
+                Err(reason) => Err(reason),
+            };
+            return match written {
                 Ok(()) => Ok(()),
                 Err(reason) => self.dead_letter(&origin, payload, &reason).await,
             };
         }
         // A streamed transaction's record, or its end copy (on a table topic every C or A is
         // one: other transactions end on the transactions topic).
-        let key = match (rec.source.as_deref(), stream_attempt(payload)) {
+        let key = match (rec.source.as_deref(), rec.attempt) {
             (Some(source), Some(attempt)) => StreamKey {
                 source: source.to_string(),
                 xid: rec.xid,
@@ -415,11 +411,14 @@ impl Session<'_> {
                         key: None,
                     };
                     let reason = match RecordView::<Fields<'_>>::parse(&r.payload) {
-                        Ok(hr) => {
-                            self.prepare(&hr).await?;
-                            self.write(&held_origin, &hr, m.offset(), Some(commit))
-                                .err()
-                        }
+                        Ok(hr) => match tables_of(&hr) {
+                            Ok(names) => {
+                                self.prepare(&names).await?;
+                                self.write(&held_origin, &hr, &names, m.offset(), Some(commit))
+                                    .err()
+                            }
+                            Err(reason) => Some(reason),
+                        },
                         Err(e) => Some(format!("not a change record: {e}")),
                     };
                     if let Some(reason) = reason {
@@ -441,23 +440,22 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Reads the marks and columns of the record's tables from the catalog, the first time
-    /// the session meets them.
-    async fn prepare(&mut self, rec: &RecordView<'_, Fields<'_>>) -> Result<(), RelayError> {
-        for (schema, table) in targets(rec).unwrap_or_default() {
-            let name = changes_table(&schema, &table);
-            if self.ledger.knows(&name) {
+    /// Reads the marks and columns of these change-log tables from the catalog, the first
+    /// time the session meets them.
+    async fn prepare(&mut self, names: &[String]) -> Result<(), RelayError> {
+        for name in names {
+            if self.ledger.knows(name) {
                 continue;
             }
-            let t = self.catalog.load(&name).await?;
-            self.ledger.load(
-                &name,
-                t.as_ref().map(|t| t.marks.clone()).unwrap_or_default(),
-            );
+            let (t, marks) = match self.catalog.load(name).await? {
+                Some((t, marks)) => (Some(t), marks),
+                None => (None, Default::default()),
+            };
+            self.ledger.load(name, marks);
             // A table met before keeps the columns it learned (its rows were dropped).
-            if !self.tables.contains_key(&name) {
-                let t = t.unwrap_or_else(|| ChangeTable::new(&self.rt.lake.namespace, &name));
-                self.tables.insert(name, t);
+            if !self.tables.contains_key(name) {
+                let t = t.unwrap_or_else(|| ChangeTable::new(&self.rt.lake.namespace, name));
+                self.tables.insert(name.clone(), t);
             }
         }
         Ok(())
@@ -470,10 +468,10 @@ impl Session<'_> {
         &mut self,
         origin: &Origin,
         rec: &RecordView<'_, Fields<'_>>,
+        names: &[String],
         at: i64,
         commit: Option<(i64, Option<i64>)>,
     ) -> Result<(), String> {
-        let targets = targets(rec)?;
         let types: Types<'_> = match rec.types.map(|t| serde_json::from_str(t.get())) {
             Some(Ok(t)) => t,
             Some(Err(e)) => return Err(format!("types: {e}")),
@@ -485,12 +483,11 @@ impl Session<'_> {
                 rec.commit_ts.as_deref().and_then(columns::commit_micros),
             )
         });
-        for (schema, table) in targets {
-            let name = changes_table(&schema, &table);
-            let Some(t) = self.tables.get_mut(&name) else {
+        for name in names {
+            let Some(t) = self.tables.get_mut(name) else {
                 return Err(format!("internal: {name} was not loaded (`prepare`)"));
             };
-            if !self.ledger.admit(&name, &origin.tp, at) {
+            if !self.ledger.admit(name, &origin.tp, at) {
                 continue;
             }
             let values = match rec.action {
@@ -512,12 +509,11 @@ impl Session<'_> {
             };
             if let Some(values) = values {
                 for (col, raw) in &values.0 {
-                    let pg = types.0.iter().find(|(c, _)| c == col).map(|(_, t)| &**t);
+                    let pg = || types.0.iter().find(|(c, _)| c == col).map(|(_, t)| &**t);
                     let (idx, ty) = t.column(col, pg);
-                    row.cells.push((
-                        idx,
-                        columns::cell(raw.get(), &ty).map_err(|e| format!("{name}.{col}: {e}"))?,
-                    ));
+                    let cell =
+                        columns::cell(raw.get(), ty).map_err(|e| format!("{name}.{col}: {e}"))?;
+                    row.cells.push((idx, cell));
                 }
             }
             self.round_bytes += row.size();
@@ -647,31 +643,21 @@ struct Origin {
     key: Option<Vec<u8>>,
 }
 
-/// The tables a record writes rows to: `(schema, table)`; none for transaction bounds,
-/// messages and schema changes.
-fn targets(rec: &RecordView<'_, Fields<'_>>) -> Result<Vec<(String, String)>, String> {
+/// The change-log tables a record writes rows to; none for transaction bounds, messages and
+/// schema changes.
+fn tables_of(rec: &RecordView<'_, Fields<'_>>) -> Result<Vec<String>, String> {
     Ok(match rec.action {
         Action::Insert | Action::Update | Action::Delete | Action::Read => {
             match (&rec.schema, &rec.table) {
-                (Some(s), Some(t)) => vec![(s.to_string(), t.to_string())],
+                (Some(s), Some(t)) => vec![changes_table(s, t)],
                 _ => return Err("a row change without schema or table".into()),
             }
         }
         Action::Truncate => rec
             .truncate
             .as_ref()
-            .map(|t| t.tables.clone())
+            .map(|t| t.tables.iter().map(|(s, t)| changes_table(s, t)).collect())
             .unwrap_or_default(),
         _ => Vec::new(),
     })
-}
-
-/// The `attempt` of a streamed record (the one key `RecordView` does not read).
-fn stream_attempt(payload: &[u8]) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct Attempt {
-        #[serde(default)]
-        attempt: Option<u64>,
-    }
-    serde_json::from_slice::<Attempt>(payload).ok()?.attempt
 }

@@ -95,8 +95,9 @@ pub(crate) fn warehouse_url(w: &str) -> Result<String, RelayError> {
 pub(crate) struct ChangeTable {
     ident: TableIdent,
     columns: Vec<(String, PrimitiveType)>,
+    /// Name → index into `columns` (kept by `set_columns` and `column`).
+    index: HashMap<String, usize>,
     in_iceberg: Option<usize>,
-    pub(crate) marks: Marks,
     pub(crate) rows: Vec<Row>,
 }
 
@@ -105,21 +106,38 @@ impl ChangeTable {
         ChangeTable {
             ident: TableIdent::new(NamespaceIdent::new(namespace.to_string()), name.to_string()),
             columns: Vec::new(),
+            index: HashMap::new(),
             in_iceberg: None,
-            marks: Marks::new(),
             rows: Vec::new(),
         }
     }
 
-    /// The index and type of a column, learned from the record's type (text if it has none)
-    /// the first time the column is met.
-    pub(crate) fn column(&mut self, name: &str, pg: Option<&str>) -> (usize, PrimitiveType) {
-        if let Some(i) = self.columns.iter().position(|(c, _)| c == name) {
-            return (i, self.columns[i].1.clone());
-        }
-        let ty = pg.map_or(PrimitiveType::String, columns::iceberg_type);
-        self.columns.push((name.to_string(), ty.clone()));
-        (self.columns.len() - 1, ty)
+    /// The index and type of a column; the first time the column is met, its type is
+    /// learned from the record's (`pg`, asked only then; text if it has none).
+    pub(crate) fn column<'p>(
+        &mut self,
+        name: &str,
+        pg: impl FnOnce() -> Option<&'p str>,
+    ) -> (usize, &PrimitiveType) {
+        let i = match self.index.get(name) {
+            Some(i) => *i,
+            None => {
+                let ty = pg().map_or(PrimitiveType::String, columns::iceberg_type);
+                self.columns.push((name.to_string(), ty));
+                self.index.insert(name.to_string(), self.columns.len() - 1);
+                self.columns.len() - 1
+            }
+        };
+        (i, &self.columns[i].1)
+    }
+
+    fn set_columns(&mut self, cols: Vec<(String, PrimitiveType)>) {
+        self.index = cols
+            .iter()
+            .enumerate()
+            .map(|(i, (c, _))| (c.clone(), i))
+            .collect();
+        self.columns = cols;
     }
 
     /// The Iceberg schema of a new table: the `_saiki_*` columns (ids 1-6, the list's
@@ -192,8 +210,12 @@ impl Catalog {
         Ok(Catalog { catalog, namespace })
     }
 
-    /// The table as its current snapshot has it, or `None` if it does not exist yet.
-    pub(crate) async fn load(&self, name: &str) -> Result<Option<ChangeTable>, RelayError> {
+    /// The table and its marks as its current snapshot has them, or `None` if it does not
+    /// exist yet.
+    pub(crate) async fn load(
+        &self,
+        name: &str,
+    ) -> Result<Option<(ChangeTable, Marks)>, RelayError> {
         let ident = TableIdent::new(self.namespace.clone(), name.to_string());
         if !self
             .catalog
@@ -210,17 +232,9 @@ impl Catalog {
             .map_err(|e| lake_err(&format!("loading {ident}"), e))?;
         let mut t = ChangeTable::new(&self.namespace.to_url_string(), name);
         t.ident = ident;
-        t.marks = current_marks(&table)?;
-        let schema = table.metadata().current_schema();
-        for f in schema.as_struct().fields().iter().skip(6) {
-            let ty = match &*f.field_type {
-                Type::Primitive(p) => p.clone(),
-                _ => PrimitiveType::String,
-            };
-            t.columns.push((f.name.clone(), ty));
-        }
+        t.set_columns(columns_of(table.metadata().current_schema()));
         t.in_iceberg = Some(t.columns.len());
-        Ok(Some(t))
+        Ok(Some((t, current_marks(&table)?)))
     }
 
     /// Writes the table's rows of the round and commits them with the table's marks.
@@ -296,7 +310,6 @@ impl Catalog {
             match tx.commit(&self.catalog).await {
                 Ok(_) => {
                     ledger.committed(&name);
-                    t.marks = marks;
                     return Ok(count);
                 }
                 Err(e)
@@ -390,20 +403,7 @@ impl Catalog {
         }
         // The lake's column order is the table's (a column another relay added first may
         // sit before ours): take the table's order and types.
-        let fields = table
-            .metadata()
-            .current_schema()
-            .as_struct()
-            .fields()
-            .to_vec();
-        let mut ordered = Vec::new();
-        for f in fields.iter().skip(6) {
-            let ty = match &*f.field_type {
-                Type::Primitive(p) => p.clone(),
-                _ => PrimitiveType::String,
-            };
-            ordered.push((f.name.clone(), ty));
-        }
+        let ordered = columns_of(table.metadata().current_schema());
         if ordered != t.columns {
             // Cells of the round refer to the lake's old order: map them.
             let map: Vec<usize> = t
@@ -421,11 +421,28 @@ impl Catalog {
                     *i = map[*i];
                 }
             }
-            t.columns = ordered;
+            t.set_columns(ordered);
         }
         t.in_iceberg = Some(t.columns.len());
         Ok(table)
     }
+}
+
+/// A change-log table's columns after the six `_saiki_*` ones, in the table's order.
+fn columns_of(schema: &Schema) -> Vec<(String, PrimitiveType)> {
+    schema
+        .as_struct()
+        .fields()
+        .iter()
+        .skip(6)
+        .map(|f| {
+            let ty = match &*f.field_type {
+                Type::Primitive(p) => p.clone(),
+                _ => PrimitiveType::String,
+            };
+            (f.name.clone(), ty)
+        })
+        .collect()
 }
 
 fn current_marks(table: &iceberg::table::Table) -> Result<Marks, RelayError> {
@@ -495,8 +512,8 @@ mod tests {
     #[test]
     fn the_schema_puts_the_saiki_columns_first_with_unique_ids() {
         let mut t = ChangeTable::new("saiki", "orders_changes");
-        t.column("id", Some("bigint"));
-        t.column("price", Some("numeric(10,2)"));
+        t.column("id", || Some("bigint"));
+        t.column("price", || Some("numeric(10,2)"));
         let s = t.schema().unwrap();
         let names: Vec<_> = s
             .as_struct()

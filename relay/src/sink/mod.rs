@@ -37,13 +37,12 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use regex::Regex;
 use tokio::sync::watch;
 use tracing::{debug, error, info, info_span, warn};
 
 use crate::config::{KafkaConfig, SinkConfig};
 use crate::error::RelayError;
-use crate::kafka::Kafka;
+use crate::kafka::{Kafka, TopicFilter};
 use crate::metrics::SinkMetrics;
 use crate::retry::{supervise, Supervised};
 use crate::sink::batch::{Applied, Applier, Done};
@@ -76,10 +75,8 @@ pub(crate) struct SinkRuntime {
     /// The event API's registry (`ingest.dsn`, default `sink.dsn`); `None`: events are not
     /// materialized (`sink.events = false`).
     pub(crate) registry_dsn: Option<String>,
-    pub(crate) topics: Regex,
+    pub(crate) topics: TopicFilter,
     pub(crate) dead_letter_topic: String,
-    /// Topics that match the pattern but carry nothing to materialize (or would loop).
-    pub(crate) excluded: Vec<String>,
 }
 
 impl SinkRuntime {
@@ -88,12 +85,6 @@ impl SinkRuntime {
         kafka: KafkaConfig,
         registry_dsn: Option<&str>,
     ) -> Result<Self, RelayError> {
-        let pattern = sink
-            .topics
-            .clone()
-            .unwrap_or_else(|| format!("^{}\\.", regex::escape(&kafka.topic_prefix)));
-        let topics = Regex::new(&pattern)
-            .map_err(|e| RelayError::Config(format!("sink.topics = {pattern:?}: {e}")))?;
         if sink.schema.trim().is_empty() || sink.group.trim().is_empty() {
             return Err(RelayError::Config(
                 "sink.schema and sink.group must not be empty".into(),
@@ -115,11 +106,12 @@ impl SinkRuntime {
             .dead_letter_topic
             .clone()
             .unwrap_or_else(|| format!("{}.dead-letter", kafka.topic_prefix));
-        let excluded = vec![
-            dead_letter_topic.clone(),
-            format!("{}.transactions", kafka.topic_prefix),
-            format!("{}.messages", kafka.topic_prefix),
-        ];
+        let topics = TopicFilter::new(
+            "sink.topics",
+            sink.topics.as_deref(),
+            &kafka,
+            &dead_letter_topic,
+        )?;
         let registry_dsn = sink
             .events
             .then(|| registry_dsn.unwrap_or(&sink.dsn).to_string());
@@ -129,15 +121,12 @@ impl SinkRuntime {
             registry_dsn,
             topics,
             dead_letter_topic,
-            excluded,
         })
     }
 
     /// Whether the sink reads this topic.
     pub(crate) fn wants(&self, topic: &str) -> bool {
-        self.topics.is_match(topic)
-            && !self.excluded.iter().any(|t| t == topic)
-            && !topic.starts_with("__")
+        self.topics.wants(topic)
     }
 }
 
