@@ -265,7 +265,8 @@ while :; do
     missing=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.orders WHERE $col IS DISTINCT FROM 'web'" 2>/dev/null || echo "?")
     echo "[demo] ODS orders without the migrated column's value: $missing (of ${rows:-0})"
     # The lake, read by a reader that is not ours: PyIceberg through the SQL catalog.
-    /opt/saiki-py/bin/python - "postgresql+psycopg2://postgres@127.0.0.1:$PORT/ods" <<'PY' || echo "[demo] lake: PyIceberg could not read the tables"
+    # DuckDB then runs docs/lake.md's current-state query on the orders' change log.
+    /opt/saiki-py/bin/python - "postgresql+psycopg2://postgres@127.0.0.1:$PORT/ods" "$PWD/docs/lake.md" <<'PY' || echo "[demo] lake: PyIceberg could not read the tables"
 import sys
 from pyiceberg.catalog.sql import SqlCatalog
 cat = SqlCatalog("saiki", uri=sys.argv[1])
@@ -277,6 +278,16 @@ for name in ("orders_changes", "price_history_changes"):
         print(f"[demo] lake (PyIceberg): saiki.{name} {t.num_rows} change rows ({by})")
     except Exception as e:
         print(f"[demo] lake (PyIceberg): saiki.{name}: {e}")
+try:
+    import duckdb
+    doc = open(sys.argv[2]).read()
+    start = doc.index("```sql\n", doc.index("### The current state")) + len("```sql\n")
+    query = doc[start:doc.index("```", start)]
+    changes = cat.load_table("saiki.orders_changes").scan().to_arrow()
+    n = duckdb.sql(f"SELECT count(*) FROM ({query})").fetchall()[0][0]
+    print(f"[demo] lake (DuckDB): {n} orders in the current state of saiki.orders_changes (docs/lake.md's query)")
+except Exception as e:
+    print(f"[demo] lake (DuckDB): {e}")
 PY
     echo "[demo] batch job: ${streamed:-0} rows sent to Kafka as a streamed transaction, most before its commit; ODS price_history: ${prices:-0} rows (of 20000), applied at its commit"
     break

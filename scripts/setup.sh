@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent machine setup for Saiki on Debian 12, run as root.
 # Installs the Debian packages, cargo-pgrx 0.18.0 (initialised against Debian's PostgreSQL 15)
-# the tansu Kafka-protocol broker, and PyIceberg (in /opt/saiki-py). Safe to run again: each step checks before it acts.
+# the tansu Kafka-protocol broker, and PyIceberg, moto's S3 server and DuckDB (in /opt/saiki-py). Safe to run again: each step checks before it acts.
 #   SAIKI_SKIP_TANSU=1  skip the broker (only the plugin tests run without it)
 set -euo pipefail
 
@@ -57,5 +57,12 @@ if ! /opt/saiki-py/bin/python -c 'import pyiceberg, pyarrow, psycopg2' 2>/dev/nu
   log "installing PyIceberg 0.10.0 into /opt/saiki-py"
   /usr/bin/python3 -m venv /opt/saiki-py
   /opt/saiki-py/bin/pip install --quiet "$PYICEBERG"
+fi
+# moto's S3 server (PyPI, maintained by getmoto): the S3-compatible store of the lake's s3://
+# warehouse test (PyIceberg reads the tables back through pyarrow's S3); DuckDB for the
+# documented queries over the change log. Both in the same venv.
+if ! /opt/saiki-py/bin/python -c 'import moto.server, boto3, duckdb' 2>/dev/null; then
+  log "installing moto's S3 server 5.2.6 and DuckDB 2.0.1 into /opt/saiki-py"
+  /opt/saiki-py/bin/pip install --quiet "moto[server]==5.2.6" "duckdb==2.0.1"
 fi
 log "setup complete"

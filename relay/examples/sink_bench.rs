@@ -3,7 +3,7 @@
 //! - `apply`: the sink's apply path (planner + ODS apply, batch by batch, with offsets),
 //!   the ceiling (COPY into a staging table + one INSERT … ON CONFLICT merge), and
 //!   one-row-at-a-time upserts (a sample, extrapolated);
-//! - `produce`: into a topic, for the end-to-end figure;
+//! - `produce`: into a topic, for the end-to-end figure (and bench/lake's, `--commit-ts`);
 //! - `consume`: a bare consumer that only reads them (same librdkafka as the sink).
 //!
 //! Prints one `result name=value …` line per figure.
@@ -61,11 +61,22 @@ fn generate(n: usize) -> Vec<Change> {
 const FILLER: &str =
     "                                                                                    ";
 
-/// The record as the plugin and the source relay write it (include-types on).
-fn record(c: &Change, i: usize) -> Vec<u8> {
+/// The record as the plugin and the source relay write it (include-types on), with the
+/// commit time if `commit_ts` (bench/lake partitions by it; bench/sink's figures go without).
+fn record(c: &Change, i: usize, commit_ts: bool) -> Vec<u8> {
     let lsn = 0x1000 + i as u64 * 0x100;
+    let ts = if commit_ts {
+        format!(
+            r#","commit_ts":"2026-12-07T10:{:02}:{:02}.{:06}+00:00""#,
+            i / 60_000_000 % 60,
+            i / 1_000_000 % 60,
+            i % 1_000_000
+        )
+    } else {
+        String::new()
+    };
     let head = format!(
-        r#"{{"action":"{}","xid":{},"lsn":"0/{lsn:X}","commit_lsn":"0/{lsn:X}","seq":1,"schema":"public","table":"accounts","key":["aid"]"#,
+        r#"{{"action":"{}","xid":{},"lsn":"0/{lsn:X}","commit_lsn":"0/{lsn:X}"{ts},"seq":1,"schema":"public","table":"accounts","key":["aid"]"#,
         c.action,
         1000 + i
     );
@@ -98,7 +109,7 @@ async fn main() {
         Some("produce") => produce(&args, &changes).await,
         Some("consume") => consume(&args, rows).await,
         _ => {
-            eprintln!("usage: sink_bench apply|produce|consume [--dsn D] [--brokers B] [--rows N]")
+            eprintln!("usage: sink_bench apply|produce|consume [--dsn D] [--brokers B] [--rows N] [--commit-ts] [--fetch-wait-ms N]")
         }
     }
 }
@@ -248,7 +259,7 @@ async fn apply(args: &[String], changes: &[Change]) {
     let records: Vec<Vec<u8>> = changes
         .iter()
         .enumerate()
-        .map(|(i, c)| record(c, i))
+        .map(|(i, c)| record(c, i, false))
         .collect();
     let mut text = Vec::with_capacity(changes.len() * 140);
     for (i, ch) in changes.iter().enumerate() {
@@ -354,6 +365,7 @@ async fn apply(args: &[String], changes: &[Change]) {
 async fn produce(args: &[String], changes: &[Change]) {
     let brokers = arg(args, "--brokers", "127.0.0.1:9092");
     let topic = arg(args, "--topic", "saiki.public.accounts");
+    let commit_ts = args.iter().any(|a| a == "--commit-ts");
     let p: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("linger.ms", "20")
@@ -363,7 +375,7 @@ async fn produce(args: &[String], changes: &[Change]) {
     let mut pending = std::collections::VecDeque::new();
     for (i, c) in changes.iter().enumerate() {
         let key = format!("{{\"aid\":{}}}", c.id);
-        let value = record(c, i);
+        let value = record(c, i, commit_ts);
         loop {
             match p.send_result(FutureRecord::to(&topic).key(&key).payload(&value)) {
                 Ok(f) => {
@@ -400,6 +412,7 @@ async fn consume(args: &[String], rows: usize) {
         .set("session.timeout.ms", "10000")
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", arg(args, "--fetch-wait-ms", "500"))
         .create()
         .unwrap();
     c.subscribe(&[&topic]).unwrap();

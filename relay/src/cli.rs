@@ -341,10 +341,12 @@ async fn run_ingest(ingest: crate::config::IngestConfig, cfg: Config) -> Result<
 #[cfg(feature = "lake")]
 async fn run_lake(lake: crate::config::LakeConfig, cfg: Config) -> Result<(), RelayError> {
     let sink_dsn = cfg.sink.as_ref().map(|s| s.dsn.as_str());
+    let registry = cfg.ingest.as_ref().and_then(|i| i.dsn.as_deref());
     let runtime = Arc::new(crate::lake::LakeRuntime::new(
         lake,
         cfg.kafka.clone(),
         sink_dsn,
+        registry,
     )?);
     let metrics = Arc::new(crate::metrics::LakeMetrics::default());
     let _http = if cfg.http.listen.is_empty() {

@@ -77,7 +77,12 @@ ack_timeout = "10s"              # a batch Kafka has not acknowledged by then is
 shutdown_grace = "30s"           # SIGTERM: time to finish the requests in flight
 
 [lake]
-warehouse = "file:///var/lib/saiki/lake"   # where the Parquet and metadata files go (a local folder)
+warehouse = "file:///var/lib/saiki/lake"   # where the Parquet and metadata files go: a local folder, or s3://bucket/prefix
+s3_endpoint = "http://127.0.0.1:9000"   # an S3-compatible store (MinIO, Ceph, ...); unset: AWS S3
+s3_region = "us-east-1"          # the bucket's region
+s3_access_key_id = "saiki"       # unset: the AWS defaults (AWS_ACCESS_KEY_ID, ~/.aws, instance role)
+s3_secret_access_key = "change-me"   # SAIKI_LAKE_S3_SECRET_ACCESS_KEY keeps it out of the file
+s3_path_style = true             # bucket in the path (http://host/bucket/key); unset: true with s3_endpoint, else false
 catalog_dsn = "postgres://saiki@127.0.0.1:5432/ods"   # the Iceberg SQL catalog; default sink.dsn
 catalog_name = "saiki"           # the catalog's name (PyIceberg: SqlCatalog("saiki", ...))
 namespace = "saiki"              # tables are {namespace}.{table}_changes ({schema}_{table}_changes outside public)
@@ -86,6 +91,8 @@ instance_id = "lake-1"           # group.instance.id (static membership). Unset:
 topics = "^saiki\\..*"            # regex over topic names; default: every {topic_prefix}.* topic
 target_file_size = 67108864      # a data file rolls over at this size
 commit_interval = "60s"          # the longest a change waits before it is committed to its table
+snapshot_retention = "168h"      # snapshots older than this expire (time travel reaches back this far)
+events = true                    # keep the event API's events as {namespace}.ev_{type} (registry: ingest.dsn, else catalog_dsn)
 reconnect_backoff_max = "30s"    # cap of the exponential backoff after a failure
 shutdown_grace = "30s"           # SIGTERM: time to commit what is buffered before exiting
 
@@ -291,6 +298,19 @@ pub(crate) struct LakeConfig {
     /// The SQL catalog's database; default: `sink.dsn`, the ODS.
     #[serde(default)]
     pub(crate) catalog_dsn: Option<String>,
+    /// An S3-compatible store's URL (`http://host:port`); `None`: AWS S3.
+    #[serde(default)]
+    pub(crate) s3_endpoint: Option<String>,
+    #[serde(default = "d_region")]
+    pub(crate) s3_region: String,
+    /// `None`: the AWS defaults (environment, profile, instance role).
+    #[serde(default)]
+    pub(crate) s3_access_key_id: Option<String>,
+    #[serde(default)]
+    pub(crate) s3_secret_access_key: Option<String>,
+    /// Path-style addressing; `None`: on with `s3_endpoint`, off for AWS.
+    #[serde(default)]
+    pub(crate) s3_path_style: Option<bool>,
     #[serde(default = "d_saiki")]
     pub(crate) catalog_name: String,
     #[serde(default = "d_saiki")]
@@ -306,6 +326,13 @@ pub(crate) struct LakeConfig {
     pub(crate) target_file_size: usize,
     #[serde(default = "d_60s", with = "duration")]
     pub(crate) commit_interval: Duration,
+    /// Keep the event API's events as `{namespace}.ev_{type}` tables (layouts from the
+    /// registry at `ingest.dsn`, else `catalog_dsn`); false: events are skipped.
+    #[serde(default = "d_true")]
+    pub(crate) events: bool,
+    /// Snapshots older than this expire (the current one always stays).
+    #[serde(default = "d_week", with = "duration")]
+    pub(crate) snapshot_retention: Duration,
     #[serde(default = "d_30s", with = "duration")]
     pub(crate) reconnect_backoff_max: Duration,
     #[serde(default = "d_30s", with = "duration")]
@@ -478,6 +505,12 @@ fn d_body() -> usize {
 fn d_events() -> usize {
     1000
 }
+fn d_week() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn d_region() -> String {
+    "us-east-1".into()
+}
 fn d_listen() -> String {
     "127.0.0.1:9187".into()
 }
@@ -625,6 +658,10 @@ mod tests {
         let l = toml::from_str::<Config>("[lake]\n").unwrap();
         let (rl, mut ml) = (reference.lake.as_ref().unwrap(), l.lake.unwrap());
         ml.catalog_dsn.clone_from(&rl.catalog_dsn);
+        ml.s3_endpoint.clone_from(&rl.s3_endpoint);
+        ml.s3_access_key_id.clone_from(&rl.s3_access_key_id);
+        ml.s3_secret_access_key.clone_from(&rl.s3_secret_access_key);
+        ml.s3_path_style.clone_from(&rl.s3_path_style);
         ml.instance_id.clone_from(&rl.instance_id);
         ml.topics.clone_from(&rl.topics);
         assert_eq!(format!("{ml:?}"), format!("{rl:?}"));

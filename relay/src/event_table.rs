@@ -1,6 +1,7 @@
 //! How an event type of the event API becomes an ODS table (docs/ingest.md, "In the ODS").
 //! Pure: no I/O. Shared by the event API, which refuses event types the ODS could not hold,
-//! and by the sink, which materializes their events.
+//! by the sink, which materializes their events, and by the lake, which keeps them as rows of
+//! Iceberg tables.
 //!
 //! An event type `parcel.packed` becomes `{ods_schema}.ev_parcel_packed`: one column per
 //! top-level property of its JSON Schema (types in [`column_type`]), then the metadata
@@ -12,6 +13,9 @@
 //! metadata column's name or the sink's `_saiki_` prefix, and every declared key column is a
 //! property the schema requires.
 
+use std::borrow::Cow;
+
+use saiki_core::view::Fields;
 use serde_json::Value;
 
 /// The metadata columns of every event table: column, field of `metadata`, PostgreSQL type.
@@ -145,6 +149,44 @@ pub(crate) fn layout(
         key,
         properties: cols,
     })
+}
+
+/// An event's top-level fields, its metadata fields, its type and schema version; `None` if
+/// the payload is not an event; `Err` if it is one without a readable type or version.
+#[allow(clippy::type_complexity)]
+pub(crate) fn event_parts(
+    payload: &[u8],
+) -> Result<Option<(Cow<'_, str>, i32, Fields<'_>, Fields<'_>)>, String> {
+    let Ok(body) = serde_json::from_slice::<Fields<'_>>(payload) else {
+        return Ok(None);
+    };
+    if body.get("action").is_some() {
+        return Ok(None);
+    }
+    let Some(md) = body
+        .get("metadata")
+        .and_then(|m| serde_json::from_str::<Fields<'_>>(m.get()).ok())
+    else {
+        return Ok(None);
+    };
+    let Some(ty) = md
+        .get("event_type")
+        .and_then(|t| serde_json::from_str::<Cow<'_, str>>(t.get()).ok())
+    else {
+        return Ok(None);
+    };
+    let version = md.get("version").and_then(|v| {
+        serde_json::from_str::<Cow<'_, str>>(v.get())
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .or_else(|| serde_json::from_str::<i32>(v.get()).ok())
+    });
+    let Some(version) = version else {
+        return Err(format!(
+            "malformed event of type {ty}: metadata.version is not a schema version"
+        ));
+    };
+    Ok(Some((ty, version, body, md)))
 }
 
 /// The PostgreSQL type of a property from its schema: `string` → `text` (`date-time` →

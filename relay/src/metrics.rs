@@ -487,7 +487,7 @@ pub struct LakeMetrics {
     /// Parquet data files committed.
     pub(crate) files: AtomicU64,
     pub(crate) dead_letters: AtomicU64,
-    /// Event API events read and not written (the lake takes change records only so far).
+    /// Event API events read and not written (`lake.events = false`).
     pub(crate) skipped: AtomicU64,
     pub(crate) retries: AtomicU64,
     /// Messages of the assigned partitions past the group's committed offsets (librdkafka's
@@ -535,7 +535,7 @@ impl Exporter for LakeMetrics {
         metric(
             LAKE_EVENTS_SKIPPED_TOTAL,
             "counter",
-            "Event API events read and not written (the lake takes change records only, so far).",
+            "Event API events read and not written (lake.events = false).",
             g(&self.skipped),
         );
         metric(

@@ -94,6 +94,17 @@ pub(crate) enum Cell {
     Str(String),
 }
 
+/// An event column's PostgreSQL type (`event_table`'s short names) as the records' `types`
+/// spell it, for [`iceberg_type`]: `timestamptz` and `int` are the only ones that differ;
+/// `uuid`, `jsonb`, `text` and `numeric` (no precision) stay strings.
+pub(crate) fn event_pg_type(pg: &str) -> &str {
+    match pg {
+        "timestamptz" => "timestamp with time zone",
+        "int" => "integer",
+        other => other,
+    }
+}
+
 /// Reads a record's raw JSON value as the column's type; `Err` says why it cannot be.
 pub(crate) fn cell(raw: &str, ty: &PrimitiveType) -> Result<Cell, String> {
     let raw = raw.trim();

@@ -28,15 +28,17 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::config::{KafkaConfig, LakeConfig};
 use crate::error::RelayError;
+use crate::event_table::{self, EventTable, METADATA_COLUMNS};
 use crate::kafka::{Kafka, TopicFilter};
 use crate::metrics::LakeMetrics;
 use crate::retry::{supervise, Supervised};
+use crate::sink::events::EventCatalog;
 use columns::{changes_table, Row};
 use held::{Held, StreamKey};
 use ledger::{Ledger, Tp};
 use table::{Catalog, ChangeTable};
 
-/// The header the event API puts on every event: events are not in the lake yet.
+/// The header the event API puts on every event.
 const EVENT_TYPE_HEADER: &str = "saiki.event_type";
 /// How often topics are listed.
 const TOPIC_REFRESH: Duration = Duration::from_secs(5);
@@ -49,8 +51,10 @@ pub(crate) struct LakeRuntime {
     pub(crate) kafka: KafkaConfig,
     /// The catalog database as a URL (sqlx's form).
     pub(crate) catalog_url: String,
-    /// `file:///path` of the warehouse folder.
-    pub(crate) warehouse: String,
+    pub(crate) warehouse: table::Warehouse,
+    /// The event API's registry (`ingest.dsn`, else the catalog's database); `None` with
+    /// `lake.events = false`.
+    registry_dsn: Option<String>,
     topics: TopicFilter,
     dead_letter_topic: String,
 }
@@ -60,6 +64,7 @@ impl LakeRuntime {
         lake: LakeConfig,
         kafka: KafkaConfig,
         sink_dsn: Option<&str>,
+        registry_dsn: Option<&str>,
     ) -> Result<Self, RelayError> {
         let dsn = lake.catalog_dsn.as_deref().or(sink_dsn).ok_or_else(|| {
             RelayError::Config(
@@ -67,7 +72,8 @@ impl LakeRuntime {
             )
         })?;
         let catalog_url = table::catalog_url(dsn)?;
-        let warehouse = table::warehouse_url(&lake.warehouse)?;
+        let registry_dsn = lake.events.then(|| registry_dsn.unwrap_or(dsn).to_string());
+        let warehouse = table::Warehouse::from_config(&lake)?;
         for (k, v) in [
             ("lake.group", &lake.group),
             ("lake.namespace", &lake.namespace),
@@ -82,6 +88,11 @@ impl LakeRuntime {
                 "lake.target_file_size = {}: at least 1048576 (1 MiB); analytics wants 64-512 MiB",
                 lake.target_file_size
             )));
+        }
+        if lake.snapshot_retention < Duration::from_secs(1) {
+            return Err(RelayError::Config(
+                "lake.snapshot_retention must be at least 1s (readers of an older snapshot need it to stay)".into(),
+            ));
         }
         if lake.commit_interval < Duration::from_millis(100) {
             return Err(RelayError::Config(
@@ -100,6 +111,7 @@ impl LakeRuntime {
             kafka,
             catalog_url,
             warehouse,
+            registry_dsn,
             topics,
             dead_letter_topic,
         })
@@ -196,6 +208,8 @@ struct Session<'a> {
     round_started: Option<tokio::time::Instant>,
     subscribed: Vec<String>,
     dead_letters: Kafka,
+    /// The event types' layouts, from the event API's registry.
+    events: Option<EventCatalog>,
 }
 
 async fn session(
@@ -204,7 +218,7 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
     let catalog = Catalog::open(rt).await?;
-    info!(warehouse = %rt.warehouse, namespace = %rt.lake.namespace, "catalog open");
+    info!(warehouse = %rt.warehouse.url(), namespace = %rt.lake.namespace, "catalog open");
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &rt.kafka.brokers)
         .set("client.id", "saiki-relay-lake")
@@ -242,6 +256,10 @@ async fn session(
         round_started: None,
         subscribed: Vec::new(),
         dead_letters: Kafka::new(&rt.kafka, DEAD_LETTER_QUEUE_CAPACITY)?,
+        events: rt
+            .registry_dsn
+            .clone()
+            .map(|d| EventCatalog::new(d, "saiki-relay lake", "lake.events")),
     };
     s.refresh_topics()?;
     metrics.ready.store(true, Ordering::Relaxed);
@@ -332,17 +350,16 @@ impl Session<'_> {
         let Some(payload) = m.payload() else {
             return Ok(()); // a tombstone: the delete before it is the change
         };
-        if m.headers()
-            .is_some_and(|h| h.iter().any(|h| h.key == EVENT_TYPE_HEADER))
-        {
-            self.metrics.skipped.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
         let origin = Origin {
             tp: tp.clone(),
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),
         };
+        if m.headers()
+            .is_some_and(|h| h.iter().any(|h| h.key == EVENT_TYPE_HEADER))
+        {
+            return self.event(&origin, payload).await;
+        }
         let rec: RecordView<'_, Fields<'_>> = match RecordView::parse(payload) {
             Ok(r) => r,
             Err(e) => {
@@ -523,6 +540,105 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// An event of the event API into the round: one row of `{namespace}.ev_{type}` per
+    /// event (the lake keeps every event, keyed types too: it is the history), with the
+    /// properties its schema version declares and the metadata columns, typed as the ODS
+    /// types them (`event_table`). `_saiki_source` is the Kafka topic and partition,
+    /// `_saiki_commit_lsn` the offset, `_saiki_commit_ts` the time the API received it.
+    async fn event(&mut self, origin: &Origin, payload: &[u8]) -> Result<(), RelayError> {
+        let Some(events) = self.events.as_mut() else {
+            self.metrics.skipped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        };
+        let (event_type, version, body, md) = match event_table::event_parts(payload) {
+            Ok(Some(parts)) => parts,
+            Ok(None) => {
+                return self
+                    .dead_letter(
+                        origin,
+                        payload,
+                        "not an event of the event API (no metadata.event_type)",
+                    )
+                    .await
+            }
+            Err(reason) => return self.dead_letter(origin, payload, &reason).await,
+        };
+        // The registry away is transient: the session starts again.
+        events.learn(&event_type, version).await?;
+        let layout = match events.tables().get(&(event_type.to_string(), version)) {
+            Some(Ok(l)) => l.clone(),
+            Some(Err(reason)) => return self.dead_letter(origin, payload, reason).await,
+            None => {
+                return Err(RelayError::Internal(format!(
+                    "event type {event_type} v{version} was not learned"
+                )))
+            }
+        };
+        self.prepare(std::slice::from_ref(&layout.table)).await?;
+        match self.write_event(origin, &layout, version, &body, &md) {
+            Ok(()) => Ok(()),
+            Err(reason) => self.dead_letter(origin, payload, &reason).await,
+        }
+    }
+
+    /// An event's row into its table's round; `Err`: why it cannot be written.
+    fn write_event(
+        &mut self,
+        origin: &Origin,
+        layout: &EventTable,
+        version: i32,
+        body: &Fields<'_>,
+        md: &Fields<'_>,
+    ) -> Result<(), String> {
+        let name = &layout.table;
+        let Some(t) = self.tables.get_mut(name) else {
+            return Err(format!("internal: {name} was not loaded (`prepare`)"));
+        };
+        if !self.ledger.admit(name, &origin.tp, origin.offset) {
+            return Ok(());
+        }
+        let received = md
+            .get("received_at")
+            .and_then(|t| serde_json::from_str::<std::borrow::Cow<'_, str>>(t.get()).ok())
+            .and_then(|t| saiki_core::time::parse_rfc3339_utc_micros(&t));
+        let mut row = Row {
+            action: 'E',
+            source: format!("{}/{}", origin.tp.0, origin.tp.1),
+            commit_lsn: origin.offset,
+            seq: 0,
+            commit_ts: received,
+            unchanged: None,
+            cells: Vec::new(),
+        };
+        let version = version.to_string();
+        let properties = layout
+            .properties
+            .iter()
+            .map(|(c, pg)| (c.as_str(), body.get(c), *pg));
+        let metadata = METADATA_COLUMNS.iter().map(|(c, field, pg)| {
+            let raw = if *field == "version" {
+                None
+            } else {
+                md.get(field)
+            };
+            (*c, raw, *pg)
+        });
+        for (col, raw, pg) in properties.chain(metadata) {
+            let raw = match raw {
+                Some(r) => r.get(),
+                None if col == "schema_version" => version.as_str(),
+                None => "null",
+            };
+            let (idx, ty) = t.column(col, || Some(columns::event_pg_type(pg)));
+            let cell = columns::cell(raw, ty).map_err(|e| format!("{name}.{col}: {e}"))?;
+            row.cells.push((idx, cell));
+        }
+        self.round_bytes += row.size();
+        self.round_rows += 1;
+        t.rows.push(row);
+        Ok(())
+    }
+
     async fn dead_letter(
         &mut self,
         origin: &Origin,
@@ -565,7 +681,12 @@ impl Session<'_> {
             let started = std::time::Instant::now();
             let files = self
                 .catalog
-                .commit(t, &mut self.ledger, self.rt.lake.target_file_size)
+                .commit(
+                    t,
+                    &mut self.ledger,
+                    self.rt.lake.target_file_size,
+                    self.rt.lake.snapshot_retention,
+                )
                 .await?;
             t.rows.clear();
             self.metrics.rows.fetch_add(rows as u64, Ordering::Relaxed);

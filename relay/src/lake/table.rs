@@ -4,9 +4,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use iceberg::arrow::{schema_to_arrow_schema, RecordBatchPartitionSplitter};
-use iceberg::io::LocalFsStorageFactory;
+use iceberg::io::{
+    FileIOBuilder, LocalFsStorageFactory, StorageFactory, S3_ACCESS_KEY_ID, S3_ENDPOINT,
+    S3_PATH_STYLE_ACCESS, S3_REGION, S3_SECRET_ACCESS_KEY,
+};
 use iceberg::spec::{
     DataFileFormat, NestedField, PrimitiveType, Schema, Transform, Type, UnboundPartitionSpec,
 };
@@ -21,13 +25,15 @@ use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
 use iceberg::writer::partitioning::PartitioningWriter;
 use iceberg::{Catalog as _, CatalogBuilder, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
 use iceberg_catalog_sql::{SqlBindStyle, SqlCatalog, SqlCatalogBuilder};
+use iceberg_storage_opendal::OpenDalStorageFactory;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::columns::{self, Row};
 use super::ledger::{decode_marks, encode_marks, Ledger, Marks, SUMMARY_KEY};
 use super::LakeRuntime;
+use crate::config::LakeConfig;
 use crate::error::RelayError;
 use crate::pg::dsn::Dsn;
 
@@ -73,20 +79,174 @@ pub(crate) fn catalog_url(dsn: &str) -> Result<String, RelayError> {
     })
 }
 
-/// `lake.warehouse` as a `file://` URL of an absolute folder.
-pub(crate) fn warehouse_url(w: &str) -> Result<String, RelayError> {
-    let path = w.strip_prefix("file://").unwrap_or(w);
-    if w.starts_with("s3://") || w.contains("://") && !w.starts_with("file://") {
-        return Err(RelayError::Config(format!(
-            "lake.warehouse = {w:?}: only a local folder (file:///path) is built so far; object storage (s3://) is not (docs/lake.md)"
-        )));
+/// Where the lake's data and metadata files go.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Warehouse {
+    /// `file:///path`: a local folder (or a volume mounted there).
+    Local { url: String },
+    /// `s3://bucket/prefix` on AWS S3 or any S3-compatible store, with the FileIO
+    /// properties (iceberg's and PyIceberg's keys: `s3.endpoint`, `s3.region`, ...).
+    S3 {
+        url: String,
+        bucket: String,
+        props: HashMap<String, String>,
+    },
+}
+
+impl Warehouse {
+    /// Reads `lake.warehouse` and the `lake.s3_*` keys.
+    pub(crate) fn from_config(lake: &LakeConfig) -> Result<Warehouse, RelayError> {
+        let w = lake.warehouse.trim();
+        if let Some(rest) = w.strip_prefix("s3://") {
+            let bucket = rest.split('/').next().unwrap_or("");
+            if bucket.is_empty() {
+                return Err(RelayError::Config(format!(
+                    "lake.warehouse = {w:?}: name the bucket (s3://bucket/prefix)"
+                )));
+            }
+            let mut props = HashMap::from([(S3_REGION.to_string(), lake.s3_region.clone())]);
+            if let Some(e) = &lake.s3_endpoint {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    return Err(RelayError::Config(format!(
+                        "lake.s3_endpoint = {e:?}: give a URL (http://127.0.0.1:9000)"
+                    )));
+                }
+                props.insert(S3_ENDPOINT.to_string(), e.trim_end_matches('/').to_string());
+            }
+            match (&lake.s3_access_key_id, &lake.s3_secret_access_key) {
+                (Some(id), Some(secret)) => {
+                    props.insert(S3_ACCESS_KEY_ID.to_string(), id.clone());
+                    props.insert(S3_SECRET_ACCESS_KEY.to_string(), secret.clone());
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(RelayError::Config(
+                        "lake.s3_access_key_id and lake.s3_secret_access_key go together: set both, or neither for the AWS defaults".into(),
+                    ))
+                }
+            }
+            let path_style = lake.s3_path_style.unwrap_or(lake.s3_endpoint.is_some());
+            props.insert(S3_PATH_STYLE_ACCESS.to_string(), path_style.to_string());
+            return Ok(Warehouse::S3 {
+                url: format!("s3://{}", rest.trim_end_matches('/')),
+                bucket: bucket.to_string(),
+                props,
+            });
+        }
+        if w.contains("://") && !w.starts_with("file://") {
+            return Err(RelayError::Config(format!(
+                "lake.warehouse = {w:?}: give a local folder (file:///var/lib/saiki/lake) or an S3 bucket (s3://bucket/prefix)"
+            )));
+        }
+        let path = w.strip_prefix("file://").unwrap_or(w);
+        if !path.starts_with('/') {
+            return Err(RelayError::Config(format!(
+                "lake.warehouse = {w:?}: give an absolute folder (file:///var/lib/saiki/lake)"
+            )));
+        }
+        Ok(Warehouse::Local {
+            url: format!("file://{}", path.trim_end_matches('/')),
+        })
     }
-    if !path.starts_with('/') {
-        return Err(RelayError::Config(format!(
-            "lake.warehouse = {w:?}: give an absolute folder (file:///var/lib/saiki/lake)"
-        )));
+
+    /// The warehouse's URL, as the catalog stores table locations under it.
+    pub(crate) fn url(&self) -> &str {
+        match self {
+            Warehouse::Local { url } | Warehouse::S3 { url, .. } => url,
+        }
     }
-    Ok(format!("file://{}", path.trim_end_matches('/')))
+
+    /// The storage of the warehouse's scheme, and the properties its FileIO needs.
+    fn storage(&self) -> (Arc<dyn StorageFactory>, HashMap<String, String>) {
+        match self {
+            Warehouse::Local { .. } => (Arc::new(LocalFsStorageFactory), HashMap::new()),
+            Warehouse::S3 { props, .. } => (
+                Arc::new(OpenDalStorageFactory::S3 {
+                    customized_credential_load: None,
+                }),
+                props.clone(),
+            ),
+        }
+    }
+
+    /// Checks that the warehouse can be written: a probe file written and deleted. A
+    /// refusal (no permission, no such bucket, bad credentials) is definite and names the
+    /// warehouse; a store that does not answer is transient.
+    async fn check_writable(&self) -> Result<(), RelayError> {
+        let (url, bucket) = match self {
+            Warehouse::Local { url } => return check_writable(url.trim_start_matches("file://")),
+            Warehouse::S3 { url, bucket, .. } => (url, bucket),
+        };
+        let (factory, props) = self.storage();
+        let io = FileIOBuilder::new(factory).with_props(props).build();
+        let probe = format!("{url}/.saiki-probe-{}", std::process::id());
+        let written = match io.new_output(&probe) {
+            Ok(out) => out.write(bytes::Bytes::from_static(b"saiki")).await,
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => {
+                if let Err(e) = io.delete(&probe).await {
+                    warn!(%probe, error = %e, "the warehouse's probe file could not be deleted: the lake needs no deletes yet, snapshot expiry will");
+                }
+                Ok(())
+            }
+            Err(e) => match refusal(&e) {
+                Some(why) => Err(RelayError::Lake {
+                    message: format!(
+                        "the warehouse {url} cannot be written ({why}: {e}): create bucket {bucket:?} and give the relay's credentials s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket there, or set lake.warehouse"
+                    ),
+                    transient: false,
+                }),
+                None => Err(lake_err(&format!("the warehouse {url} does not answer"), e)),
+            },
+        }
+    }
+}
+
+/// How often a table's snapshots are looked at for expiry: every `retention`, at most hourly.
+fn expiry_every(retention: Duration) -> Duration {
+    retention.min(Duration::from_secs(3600))
+}
+
+/// The metadata files `before` knew (its log and its own) that `after` no longer does.
+fn dropped_metadata(before: &iceberg::table::Table, after: &iceberg::table::Table) -> Vec<String> {
+    let known = |t: &iceberg::table::Table| -> Vec<String> {
+        t.metadata()
+            .metadata_log()
+            .iter()
+            .map(|l| l.metadata_file.clone())
+            .chain(t.metadata_location().map(str::to_string))
+            .collect()
+    };
+    let now = known(after);
+    known(before)
+        .into_iter()
+        .filter(|f| !now.contains(f))
+        .collect()
+}
+
+/// Why the store refused a write, if it did (as opposed to not answering).
+fn refusal(e: &iceberg::Error) -> Option<&'static str> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(o) = s.downcast_ref::<opendal::Error>() {
+            return match o.kind() {
+                opendal::ErrorKind::PermissionDenied => Some("permission denied"),
+                // opendal reads S3's NoSuchBucket as a configuration error.
+                opendal::ErrorKind::NotFound | opendal::ErrorKind::ConfigInvalid
+                    if format!("{o:?}").contains("NoSuchBucket") =>
+                {
+                    Some("no such bucket")
+                }
+                opendal::ErrorKind::NotFound => Some("not found"),
+                opendal::ErrorKind::ConfigInvalid => Some("invalid configuration"),
+                _ => None,
+            };
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// A change-log table as the lake knows it: its columns after the `_saiki_*` ones, in the
@@ -99,6 +259,8 @@ pub(crate) struct ChangeTable {
     index: HashMap<String, usize>,
     in_iceberg: Option<usize>,
     pub(crate) rows: Vec<Row>,
+    /// When this relay last looked for snapshots to expire.
+    expired_at: Option<Instant>,
 }
 
 impl ChangeTable {
@@ -109,6 +271,7 @@ impl ChangeTable {
             index: HashMap::new(),
             in_iceberg: None,
             rows: Vec::new(),
+            expired_at: None,
         }
     }
 
@@ -177,21 +340,19 @@ pub(crate) struct Catalog {
 
 impl Catalog {
     /// Opens the SQL catalog (creating its tables and the namespace if missing) and checks
-    /// that the warehouse folder can be written.
+    /// that the warehouse can be written.
     pub(crate) async fn open(rt: &LakeRuntime) -> Result<Catalog, RelayError> {
-        let folder = rt.warehouse.trim_start_matches("file://").to_string();
-        check_writable(&folder)?;
+        rt.warehouse.check_writable().await?;
+        let (factory, mut props) = rt.warehouse.storage();
+        // The lake commits one table at a time: two connections are plenty, and the
+        // catalog database is often the ODS.
+        props.insert("pool.max-connections".to_string(), "2".to_string());
         let catalog = SqlCatalogBuilder::default()
             .uri(rt.catalog_url.clone())
-            .warehouse_location(rt.warehouse.clone())
+            .warehouse_location(rt.warehouse.url().to_string())
             .sql_bind_style(SqlBindStyle::DollarNumeric)
-            .with_storage_factory(Arc::new(LocalFsStorageFactory))
-            // The lake commits one table at a time: two connections are plenty, and the
-            // catalog database is often the ODS.
-            .load(
-                rt.lake.catalog_name.clone(),
-                HashMap::from([("pool.max-connections".to_string(), "2".to_string())]),
-            )
+            .with_storage_factory(factory)
+            .load(rt.lake.catalog_name.clone(), props)
             .await
             .map_err(|e| lake_err("opening the SQL catalog (lake.catalog_dsn)", e))?;
         let namespace = NamespaceIdent::new(rt.lake.namespace.clone());
@@ -244,6 +405,7 @@ impl Catalog {
         t: &mut ChangeTable,
         ledger: &mut Ledger,
         target_file_size: usize,
+        retention: Duration,
     ) -> Result<usize, RelayError> {
         let name = t.ident.name().to_string();
         let mut table = self.ensure(t).await?;
@@ -308,8 +470,9 @@ impl Catalog {
                 .set_snapshot_properties(props);
             let tx = action.apply(tx).map_err(|e| lake_err("append", e))?;
             match tx.commit(&self.catalog).await {
-                Ok(_) => {
+                Ok(committed) => {
                     ledger.committed(&name);
+                    self.tidy(t, &table, committed, retention).await;
                     return Ok(count);
                 }
                 Err(e)
@@ -327,6 +490,75 @@ impl Catalog {
                         .map_err(|e| lake_err("reloading", e))?;
                 }
                 Err(e) => return Err(lake_err(&format!("committing {name}"), e)),
+            }
+        }
+    }
+
+    /// Housekeeping after a commit. Snapshots older than `retention` expire, at most once per
+    /// `expiry_every(retention)` and table, and their manifest lists are deleted. The current
+    /// snapshot always stays, and with it the table's marks: an expiry never moves what the
+    /// table holds. Metadata files that dropped out of the table's metadata log (Iceberg keeps
+    /// the last 100) are deleted too. The data files stay, since fast appends never leave one
+    /// unreferenced. A failure here is logged and tried again at a later commit: it costs
+    /// storage, never a change.
+    async fn tidy(
+        &self,
+        t: &mut ChangeTable,
+        before: &iceberg::table::Table,
+        after: iceberg::table::Table,
+        retention: Duration,
+    ) {
+        let mut stale = dropped_metadata(before, &after);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let cutoff = now_ms.saturating_sub(retention.as_millis() as i64);
+        let due = t
+            .expired_at
+            .is_none_or(|at| at.elapsed() >= expiry_every(retention));
+        let meta = after.metadata();
+        let current = meta.current_snapshot_id();
+        if due
+            && meta
+                .snapshots()
+                .any(|s| s.timestamp_ms() < cutoff && Some(s.snapshot_id()) != current)
+        {
+            t.expired_at = Some(Instant::now());
+            let tx = Transaction::new(&after);
+            let expire = tx
+                .expire_snapshots()
+                .expire_older_than_ms(cutoff)
+                .retain_last(1);
+            let done = match expire.apply(tx) {
+                Ok(tx) => tx.commit(&self.catalog).await,
+                Err(e) => Err(e),
+            };
+            match done {
+                Ok(expired) => {
+                    let kept: std::collections::HashSet<i64> = expired
+                        .metadata()
+                        .snapshots()
+                        .map(|s| s.snapshot_id())
+                        .collect();
+                    let gone: Vec<String> = meta
+                        .snapshots()
+                        .filter(|s| !kept.contains(&s.snapshot_id()))
+                        .map(|s| s.manifest_list().to_string())
+                        .collect();
+                    info!(
+                        snapshots = gone.len(),
+                        kept = kept.len(),
+                        "snapshots past lake.snapshot_retention expired"
+                    );
+                    stale.extend(gone);
+                    stale.extend(dropped_metadata(&after, &expired));
+                }
+                Err(e) => {
+                    warn!(error = %e, "expiring snapshots failed (another lake relay committed?): again later");
+                }
+            }
+        }
+        for f in stale {
+            if let Err(e) = after.file_io().delete(&f).await {
+                warn!(file = %f, error = %e, "a file the table no longer needs was not deleted");
             }
         }
     }
@@ -492,21 +724,60 @@ mod tests {
         );
     }
 
+    fn lake(toml: &str) -> LakeConfig {
+        toml::from_str::<crate::config::Config>(&format!("[lake]\n{toml}"))
+            .unwrap()
+            .lake
+            .unwrap()
+    }
+
     #[test]
-    fn the_warehouse_is_an_absolute_folder() {
-        assert_eq!(warehouse_url("/var/lake/").unwrap(), "file:///var/lake");
+    fn a_local_warehouse_is_an_absolute_folder() {
+        let url = |w: &str| Warehouse::from_config(&lake(&format!("warehouse = {w:?}")));
+        assert_eq!(url("/var/lake/").unwrap().url(), "file:///var/lake");
+        assert_eq!(url("file:///var/lake").unwrap().url(), "file:///var/lake");
+        assert!(url("lake").unwrap_err().to_string().contains("absolute"));
+        assert!(url("gs://b/p").unwrap_err().to_string().contains("s3://"));
+    }
+
+    #[test]
+    fn an_s3_warehouse_takes_its_endpoint_keys_and_addressing_from_the_config() {
+        let w = Warehouse::from_config(&lake(
+            "warehouse = \"s3://lake/saiki/\"\ns3_endpoint = \"http://127.0.0.1:9000/\"\ns3_access_key_id = \"a\"\ns3_secret_access_key = \"b\"",
+        ))
+        .unwrap();
+        let Warehouse::S3 { url, bucket, props } = w else {
+            panic!("not s3")
+        };
+        assert_eq!((url.as_str(), bucket.as_str()), ("s3://lake/saiki", "lake"));
+        assert_eq!(props[S3_ENDPOINT], "http://127.0.0.1:9000");
         assert_eq!(
-            warehouse_url("file:///var/lake").unwrap(),
-            "file:///var/lake"
+            props[S3_PATH_STYLE_ACCESS], "true",
+            "path style with an endpoint"
         );
-        assert!(warehouse_url("lake")
-            .unwrap_err()
-            .to_string()
-            .contains("absolute"));
-        assert!(warehouse_url("s3://b/p")
-            .unwrap_err()
-            .to_string()
-            .contains("s3"));
+        assert_eq!(props[S3_REGION], "us-east-1");
+        assert_eq!(props[S3_SECRET_ACCESS_KEY], "b");
+        let Warehouse::S3 { props, .. } =
+            Warehouse::from_config(&lake("warehouse = \"s3://lake\"")).unwrap()
+        else {
+            panic!("not s3")
+        };
+        assert_eq!(props[S3_PATH_STYLE_ACCESS], "false", "AWS: virtual hosts");
+        assert!(
+            !props.contains_key(S3_ACCESS_KEY_ID),
+            "AWS's own credentials"
+        );
+        for (bad, says) in [
+            ("warehouse = \"s3:///p\"", "bucket"),
+            (
+                "warehouse = \"s3://b\"\ns3_endpoint = \"127.0.0.1:9000\"",
+                "URL",
+            ),
+            ("warehouse = \"s3://b\"\ns3_access_key_id = \"a\"", "both"),
+        ] {
+            let e = Warehouse::from_config(&lake(bad)).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -19,14 +19,20 @@ const SELECT_VERSION: &str = "SELECT s.schema::text, t.key
 
 pub(crate) struct EventCatalog {
     dsn: String,
+    /// Who reads the registry (`saiki-relay sink`), and the key that turns events off
+    /// (`sink.events`), for the messages.
+    reader: &'static str,
+    switch: &'static str,
     client: Option<(Client, String)>,
     tables: Arc<EventTables>,
 }
 
 impl EventCatalog {
-    pub(crate) fn new(dsn: String) -> Self {
+    pub(crate) fn new(dsn: String, reader: &'static str, switch: &'static str) -> Self {
         EventCatalog {
             dsn,
+            reader,
+            switch,
             client: None,
             tables: Arc::default(),
         }
@@ -52,7 +58,7 @@ impl EventCatalog {
                     &self.dsn,
                     "the event registry",
                     "ingest.dsn",
-                    "saiki-relay sink",
+                    self.reader,
                 )
                 .await?,
             );
@@ -71,16 +77,16 @@ impl EventCatalog {
                     .map_err(|e| format!("event type {event_type} v{version} cannot be an ODS table: {e}"))
             }
             Ok(None) => Err(format!(
-                "event type {event_type} has no schema version {version} in the event API's registry ({target}): register it, or set sink.events = false"
+                "event type {event_type} has no schema version {version} in the event API's registry ({target}): register it, or set {} = false", self.switch
             )),
             Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Err(format!(
-                "the database of ingest.dsn ({target}) has no event registry (schema saiki_ingest): point ingest.dsn at the event API's database, or set sink.events = false"
+                "the database of ingest.dsn ({target}) has no event registry (schema saiki_ingest): point ingest.dsn at the event API's database, or set {} = false", self.switch
             )),
             Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
                 return Err(RelayError::Ods {
                     target: target.clone(),
                     code: Some("42501".into()),
-                    message: format!("reading the event registry: {e}: grant the sink's role SELECT on saiki_ingest.event_types and saiki_ingest.schemas"),
+                    message: format!("reading the event registry: {e}: grant the role of {} SELECT on saiki_ingest.event_types and saiki_ingest.schemas", self.reader),
                 })
             }
             Err(e) => {

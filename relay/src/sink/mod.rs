@@ -350,7 +350,10 @@ async fn session(
         batch_bytes: 0,
         batch_started: None,
         subscribed: Vec::new(),
-        events: rt.registry_dsn.clone().map(EventCatalog::new),
+        events: rt
+            .registry_dsn
+            .clone()
+            .map(|d| EventCatalog::new(d, "saiki-relay sink", "sink.events")),
         schema: Arc::default(),
         stopped: Vec::new(),
         ends: Vec::new(),

@@ -21,7 +21,7 @@ use saiki_core::view::{Fields, RecordView, Types};
 use saiki_core::Lsn;
 use serde_json::value::RawValue;
 
-use crate::event_table::{EventTable, METADATA_COLUMNS};
+use crate::event_table::{event_parts, EventTable, METADATA_COLUMNS};
 use crate::sink::evolve::SchemaLog;
 use crate::sink::stream::{StreamOps, Taken};
 
@@ -54,44 +54,6 @@ fn json_null() -> &'static RawValue {
 pub(crate) fn event_version(payload: &[u8]) -> Option<(String, i32)> {
     let (ty, version, _, _) = event_parts(payload).ok()??;
     Some((ty.into_owned(), version))
-}
-
-/// An event's top-level fields, its metadata fields, its type and schema version; `None` if
-/// the payload is not an event; `Err` if it is one without a readable type or version.
-#[allow(clippy::type_complexity)]
-fn event_parts(
-    payload: &[u8],
-) -> Result<Option<(Cow<'_, str>, i32, Fields<'_>, Fields<'_>)>, String> {
-    let Ok(body) = serde_json::from_slice::<Fields<'_>>(payload) else {
-        return Ok(None);
-    };
-    if body.get("action").is_some() {
-        return Ok(None);
-    }
-    let Some(md) = body
-        .get("metadata")
-        .and_then(|m| serde_json::from_str::<Fields<'_>>(m.get()).ok())
-    else {
-        return Ok(None);
-    };
-    let Some(ty) = md
-        .get("event_type")
-        .and_then(|t| serde_json::from_str::<Cow<'_, str>>(t.get()).ok())
-    else {
-        return Ok(None);
-    };
-    let version = md.get("version").and_then(|v| {
-        serde_json::from_str::<Cow<'_, str>>(v.get())
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .or_else(|| serde_json::from_str::<i32>(v.get()).ok())
-    });
-    let Some(version) = version else {
-        return Err(format!(
-            "malformed event of type {ty}: metadata.version is not a schema version"
-        ));
-    };
-    Ok(Some((ty, version, body, md)))
 }
 
 /// The sink's view of a change record: the core's reader with the column objects as

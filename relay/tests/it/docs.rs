@@ -501,4 +501,13 @@ fn the_least_privilege_roles_of_the_images_run_the_pipeline() {
             });
         (got != Some(("1".into(), "1".into()))).then(|| format!("ods.ev_t_done has {got:?}"))
     });
+    // The lake's role reads them too, and keeps the event in the Iceberg table
+    // saiki.ev_t_done, which the catalog lists once its first commit is in.
+    wait_until(Duration::from_secs(90), &lake, || {
+        let got = text_rows(
+            &mut ods,
+            "SELECT table_name FROM iceberg_tables WHERE table_name = 'ev_t_done'",
+        );
+        (got != vec![vec![s("ev_t_done")]]).then(|| format!("catalog: {got:?}"))
+    });
 }

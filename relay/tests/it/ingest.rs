@@ -10,26 +10,26 @@ use serde_json::{json, Value};
 use crate::common::*;
 use saiki_tests::{loopback_port, Broker, PgCluster};
 
-const ADMIN: &str = "test-admin-token-0123456789";
+pub(crate) const ADMIN: &str = "test-admin-token-0123456789";
 const TOPIC: &str = "saiki.events.parcel.packed";
 
 /// A response: status, body, and the `x-flow-id` header.
-struct Answer {
-    status: u16,
-    body: String,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) body: String,
     flow_id: Option<String>,
     /// `1.1` or `2`.
     http_version: String,
 }
 
 impl Answer {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: not JSON: {}", self.body))
     }
 }
 
 /// One request with curl to `http://127.0.0.1:{port}{path}`.
-fn curl(
+pub(crate) fn curl(
     port: u16,
     method: &str,
     path: &str,
@@ -112,7 +112,13 @@ fn request(
     answer
 }
 
-fn ingest_config(pg: &PgCluster, broker: &Broker, api: u16, http: u16, extra: &str) -> String {
+pub(crate) fn ingest_config(
+    pg: &PgCluster,
+    broker: &Broker,
+    api: u16,
+    http: u16,
+    extra: &str,
+) -> String {
     format!(
         r#"[ingest]
 dsn = "host=127.0.0.1 port={} user=postgres dbname=registry"
@@ -136,14 +142,14 @@ listen = "127.0.0.1:{http}"
 }
 
 /// Waits until the API answers.
-fn wait_api(api: u16, relay: &Relay) {
+pub(crate) fn wait_api(api: u16, relay: &Relay) {
     wait_until(Duration::from_secs(60), relay, || {
         let a = curl(api, "GET", "/event-types", Some(ADMIN), None, &[]);
         (a.status != 200).then(|| format!("GET /event-types: {} {}", a.status, a.body))
     });
 }
 
-fn parcel_type() -> Value {
+pub(crate) fn parcel_type() -> Value {
     json!({
         "name": "parcel.packed",
         "owning_team": "warehouse",
@@ -161,7 +167,7 @@ fn parcel_type() -> Value {
     })
 }
 
-fn body(v: &Value) -> Vec<u8> {
+pub(crate) fn body(v: &Value) -> Vec<u8> {
     v.to_string().into_bytes()
 }
 

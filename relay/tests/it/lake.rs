@@ -19,12 +19,14 @@ const READ: &str = r#"
 import json, sys
 from pyiceberg.catalog.sql import SqlCatalog
 uri, name, key = sys.argv[1], sys.argv[2], sys.argv[3]
-cat = SqlCatalog("saiki", uri=uri)
+props = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+cat = SqlCatalog("saiki", uri=uri, **props)
 try:
     t = cat.load_table(name)
 except Exception as e:
     print(json.dumps({"rows": -1, "error": str(e)})); sys.exit(0)
-rows = t.scan().to_arrow().to_pylist()
+changes = t.scan().to_arrow()
+rows = changes.to_pylist()
 seen, dup = set(), 0
 for r in rows:
     k = (r["_saiki_source"], r["_saiki_commit_lsn"], r["_saiki_seq"], r["_saiki_action"])
@@ -42,16 +44,36 @@ for r in sorted(rows, key=lambda r: (r["_saiki_commit_lsn"], r["_saiki_seq"])):
 cols = [f.name for f in t.schema().fields if not f.name.startswith("_saiki_")]
 out = [[None if r[c] is None else str(r[c]) for c in cols] for _, r in sorted(state.items())]
 types = {f.name: str(f.field_type) for f in t.schema().fields}
+import duckdb
+if key == "id":  # the documented query is written for tables keyed by id
+    current = duckdb.sql(sys.argv[5]).arrow().read_all().to_pylist()
+    duck = sorted([[None if r[c] is None else str(r[c]) for c in cols] for r in current], key=lambda r: int(r[0]))
+else:
+    duck = out
 actions = {}
 for r in rows:
     actions[r["_saiki_action"]] = actions.get(r["_saiki_action"], 0) + 1
-print(json.dumps({"rows": len(rows), "dup": dup, "actions": actions, "state": out, "types": types,
-                  "spec": str(t.spec()), "files": len(list(t.scan().plan_files()))}))
+print(json.dumps({"rows": len(rows), "dup": dup, "actions": actions, "state": out, "duck": duck, "types": types,
+                  "spec": str(t.spec()), "files": len(list(t.scan().plan_files())),
+                  "location": t.location(), "snapshots": len(t.snapshots())}))
 "#;
 
-fn read_table(catalog_uri: &str, table: &str, key: &str) -> serde_json::Value {
+/// The current state of a table from its change log, as docs/lake.md gives it for DuckDB
+/// (`changes`: the change-log table as Arrow; `id`: the key). The tests check that it equals
+/// the table rebuilt change by change, and so the source.
+pub(crate) const CURRENT_STATE: &str = "\
+WITH cut AS (SELECT _saiki_source, max((_saiki_commit_lsn, _saiki_seq)) AS at
+             FROM changes WHERE _saiki_action = 'T' GROUP BY ALL),
+latest AS (SELECT c.*, row_number() OVER (PARTITION BY c._saiki_source, c.id
+                                          ORDER BY c._saiki_commit_lsn DESC, c._saiki_seq DESC) AS n
+           FROM changes c LEFT JOIN cut USING (_saiki_source)
+           WHERE c._saiki_action <> 'T' AND (cut.at IS NULL OR (c._saiki_commit_lsn, c._saiki_seq) > cut.at))
+SELECT * EXCLUDE (n) FROM latest WHERE n = 1 AND _saiki_action <> 'D'";
+
+/// `props`: the catalog's properties as JSON (PyIceberg's FileIO keys, `s3.endpoint`, ...).
+fn read_table_with(catalog_uri: &str, table: &str, key: &str, props: &str) -> serde_json::Value {
     let out = Command::new(python())
-        .args(["-c", READ, catalog_uri, table, key])
+        .args(["-c", READ, catalog_uri, table, key, props, CURRENT_STATE])
         .output()
         .expect("PyIceberg's Python (scripts/setup.sh installs it in /opt/saiki-py)");
     assert!(
@@ -62,10 +84,11 @@ fn read_table(catalog_uri: &str, table: &str, key: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("the reader's JSON")
 }
 
+/// `warehouse`: the `lake.warehouse` line and its companions.
 fn lake_config(pg: &PgCluster, broker: &Broker, warehouse: &str, group: &str, port: u16) -> String {
     format!(
         r#"[lake]
-warehouse = "file://{warehouse}"
+{warehouse}
 group = "{group}"
 catalog_dsn = "host=127.0.0.1 port={} user=postgres dbname=ods"
 instance_id = "test-lake"
@@ -92,17 +115,39 @@ fn start_lake_in(pg: &PgCluster, broker: &Broker, warehouse: &str, group: &str) 
     let port = loopback_port();
     Relay::start_lake(
         &pg.dir,
-        &lake_config(pg, broker, warehouse, group, port),
+        &lake_config(
+            pg,
+            broker,
+            &format!("warehouse = \"{warehouse}\""),
+            group,
+            port,
+        ),
         port,
     )
 }
 
 /// Waits until the change-log table has `rows` rows, and returns what the reader saw.
 fn wait_rows_in(uri: &str, table: &str, key: &str, rows: i64, lake: &Relay) -> serde_json::Value {
+    wait_rows_with(uri, table, key, "{}", rows, lake)
+}
+
+fn wait_rows_with(
+    uri: &str,
+    table: &str,
+    key: &str,
+    props: &str,
+    rows: i64,
+    lake: &Relay,
+) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
-        let got = read_table(uri, table, key);
+        let got = read_table_with(uri, table, key, props);
         if got["rows"].as_i64() == Some(rows) {
+            // docs/lake.md's current-state query sees what replaying the changes builds.
+            assert_eq!(
+                got["duck"], got["state"],
+                "{table}: DuckDB's current state against the replayed one"
+            );
             return got;
         }
         assert!(
@@ -359,4 +404,333 @@ fn a_streamed_transaction_lands_whole_at_its_commit_though_the_lake_relay_dies_w
     let m = lake.http_get("/metrics").unwrap_or_default();
     assert_eq!(metric(&m, "saiki_lake_held_bytes"), Some(0.0));
     assert_eq!(metric(&m, "saiki_lake_dead_letters_total"), Some(0.0));
+}
+
+/// moto's S3 server (PyPI; scripts/setup.sh installs it in /opt/saiki-py), on 127.0.0.1,
+/// its objects in memory: stopped (and emptied) when dropped.
+struct S3Store {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl S3Store {
+    fn start(port: u16, dir: &std::path::Path) -> S3Store {
+        let log = std::fs::File::create(dir.join(format!("moto-{port}.log"))).unwrap();
+        let bin = std::path::Path::new(&python()).with_file_name("moto_server");
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} (scripts/setup.sh installs it): {e}", bin.display()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto_server does not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        S3Store {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Runs `script` with `c`, a boto3 S3 client of the store (a client that is not ours),
+    /// and `bucket`; returns what it printed.
+    fn boto3(&self, script: &str, bucket: &str) -> String {
+        let client = "import boto3, sys\nc = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='saiki', aws_secret_access_key='secret', region_name='us-east-1')\nbucket = sys.argv[2]\n";
+        let out = Command::new(python())
+            .args(["-c", &format!("{client}{script}"), &self.endpoint, bucket])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn create_bucket(&self, bucket: &str) {
+        self.boto3("c.create_bucket(Bucket=bucket)", bucket);
+    }
+
+    /// The keys of the bucket's objects.
+    fn keys(&self, bucket: &str) -> Vec<String> {
+        self.boto3(
+            "for p in c.get_paginator('list_objects_v2').paginate(Bucket=bucket):\n    for o in p.get('Contents', []): print(o['Key'])",
+            bucket,
+        )
+        .lines()
+        .map(String::from)
+        .collect()
+    }
+}
+
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_s3_warehouse_holds_every_change_once_though_the_store_was_away_then_bucketless_and_the_relay_was_killed(
+) {
+    let pg = PgCluster::start(&[]);
+    let broker = Broker::start();
+    let mut db = pg.create_db("shop");
+    let _ods = pg.create_db("ods");
+    exec(
+        &mut db,
+        &["CREATE TABLE orders (id int PRIMARY KEY, article text, price numeric(10,2))"],
+    );
+    create_topic(&broker.addr(), "saiki.public.orders", 1);
+    let (_source, _) = start_source(&pg, &mut db, &broker, "");
+    let s3_port = loopback_port();
+    let endpoint = format!("http://127.0.0.1:{s3_port}");
+    let warehouse = format!(
+        "warehouse = \"s3://lake/warehouse\"\ns3_endpoint = \"{endpoint}\"\ns3_access_key_id = \"saiki\"\ns3_secret_access_key = \"secret\"\nsnapshot_retention = \"1s\""
+    );
+    let start = |group: &str| {
+        let port = loopback_port();
+        Relay::start_lake(
+            &pg.dir,
+            &lake_config(&pg, &broker, &warehouse, group, port),
+            port,
+        )
+    };
+    exec(
+        &mut db,
+        &["INSERT INTO orders SELECT g, 'article ' || g, g * 1.25 FROM generate_series(1, 100) g"],
+    );
+    // The store is away: transient, the relay retries with backoff and stays up.
+    let mut lake = start("saiki-lake");
+    wait_until(Duration::from_secs(60), &lake, || {
+        let m = lake.http_get("/metrics").unwrap_or_default();
+        (metric(&m, "saiki_lake_retries_total").unwrap_or(0.0) < 2.0)
+            .then(|| format!("no retries yet: {m}"))
+    });
+    assert!(
+        lake.log_text().contains("does not answer"),
+        "{}",
+        lake.log_text()
+    );
+    // The store answers, but has no such bucket: definite, exit 6, naming what to do.
+    let store = S3Store::start(s3_port, &pg.dir);
+    let status = lake.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(6), "{}", lake.log_text());
+    assert!(
+        lake.log_text()
+            .contains("s3://lake/warehouse cannot be written (no such bucket"),
+        "{}",
+        lake.log_text()
+    );
+    store.create_bucket("lake");
+    lake = start("saiki-lake");
+    wait_first_commit(&lake);
+    lake.kill9();
+    exec(
+        &mut db,
+        &[
+            "UPDATE orders SET price = price + 1 WHERE id <= 30",
+            "DELETE FROM orders WHERE id > 90",
+            "INSERT INTO orders VALUES (1000, 'late', 9.99)",
+        ],
+    );
+    lake = start("saiki-lake");
+    // Commits more than a second apart: the older snapshots expire.
+    std::thread::sleep(Duration::from_secs(3));
+    exec(
+        &mut db,
+        &["INSERT INTO orders VALUES (1001, 'later', 1.00)"],
+    );
+    let uri = format!("postgresql+psycopg2://postgres@127.0.0.1:{}/ods", pg.port);
+    // PyIceberg reads the files from the store through pyarrow's S3 client.
+    let props = serde_json::json!({
+        "s3.endpoint": endpoint, "s3.access-key-id": "saiki",
+        "s3.secret-access-key": "secret", "s3.region": "us-east-1",
+    })
+    .to_string();
+    // 100 inserts, 30 updates, 10 deletes, 2 inserts.
+    let orders = wait_rows_with(&uri, "saiki.orders_changes", "id", &props, 142, &lake);
+    assert_eq!(orders["dup"], 0, "a change twice: {orders}");
+    assert_eq!(
+        orders["location"],
+        "s3://lake/warehouse/saiki/orders_changes"
+    );
+    let want = text_rows(&mut db, "SELECT id::text, article, price::text FROM orders");
+    let mut have: Vec<Vec<Option<String>>> =
+        serde_json::from_value(orders["state"].clone()).unwrap();
+    have.sort();
+    assert_eq!(have, want, "the orders rebuilt from the change log");
+    let keys = store.keys("lake");
+    assert!(
+        keys.iter().any(|k| k.ends_with(".parquet"))
+            && keys.iter().any(|k| k.ends_with(".metadata.json"))
+            && keys
+                .iter()
+                .all(|k| k.starts_with("warehouse/saiki/orders_changes/")),
+        "the table's files, and only those, in the bucket: {keys:?}"
+    );
+    // Housekeeping: the snapshots past lake.snapshot_retention expire, and their manifest
+    // lists leave the bucket, while every change stays (above).
+    wait_until(Duration::from_secs(60), &lake, || {
+        (!lake
+            .log_text()
+            .contains("snapshots past lake.snapshot_retention expired"))
+        .then(|| "no snapshot expired yet".to_string())
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = read_table_with(&uri, "saiki.orders_changes", "id", &props);
+        let snapshots = now["snapshots"].as_u64().unwrap();
+        let keys = store.keys("lake");
+        let lists = keys
+            .iter()
+            .filter(|k| k.contains("/metadata/snap-"))
+            .count() as u64;
+        if snapshots <= 2 && lists == snapshots {
+            assert_eq!(now["rows"], 142, "{now}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{snapshots} snapshots, {lists} manifest lists: {keys:?}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(lake.terminate(Duration::from_secs(40)).success());
+}
+
+#[test]
+fn the_current_state_query_in_the_docs_is_the_one_the_tests_run() {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/lake.md"),
+    )
+    .unwrap();
+    assert!(
+        doc.contains(CURRENT_STATE),
+        "docs/lake.md must give CURRENT_STATE word for word"
+    );
+}
+
+#[test]
+fn every_event_of_the_event_api_is_one_row_of_its_lake_table_though_the_lake_relay_is_killed() {
+    use crate::ingest::{body, curl, ingest_config, parcel_type, wait_api, ADMIN};
+    use serde_json::json;
+    let pg = PgCluster::start(&[]);
+    let _registry = pg.create_db("registry");
+    let _ods = pg.create_db("ods");
+    let broker = Broker::start();
+    let (api, http) = (loopback_port(), loopback_port());
+    let ingest = Relay::start_ingest(&pg.dir, &ingest_config(&pg, &broker, api, http, ""), http);
+    wait_api(api, &ingest);
+    let created = curl(
+        api,
+        "POST",
+        "/event-types",
+        Some(ADMIN),
+        Some(&body(&parcel_type())),
+        &[],
+    );
+    assert_eq!(created.status, 201, "{}", created.body);
+    let token = curl(
+        api,
+        "POST",
+        "/tokens",
+        Some(ADMIN),
+        Some(&body(&json!({"scopes": ["write:parcel.packed"]}))),
+        &[],
+    );
+    assert_eq!(token.status, 201, "{}", token.body);
+    let writer = token.json()["token"].as_str().unwrap().to_string();
+    // Batches of 20 events over HTTP; every third without its optional `items`.
+    let post = |batch: usize| {
+        let events: Vec<_> = (batch * 20 + 1..=batch * 20 + 20)
+            .map(|i| {
+                let mut e = json!({"parcel_id": format!("P{i}"), "warehouse": "BER"});
+                if i % 3 != 0 {
+                    e["items"] = json!(i % 7 + 1);
+                }
+                e
+            })
+            .collect();
+        let a = curl(
+            api,
+            "POST",
+            "/event-types/parcel.packed/events",
+            Some(&writer),
+            Some(&body(&json!(events))),
+            &[],
+        );
+        assert_eq!(a.status, 200, "{}", a.body);
+    };
+    post(0);
+    post(1);
+    let warehouse = pg.dir.join("lake");
+    let port = loopback_port();
+    // The registry is the event API's database (ingest.dsn), not the catalog's.
+    let config = format!(
+        "{}\n[ingest]\ndsn = \"host=127.0.0.1 port={} user=postgres dbname=registry\"\n",
+        lake_config(
+            &pg,
+            &broker,
+            &format!("warehouse = \"{}\"", warehouse.display()),
+            "saiki-lake",
+            port
+        ),
+        pg.port
+    );
+    let mut lake = Relay::start_lake(&pg.dir, &config, port);
+    wait_first_commit(&lake);
+    lake.kill9();
+    post(2);
+    post(3);
+    post(4);
+    lake = Relay::start_lake(&pg.dir, &config, port);
+    let uri = format!("postgresql+psycopg2://postgres@127.0.0.1:{}/ods", pg.port);
+    let events = wait_rows_in(&uri, "saiki.ev_parcel_packed", "eid", 100, &lake);
+    assert_eq!(events["dup"], 0, "an event twice: {events}");
+    assert_eq!(events["actions"], json!({"E": 100}), "{events}");
+    let types = &events["types"];
+    assert_eq!(
+        (
+            &types["parcel_id"],
+            &types["received_at"],
+            &types["schema_version"],
+            &types["items"]
+        ),
+        (
+            &json!("string"),
+            &json!("timestamptz"),
+            &json!("int"),
+            &json!("string")
+        ),
+        "numbers of JSON Schema stay exact, as strings: {events}"
+    );
+    // Every parcel once, with its items where it had them (columns: the properties, then
+    // eid, occurred_at, received_at, flow_id, schema_version).
+    let rows: Vec<Vec<Option<String>>> = serde_json::from_value(events["state"].clone()).unwrap();
+    let mut parcels: Vec<(String, Option<String>)> = rows
+        .iter()
+        .map(|r| (r[0].clone().unwrap(), r[2].clone()))
+        .collect();
+    parcels.sort();
+    let mut want: Vec<(String, Option<String>)> = (1..=100)
+        .map(|i| {
+            (
+                format!("P{i}"),
+                (i % 3 != 0).then(|| (i % 7 + 1).to_string()),
+            )
+        })
+        .collect();
+    want.sort();
+    assert_eq!(parcels, want);
+    assert!(
+        rows.iter().all(|r| r[7].as_deref() == Some("1")),
+        "schema_version 1: {rows:?}"
+    );
 }

@@ -115,6 +115,16 @@ fn the_demo_streams_changes_into_the_ods_and_leaves_nothing_running() {
         .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
         .unwrap_or(0);
     assert!(lake_orders > 10, "orders in the lake:\n{stdout}");
+    // docs/lake.md's current-state query, run by DuckDB on the orders' change log.
+    let current = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("[demo] lake (DuckDB): "))
+        .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        current > 10,
+        "the orders' current state in DuckDB:\n{stdout}"
+    );
     let left = Command::new("pgrep")
         .args(["-f", "saiki-demo"])
         .output()
