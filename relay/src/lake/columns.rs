@@ -105,6 +105,14 @@ pub(crate) fn event_pg_type(pg: &str) -> &str {
     }
 }
 
+/// A JSON value kept as its JSON text (a string column), `null` as null.
+pub(crate) fn json_cell(raw: &str) -> Cell {
+    match raw.trim() {
+        "null" => Cell::Null,
+        json => Cell::Str(json.to_string()),
+    }
+}
+
 /// Reads a record's raw JSON value as the column's type; `Err` says why it cannot be.
 pub(crate) fn cell(raw: &str, ty: &PrimitiveType) -> Result<Cell, String> {
     let raw = raw.trim();

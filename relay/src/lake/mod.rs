@@ -630,7 +630,12 @@ impl Session<'_> {
                 None => "null",
             };
             let (idx, ty) = t.column(col, || Some(columns::event_pg_type(pg)));
-            let cell = columns::cell(raw, ty).map_err(|e| format!("{name}.{col}: {e}"))?;
+            let cell = if pg == "jsonb" {
+                // JSON stays JSON: a string keeps its quotes ("5" is not 5).
+                columns::json_cell(raw)
+            } else {
+                columns::cell(raw, ty).map_err(|e| format!("{name}.{col}: {e}"))?
+            };
             row.cells.push((idx, cell));
         }
         self.round_bytes += row.size();

@@ -187,14 +187,14 @@ impl Warehouse {
         match written {
             Ok(()) => {
                 if let Err(e) = io.delete(&probe).await {
-                    warn!(%probe, error = %e, "the warehouse's probe file could not be deleted: the lake needs no deletes yet, snapshot expiry will");
+                    warn!(%probe, error = %e, "the warehouse's probe file could not be deleted: housekeeping (snapshot expiry) needs s3:DeleteObject");
                 }
                 Ok(())
             }
             Err(e) => match refusal(&e) {
                 Some(why) => Err(RelayError::Lake {
                     message: format!(
-                        "the warehouse {url} cannot be written ({why}: {e}): create bucket {bucket:?} and give the relay's credentials s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket there, or set lake.warehouse"
+                        "the warehouse {url} cannot be written ({why}: {e}): create bucket {bucket:?} in lake.s3_region, give the relay credentials (lake.s3_access_key_id or the AWS defaults) with s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket there, or set lake.warehouse"
                     ),
                     transient: false,
                 }),
@@ -204,9 +204,111 @@ impl Warehouse {
     }
 }
 
+/// The catalog as a commit of marks sees it. iceberg's `Transaction::commit` loads the table
+/// again and, if another lake relay committed meanwhile, applies the append to the newer
+/// snapshot with the snapshot properties it was given: our marks, computed from the older
+/// one, would undo the other relay's marks of its partitions (and a restart of that relay
+/// would then write its messages twice). Here `load_table` of the table being committed
+/// answers the table the marks came from, so nothing is applied to another snapshot: the
+/// catalog's own check of the base snapshot refuses the commit as a conflict, and
+/// `Catalog::commit` reads the marks again. Everything else goes to the catalog.
+#[derive(Debug)]
+struct Pinned<'a> {
+    catalog: &'a SqlCatalog,
+    table: &'a iceberg::table::Table,
+}
+
+#[async_trait::async_trait]
+impl iceberg::Catalog for Pinned<'_> {
+    async fn list_namespaces(
+        &self,
+        parent: Option<&NamespaceIdent>,
+    ) -> iceberg::Result<Vec<NamespaceIdent>> {
+        self.catalog.list_namespaces(parent).await
+    }
+    async fn create_namespace(
+        &self,
+        namespace: &NamespaceIdent,
+        properties: HashMap<String, String>,
+    ) -> iceberg::Result<iceberg::Namespace> {
+        self.catalog.create_namespace(namespace, properties).await
+    }
+    async fn get_namespace(
+        &self,
+        namespace: &NamespaceIdent,
+    ) -> iceberg::Result<iceberg::Namespace> {
+        self.catalog.get_namespace(namespace).await
+    }
+    async fn namespace_exists(&self, namespace: &NamespaceIdent) -> iceberg::Result<bool> {
+        self.catalog.namespace_exists(namespace).await
+    }
+    async fn update_namespace(
+        &self,
+        namespace: &NamespaceIdent,
+        properties: HashMap<String, String>,
+    ) -> iceberg::Result<()> {
+        self.catalog.update_namespace(namespace, properties).await
+    }
+    async fn drop_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<()> {
+        self.catalog.drop_namespace(namespace).await
+    }
+    async fn list_tables(&self, namespace: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
+        self.catalog.list_tables(namespace).await
+    }
+    async fn create_table(
+        &self,
+        namespace: &NamespaceIdent,
+        creation: TableCreation,
+    ) -> iceberg::Result<iceberg::table::Table> {
+        self.catalog.create_table(namespace, creation).await
+    }
+    async fn load_table(&self, table: &TableIdent) -> iceberg::Result<iceberg::table::Table> {
+        if table == self.table.identifier() {
+            Ok(self.table.clone())
+        } else {
+            self.catalog.load_table(table).await
+        }
+    }
+    async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.catalog.drop_table(table).await
+    }
+    async fn purge_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.catalog.purge_table(table).await
+    }
+    async fn table_exists(&self, table: &TableIdent) -> iceberg::Result<bool> {
+        self.catalog.table_exists(table).await
+    }
+    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> iceberg::Result<()> {
+        self.catalog.rename_table(src, dest).await
+    }
+    async fn register_table(
+        &self,
+        table: &TableIdent,
+        metadata_location: String,
+    ) -> iceberg::Result<iceberg::table::Table> {
+        self.catalog.register_table(table, metadata_location).await
+    }
+    async fn update_table(
+        &self,
+        commit: iceberg::TableCommit,
+    ) -> iceberg::Result<iceberg::table::Table> {
+        self.catalog.update_table(commit).await
+    }
+}
+
 /// How often a table's snapshots are looked at for expiry: every `retention`, at most hourly.
 fn expiry_every(retention: Duration) -> Duration {
     retention.min(Duration::from_secs(3600))
+}
+
+/// The snapshots of a table's history (oldest first) that stopped being current before
+/// `cutoff_ms`: their successor became current then. The last one is current and stays.
+fn replaced_before(history: &[iceberg::spec::SnapshotLog], cutoff_ms: i64) -> Vec<i64> {
+    history
+        .windows(2)
+        .filter(|w| w[1].timestamp_ms < cutoff_ms)
+        .map(|w| w[0].snapshot_id)
+        .collect()
 }
 
 /// The metadata files `before` knew (its log and its own) that `after` no longer does.
@@ -241,6 +343,9 @@ fn refusal(e: &iceberg::Error) -> Option<&'static str> {
                 }
                 opendal::ErrorKind::NotFound => Some("not found"),
                 opendal::ErrorKind::ConfigInvalid => Some("invalid configuration"),
+                // Anything else the store answered and opendal would not retry (a bucket of
+                // another region, a request that cannot be signed without credentials).
+                _ if o.is_permanent() => Some("refused"),
                 _ => None,
             };
         }
@@ -469,7 +574,11 @@ impl Catalog {
                 .add_data_files(files.clone())
                 .set_snapshot_properties(props);
             let tx = action.apply(tx).map_err(|e| lake_err("append", e))?;
-            match tx.commit(&self.catalog).await {
+            let pinned = Pinned {
+                catalog: &self.catalog,
+                table: &table,
+            };
+            match tx.commit(&pinned).await {
                 Ok(committed) => {
                     ledger.committed(&name);
                     self.tidy(t, &table, committed, retention).await;
@@ -494,13 +603,14 @@ impl Catalog {
         }
     }
 
-    /// Housekeeping after a commit. Snapshots older than `retention` expire, at most once per
-    /// `expiry_every(retention)` and table, and their manifest lists are deleted. The current
+    /// Housekeeping after a commit. Snapshots that stopped being current more than `retention`
+    /// ago expire, at most once per `expiry_every(retention)` and table, and their manifest
+    /// lists are deleted: any point in time within `retention` keeps its snapshot. The current
     /// snapshot always stays, and with it the table's marks: an expiry never moves what the
     /// table holds. Metadata files that dropped out of the table's metadata log (Iceberg keeps
     /// the last 100) are deleted too. The data files stay, since fast appends never leave one
-    /// unreferenced. A failure here is logged and tried again at a later commit: it costs
-    /// storage, never a change.
+    /// unreferenced. A failed expiry is logged and tried again at a later commit; a file whose
+    /// delete fails is logged and left (it costs storage, never a change).
     async fn tidy(
         &self,
         t: &mut ChangeTable,
@@ -515,17 +625,27 @@ impl Catalog {
             .expired_at
             .is_none_or(|at| at.elapsed() >= expiry_every(retention));
         let meta = after.metadata();
-        let current = meta.current_snapshot_id();
-        if due
-            && meta
-                .snapshots()
-                .any(|s| s.timestamp_ms() < cutoff && Some(s.snapshot_id()) != current)
-        {
+        let expired_ids: Vec<i64> = if due {
+            // The log may still name snapshots expired before; only existing ones, never the
+            // current one.
+            replaced_before(meta.history(), cutoff)
+                .into_iter()
+                .filter(|id| {
+                    meta.snapshot_by_id(*id).is_some() && Some(*id) != meta.current_snapshot_id()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !expired_ids.is_empty() {
             t.expired_at = Some(Instant::now());
             let tx = Transaction::new(&after);
+            // By id only (no age cutoff): iceberg's own age rule counts from a snapshot's
+            // creation, which would expire the snapshot that was current a moment ago.
             let expire = tx
                 .expire_snapshots()
-                .expire_older_than_ms(cutoff)
+                .expire_snapshot_ids(expired_ids)
+                .expire_older_than_ms(i64::MIN)
                 .retain_last(1);
             let done = match expire.apply(tx) {
                 Ok(tx) => tx.commit(&self.catalog).await,
@@ -552,7 +672,7 @@ impl Catalog {
                     stale.extend(dropped_metadata(&after, &expired));
                 }
                 Err(e) => {
-                    warn!(error = %e, "expiring snapshots failed (another lake relay committed?): again later");
+                    warn!(error = %e, "expiring snapshots failed: tried again at a later commit");
                 }
             }
         }
@@ -778,6 +898,35 @@ mod tests {
             let e = Warehouse::from_config(&lake(bad)).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_snapshot_expires_once_its_successor_is_older_than_the_retention() {
+        let log = |v: &[(i64, i64)]| -> Vec<iceberg::spec::SnapshotLog> {
+            v.iter()
+                .map(|(id, ts)| iceberg::spec::SnapshotLog {
+                    snapshot_id: *id,
+                    timestamp_ms: *ts,
+                })
+                .collect()
+        };
+        // Snapshot 1 was replaced at 100, 2 at 200; 3 is current.
+        let h = log(&[(1, 10), (2, 100), (3, 200)]);
+        assert_eq!(replaced_before(&h, 150), vec![1]);
+        assert_eq!(
+            replaced_before(&h, 100),
+            Vec::<i64>::new(),
+            "strictly before"
+        );
+        assert_eq!(
+            replaced_before(&h, 1_000),
+            vec![1, 2],
+            "the current one stays"
+        );
+        // A current snapshot created long ago: its predecessor was current until now.
+        let h = log(&[(1, 10), (2, 20)]);
+        assert_eq!(replaced_before(&h, 15), Vec::<i64>::new());
+        assert!(replaced_before(&log(&[(1, 10)]), 1_000).is_empty());
     }
 
     #[test]
