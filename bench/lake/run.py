@@ -42,13 +42,6 @@ def timed(cmd, **kw):
     return out, s, w.cpu, w.hwm
 
 
-def result(out):
-    for line in out.splitlines():
-        if line.startswith("result "):
-            return dict(x.split("=", 1) for x in line.split()[1:])
-    raise SystemExit(f"no result line in {out!r}")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -74,7 +67,7 @@ def main():
 
         out, bare_s, bare_cpu, bare_rss = timed([HELPER, "consume", "--brokers", brokers, "--rows", str(args.rows),
                                                        "--fetch-wait-ms", args.fetch_wait_ms])
-        bare_bytes = int(result(out)["bytes"])
+        bare_bytes = int(sink_bench.results(out)["bare_consumer"]["bytes"])
 
         warehouse = os.path.join(bdir, "lake")
         port = relay_bench.free_port()
@@ -117,7 +110,7 @@ listen = "127.0.0.1:{port}"
         out, ref_s, ref_cpu, ref_rss = timed([sys.executable, os.path.join(HERE, "reference.py"), "--brokers", brokers,
                                               "--rows", str(args.rows), "--out", ref_dir,
                                               "--fetch-wait-ms", args.fetch_wait_ms])
-        ref = result(out)
+        ref = sink_bench.results(out)["reference"]
 
         from pyiceberg.catalog.sql import SqlCatalog
         cat = SqlCatalog("saiki", uri=f"postgresql+psycopg2://postgres@127.0.0.1:{c.port}/ods")

@@ -14,9 +14,15 @@
 //! property the schema requires.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use saiki_core::view::Fields;
 use serde_json::Value;
+
+/// The layouts of the event types met so far, by type and schema version; `Err`: why its
+/// events go to the dead-letter topic.
+pub(crate) type EventTables = HashMap<(String, i32), Result<Arc<EventTable>, String>>;
 
 /// The metadata columns of every event table: column, field of `metadata`, PostgreSQL type.
 pub(crate) const METADATA_COLUMNS: [(&str, &str, &str); 5] = [

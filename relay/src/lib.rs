@@ -23,6 +23,7 @@
 pub mod cli;
 pub(crate) mod config;
 pub(crate) mod error;
+pub(crate) mod event_registry;
 pub(crate) mod event_table;
 pub(crate) mod http;
 pub(crate) mod ingest;

@@ -28,11 +28,11 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::config::{KafkaConfig, LakeConfig};
 use crate::error::RelayError;
+use crate::event_registry::EventCatalog;
 use crate::event_table::{self, EventTable, METADATA_COLUMNS};
 use crate::kafka::{Kafka, TopicFilter};
 use crate::metrics::LakeMetrics;
 use crate::retry::{supervise, Supervised};
-use crate::sink::events::EventCatalog;
 use columns::{changes_table, Row};
 use held::{Held, StreamKey};
 use ledger::{Ledger, Tp};

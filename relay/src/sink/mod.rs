@@ -18,7 +18,6 @@
 //!   read); librdkafka's prefetch queue is bounded by its settings.
 
 pub(crate) mod batch;
-pub(crate) mod events;
 pub(crate) mod evolve;
 pub(crate) mod group;
 pub(crate) mod ods;
@@ -42,11 +41,11 @@ use tracing::{debug, error, info, info_span, warn};
 
 use crate::config::{KafkaConfig, SinkConfig};
 use crate::error::RelayError;
+use crate::event_registry::EventCatalog;
 use crate::kafka::{Kafka, TopicFilter};
 use crate::metrics::SinkMetrics;
 use crate::retry::{supervise, Supervised};
 use crate::sink::batch::{Applied, Applier, Done};
-use crate::sink::events::EventCatalog;
 use crate::sink::evolve::SchemaLog;
 use crate::sink::group::GroupWatch;
 use crate::sink::ods::{ApplyError, Ods};

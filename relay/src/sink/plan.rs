@@ -12,7 +12,6 @@
 //! property test).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use indexmap::IndexMap;
@@ -21,7 +20,8 @@ use saiki_core::view::{Fields, RecordView, Types};
 use saiki_core::Lsn;
 use serde_json::value::RawValue;
 
-use crate::event_table::{event_parts, EventTable, METADATA_COLUMNS};
+pub(crate) use crate::event_table::EventTables;
+use crate::event_table::{event_parts, METADATA_COLUMNS};
 use crate::sink::evolve::SchemaLog;
 use crate::sink::stream::{StreamOps, Taken};
 
@@ -38,11 +38,6 @@ pub(crate) struct Msg<'a> {
     pub(crate) key: Option<&'a [u8]>,
     pub(crate) payload: Option<&'a [u8]>,
 }
-
-/// The ODS tables of the event types the sink has met, by event type and schema version
-/// (`Err`: why that version cannot be materialized). Loaded from the event API's registry
-/// before a batch is planned (`sink/events.rs`).
-pub(crate) type EventTables = HashMap<(String, i32), Result<Arc<EventTable>, String>>;
 
 /// JSON `null`, for the columns an event leaves out.
 fn json_null() -> &'static RawValue {

@@ -1,7 +1,7 @@
-//! The sink's view of the event API's registry (`ingest.dsn`, `saiki_ingest`): for each event
-//! type and schema version the sink meets, the ODS table its events go to
-//! ([`crate::event_table::layout`]). Read once per version, before the batch that first holds
-//! it is planned; the planner only looks the layouts up.
+//! The event API's registry (`ingest.dsn`, `saiki_ingest`) as its readers see it, the sink and
+//! the lake: for each event type and schema version they meet, the table its events go to
+//! ([`crate::event_table::layout`]). Read once per version, before the first event of it is
+//! planned or written; after that the layouts are only looked up.
 
 use std::sync::Arc;
 
@@ -11,7 +11,7 @@ use tracing::info;
 
 use crate::error::RelayError;
 use crate::event_table;
-use crate::sink::plan::EventTables;
+use crate::event_table::EventTables;
 
 const SELECT_VERSION: &str = "SELECT s.schema::text, t.key
  FROM saiki_ingest.schemas s JOIN saiki_ingest.event_types t ON t.name = s.event_type
