@@ -8,7 +8,8 @@
 # those events in the ODS table ods.ev_parcel_packed, and the change rows `saiki-relay lake`
 # committed to Apache Iceberg change-log tables (read back with PyIceberg at the end). Four
 # seconds in, a migration adds a column with a default at the source; the ODS follows it, the
-# rows from before included.
+# rows from before included. Fourteen seconds in, the slot is lost (as a failover loses it)
+# while orders are deleted; the relay resyncs and the sink sweeps the deleted orders.
 #
 #   scripts/demo.sh                 run until Ctrl-C, then stop everything it started
 #   scripts/demo.sh --seconds 30    run for 30 seconds (headless)
@@ -175,6 +176,7 @@ brokers = "127.0.0.1:$KAFKA_PORT"
 listen = "127.0.0.1:$LAKE_HTTP_PORT"
 TOML
 "$RELAY" --config "$DIR/relay.toml" source >/dev/null 2>"$DIR/relay.log" &
+SOURCE_PID=$!
 PIDS+=($!)
 "$RELAY" --config "$DIR/sink.toml" sink >/dev/null 2>"$DIR/sink.log" &
 PIDS+=($!)
@@ -221,7 +223,10 @@ echo "[demo] lake: Iceberg tables in $DIR/lake, SQL catalog \"saiki\" in the ODS
 echo "[demo] ODS: postgres://postgres@127.0.0.1:$PORT/ods, schema ods; Ctrl-C stops everything"
 printf '%7s %10s %10s %12s %10s %12s %12s %10s %11s %10s %10s %10s\n' "time" "changes" "changes/s" "kafka acked" "slot lag" "ODS orders" "fresh p50" "events" "ODS events" "streamed" "ODS prices" "lake rows"
 metric() { curl -s "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v m="$2" '$1 ~ "^"m"\\{" {print $2}'; }
-start=$(date +%s); prev=0; migrated=0; batch=0
+metric0() { local v; v=$(metric "$1" "$2"); echo "${v:-0}"; }
+start=$(date +%s); prev=0; migrated=0; batch=0; lost=0; gone=""
+# The source relay's counters up to its restart (the lost slot below), so the columns go on.
+base_n=0; base_acked=0; base_streamed=0
 while :; do
   sleep 2
   now=$(date +%s); el=$((now - start))
@@ -246,8 +251,31 @@ while :; do
     echo "[demo] batch job at the source: 20000 price_history rows in one transaction, committed 3 s later"
     batch=1
   fi
-  n=$(metric "$HTTP_PORT" saiki_source_changes_total); n=${n:-0}
-  acked=$(metric "$HTTP_PORT" saiki_source_messages_produced_total)
+  if [ "$lost" = 0 ] && [ "$el" -ge 14 ]; then
+    # The slot is lost, as a failover to a standby loses it: the relay is stopped, a DBA drops
+    # its slot, and orders are deleted meanwhile. The restarted relay finds the slot gone
+    # (saiki.slot_origins says it had one), resyncs every table, and the sink sweeps the rows
+    # the resync no longer finds (docs/operations.md, "A primary failover").
+    base_n=$((base_n + $(metric0 "$HTTP_PORT" saiki_source_changes_total)))
+    base_acked=$((base_acked + $(metric0 "$HTTP_PORT" saiki_source_messages_produced_total)))
+    base_streamed=$((base_streamed + $(metric0 "$HTTP_PORT" saiki_source_streamed_records_total)))
+    kill -TERM "$SOURCE_PID" 2>/dev/null || true
+    wait "$SOURCE_PID" 2>/dev/null || true
+    for _ in $(seq 50); do
+      "$PG_BIN/psql" -X -q -o /dev/null -c "SELECT saiki.drop_slot('saiki_demo')" 2>/dev/null && break
+      sleep 0.2
+    done
+    gone=$("$PG_BIN/psql" -X -q -t -A \
+      -c "DELETE FROM order_items WHERE order_id IN (SELECT id FROM orders ORDER BY id LIMIT 5)" \
+      -c "DELETE FROM orders WHERE id IN (SELECT id FROM orders ORDER BY id LIMIT 5) RETURNING id" | paste -sd, -)
+    "$RELAY" --config "$DIR/relay.toml" source >/dev/null 2>>"$DIR/relay.log" &
+    SOURCE_PID=$!
+    PIDS+=($!)
+    echo "[demo] lost slot: relay stopped, slot dropped, orders $gone deleted meanwhile; the relay restarts and resyncs"
+    lost=1
+  fi
+  n=$((base_n + $(metric0 "$HTTP_PORT" saiki_source_changes_total)))
+  acked=$((base_acked + $(metric0 "$HTTP_PORT" saiki_source_messages_produced_total)))
   lag=$("$PG_BIN/psql" -X -t -A -c "SELECT saiki.lag('saiki_demo')" 2>/dev/null || echo "?")
   # Rows in the ODS, and commit -> ODS time of the orders applied in the last two seconds
   # (an order's created time is its transaction's start, a moment before its commit).
@@ -255,7 +283,7 @@ while :; do
   fresh=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT coalesce(round(1000 * extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY _saiki_applied_at - created)))::text || 'ms', '-') FROM ods.orders WHERE _saiki_applied_at > now() - interval '2 s'" 2>/dev/null || echo "-")
   events=$(metric "$INGEST_HTTP_PORT" saiki_ingest_events_published_total)
   ods_events=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.ev_parcel_packed" 2>/dev/null || echo 0)
-  streamed=$(metric "$HTTP_PORT" saiki_source_streamed_records_total)
+  streamed=$((base_streamed + $(metric0 "$HTTP_PORT" saiki_source_streamed_records_total)))
   prices=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.price_history" 2>/dev/null || echo 0)
   lake=$(metric "$LAKE_HTTP_PORT" saiki_lake_rows_written_total)
   printf '%6ss %10s %10s %12s %10s %12s %12s %10s %11s %10s %10s %10s\n' "$el" "$n" "$(( (n - prev) / 2 ))" "${acked:-?}" "$lag" "${rows:-0}" "${fresh:--}" "${events:-0}" "${ods_events:-0}" "${streamed:-0}" "${prices:-0}" "${lake:-0}"
@@ -290,6 +318,12 @@ except Exception as e:
     print(f"[demo] lake (DuckDB): {e}")
 PY
     echo "[demo] batch job: ${streamed:-0} rows sent to Kafka as a streamed transaction, most before its commit; ODS price_history: ${prices:-0} rows (of 20000), applied at its commit"
+    if [ "$lost" = 1 ]; then
+      resync=$("$PG_BIN/psql" -X -t -A -c "SELECT state || ', ' || tables_done || '/' || tables || ' tables' FROM saiki.resyncs WHERE slot_name = 'saiki_demo'" 2>/dev/null || echo "?")
+      swept=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT coalesce(sum(rows), 0) FROM saiki_sink.sweeps WHERE ods_table = 'orders'" 2>/dev/null || echo "?")
+      left=$("$PG_BIN/psql" -X -t -A -d ods -c "SELECT count(*) FROM ods.orders WHERE id IN (${gone:-0})" 2>/dev/null || echo "?")
+      echo "[demo] lost slot: resync ${resync:-not recorded}; the sink swept ${swept} orders; orders deleted while the slot was gone still in the ODS: ${left}"
+    fi
     break
   fi
 done

@@ -14,7 +14,9 @@ GRANT CONNECT ON DATABASE :"db" TO saiki_relay;
 GRANT USAGE ON SCHEMA saiki TO saiki_relay;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA saiki TO saiki_relay;
 -- Snapshots (issue #6): progress in saiki.snapshots, and reading the captured tables.
-GRANT SELECT, INSERT, UPDATE ON saiki.snapshots TO saiki_relay;
+GRANT SELECT, INSERT, UPDATE ON saiki.snapshots, saiki.slot_origins TO saiki_relay;
+-- What `saiki-relay status` reads: snapshot progress and resyncs after a failover (issue #14).
+GRANT SELECT ON saiki.snapshot_progress, saiki.resyncs TO saiki_relay;
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO saiki_relay;
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO saiki_relay;
 -- A logical replication connection (replication=database) is matched by pg_hba.conf lines of

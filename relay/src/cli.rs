@@ -396,19 +396,21 @@ async fn request_snapshots(dsn: &str, slot: &str, tables: &[String]) -> Result<(
 /// Prints the status; true when every relay is healthy and ready.
 async fn status(dsn: Option<&str>, relays: &[String], json: bool) -> Result<bool, RelayError> {
     use crate::status::{render, slots, RelayStatus};
-    let (slots, snapshots) = match dsn {
-        Some(d) => {
-            let (s, n) = slots(d).await?;
-            (Some(s), n)
-        }
-        None => (None, Vec::new()),
+    let db = match dsn {
+        Some(d) => Some(slots(d).await?),
+        None => None,
     };
     let relays = futures::future::join_all(relays.iter().map(|r| RelayStatus::fetch(r))).await;
     if json {
-        let v = serde_json::json!({ "slots": slots, "snapshots": snapshots, "relays": relays });
+        let v = serde_json::json!({
+            "slots": db.as_ref().map(|d| &d.slots),
+            "snapshots": db.as_ref().map_or(&[][..], |d| &d.snapshots[..]),
+            "resyncs": db.as_ref().map_or(&[][..], |d| &d.resyncs[..]),
+            "relays": relays,
+        });
         println!("{v}");
     } else {
-        print!("{}", render(slots.as_deref(), &snapshots, &relays));
+        print!("{}", render(db.as_ref(), &relays));
     }
     Ok(relays.iter().all(|r| r.healthy && r.ready))
 }

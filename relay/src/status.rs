@@ -44,6 +44,28 @@ pub(crate) struct SnapshotStatus {
     pub(crate) error: Option<String>,
 }
 
+/// A slot's last resync after it lost changes (`saiki.resyncs`, issue #14).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ResyncStatus {
+    pub(crate) slot: String,
+    pub(crate) at: Option<String>,
+    pub(crate) reason: Option<String>,
+    /// Where its sweep starts (rows last changed before it and not read again go).
+    pub(crate) before: Option<String>,
+    pub(crate) state: String,
+    pub(crate) tables: Option<i64>,
+    pub(crate) tables_done: Option<i64>,
+    pub(crate) tables_failed: Option<i64>,
+}
+
+/// What the database at a status DSN says: its slots, snapshots and resyncs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct DatabaseStatus {
+    pub(crate) slots: Vec<SlotStatus>,
+    pub(crate) snapshots: Vec<SnapshotStatus>,
+    pub(crate) resyncs: Vec<ResyncStatus>,
+}
+
 /// What one relay reports about itself.
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct RelayStatus {
@@ -250,8 +272,9 @@ async fn get(addr: &str, path: &str) -> Result<(u16, String), String> {
         .unwrap_or_else(|_| Err(format!("{path}: no answer within {RELAY_TIMEOUT:?}")))
 }
 
-/// The slots of the database at `dsn`, and its snapshots (with the extension).
-pub(crate) async fn slots(dsn: &str) -> Result<(Vec<SlotStatus>, Vec<SnapshotStatus>), RelayError> {
+/// The slots of the database at `dsn`, and its snapshots and resyncs (with the extension;
+/// resyncs with 0.3.0).
+pub(crate) async fn slots(dsn: &str) -> Result<DatabaseStatus, RelayError> {
     let d = crate::pg::dsn::Dsn::parse(dsn).map_err(|e| RelayError::Config(format!("dsn: {e}")))?;
     let mut conn = crate::pg::PgConn::connect(&d, false, "").await?;
     let has_ext = !conn
@@ -285,6 +308,29 @@ pub(crate) async fn slots(dsn: &str) -> Result<(Vec<SlotStatus>, Vec<SnapshotSta
     } else {
         Vec::new()
     };
+    let resyncs = if has_ext {
+        conn.simple_query("SELECT slot_name, resync_at::text, resync_reason, resync_before::text, state, tables, tables_done, tables_failed FROM saiki.resyncs")
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| {
+                let text = |i: usize| r.get(i).cloned().flatten();
+                let int = |i: usize| text(i).and_then(|v| v.parse().ok());
+                ResyncStatus {
+                    slot: text(0).unwrap_or_default(),
+                    at: text(1),
+                    reason: text(2),
+                    before: text(3),
+                    state: text(4).unwrap_or_default(),
+                    tables: int(5),
+                    tables_done: int(6),
+                    tables_failed: int(7),
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let slots = rows
         .into_iter()
         .map(|r| {
@@ -304,7 +350,11 @@ pub(crate) async fn slots(dsn: &str) -> Result<(Vec<SlotStatus>, Vec<SnapshotSta
             }
         })
         .collect();
-    Ok((slots, snapshots))
+    Ok(DatabaseStatus {
+        slots,
+        snapshots,
+        resyncs,
+    })
 }
 
 /// Columns padded to their widest cell, two spaces apart.
@@ -357,12 +407,12 @@ fn millis(s: Option<f64>) -> String {
 
 /// The terminal form: the slot table (when a database was asked), its snapshots, then the
 /// relay table.
-pub(crate) fn render(
-    slots: Option<&[SlotStatus]>,
-    snapshots: &[SnapshotStatus],
-    relays: &[RelayStatus],
-) -> String {
+pub(crate) fn render(db: Option<&DatabaseStatus>, relays: &[RelayStatus]) -> String {
     let mut out = String::new();
+    let (slots, snapshots, resyncs) = match db {
+        Some(d) => (Some(&d.slots[..]), &d.snapshots[..], &d.resyncs[..]),
+        None => (None, &[][..], &[][..]),
+    };
     if let Some(slots) = slots {
         let opt = |v: &Option<String>| v.clone().unwrap_or_default();
         let rows: Vec<Vec<String>> = slots
@@ -427,6 +477,42 @@ pub(crate) fn render(
                 "estimated",
                 "done",
                 "error",
+            ],
+            &rows,
+        ));
+    }
+    if !resyncs.is_empty() {
+        out.push('\n');
+        let num = |v: Option<i64>| v.map_or(String::new(), |n| n.to_string());
+        let rows: Vec<Vec<String>> = resyncs
+            .iter()
+            .map(|r| {
+                vec![
+                    r.slot.clone(),
+                    r.state.clone(),
+                    format!(
+                        "{}/{}{}",
+                        num(r.tables_done),
+                        num(r.tables),
+                        match r.tables_failed.filter(|n| *n > 0) {
+                            Some(n) => format!(" ({n} failed)"),
+                            None => String::new(),
+                        }
+                    ),
+                    r.before.clone().unwrap_or_else(|| "-".into()),
+                    r.at.clone().unwrap_or_default(),
+                    r.reason.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "resync of slot",
+                "state",
+                "tables",
+                "sweeps before",
+                "since",
+                "why",
             ],
             &rows,
         ));
@@ -586,7 +672,7 @@ mod tests {
         assert_eq!(s.name.as_deref(), Some("shard1"));
         assert_eq!(s.lag_bytes, Some(4000));
         assert_eq!(s.freshness_p50, None);
-        let text = render(None, &[], &[s]);
+        let text = render(None, &[s]);
         assert!(text.starts_with("relay"), "{text}");
         assert!(text.contains("3.9 kB"), "{text}");
     }
@@ -600,7 +686,7 @@ mod tests {
         let s = RelayStatus::from_metrics("http://x", &m.render());
         assert_eq!(s.role.as_deref(), Some("ingest"));
         assert_eq!((s.changes_total, s.errors_total), (Some(42), Some(1)));
-        assert!(render(None, &[], &[s]).contains("ingest"));
+        assert!(render(None, &[s]).contains("ingest"));
     }
 
     #[test]
@@ -612,10 +698,37 @@ mod tests {
         let s = RelayStatus::from_metrics("http://x", &m.render());
         assert_eq!(s.role.as_deref(), Some("lake"));
         assert_eq!((s.changes_total, s.lag_messages), (Some(1000), Some(7)));
-        assert!(render(None, &[], &[s]).contains("no commit to the lake yet"));
+        assert!(render(None, &[s]).contains("no commit to the lake yet"));
         m.last_commit
             .store(saiki_core::time::unix_micros_now() as u64 - 3_000_000, o);
         let s = RelayStatus::from_metrics("http://x", &m.render());
-        assert!(render(None, &[], &[s]).contains("last lake commit 3s ago"));
+        assert!(render(None, &[s]).contains("last lake commit 3s ago"));
+    }
+
+    #[test]
+    fn a_resync_shows_with_its_progress_its_sweep_and_why() {
+        let db = DatabaseStatus {
+            resyncs: vec![ResyncStatus {
+                slot: "saiki_shard1".into(),
+                at: Some("2026-12-07 20:00:00+00".into()),
+                reason: Some("the slot was missing and has been created anew".into()),
+                before: Some("0/3000000".into()),
+                state: "running".into(),
+                tables: Some(3),
+                tables_done: Some(1),
+                tables_failed: Some(1),
+            }],
+            ..Default::default()
+        };
+        let text = render(Some(&db), &[]);
+        assert!(text.contains("resync of slot"), "{text}");
+        assert!(
+            text.contains("saiki_shard1")
+                && text.contains("running")
+                && text.contains("1/3 (1 failed)")
+                && text.contains("0/3000000")
+                && text.contains("created anew"),
+            "{text}"
+        );
     }
 }

@@ -64,6 +64,11 @@ pub enum Action {
     /// `changes`, `renamed`, `shape` (docs/plugin.md, "Schema changes").
     #[serde(rename = "L")]
     SchemaChange,
+    /// The end of a resync's snapshot of a table, in every partition of its topic (written by
+    /// the source relay, not the plugin): the rows of this source that the snapshot did not
+    /// read and no change since `sweep.before` touched are gone at the source (issue #14).
+    #[serde(rename = "W")]
+    Sweep,
 }
 
 impl Action {
@@ -82,6 +87,7 @@ impl Action {
             Action::StreamStop => b'E',
             Action::StreamAbort => b'A',
             Action::SchemaChange => b'L',
+            Action::Sweep => b'W',
         }
     }
 }
@@ -93,6 +99,14 @@ pub struct Truncate {
     pub tables: Vec<(String, String)>,
     pub cascade: bool,
     pub restart_identity: bool,
+}
+
+/// The `sweep` object of a `W` record: the resync started at `before` (the new slot's
+/// starting point), and the topic had `partitions` partitions, each of which gets the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sweep {
+    pub before: Lsn,
+    pub partitions: i32,
 }
 
 /// One change record. Optional keys are absent from the JSON when `None`.
@@ -153,6 +167,9 @@ pub struct Record {
     pub shape: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// `W`: where the resync started and how many partitions get the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<Sweep>,
     /// Added by the source relay: the configured source name (e.g. the shard).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,

@@ -73,6 +73,9 @@ pub struct RecordView<'a, F = &'a RawValue> {
     pub content: Option<&'a RawValue>,
     #[serde(default)]
     pub truncate: Option<TruncateView>,
+    /// A `W` record's resync start and partition count.
+    #[serde(default)]
+    pub sweep: Option<crate::record::Sweep>,
 }
 
 fn none<F>() -> Option<F> {

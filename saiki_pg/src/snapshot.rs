@@ -279,12 +279,17 @@ CREATE TABLE saiki.snapshots (
     requested_at  timestamptz NOT NULL DEFAULT now(),
     started_at    timestamptz,
     finished_at   timestamptz,
+    -- A resync's snapshot (issue #14): at its end the sink deletes the ODS rows of this
+    -- source and table that the snapshot did not read and that no change since this
+    -- position touched (they were deleted while the slot was lost). NULL: a plain snapshot.
+    sweep_before  pg_lsn,
     PRIMARY KEY (slot_name, table_name)
 );
 SELECT pg_catalog.pg_extension_config_dump('saiki.snapshots', '');
 
 -- Asks the relay of slot `slot` to snapshot `tbl` (again, if it was done): harmless while the
--- table is written, since the sink never lets a snapshot row overwrite a newer change.
+-- table is written, since the sink never lets a snapshot row overwrite a newer change. Asked
+-- again before a resync's snapshot of it is done, the table keeps that resync's sweep.
 CREATE FUNCTION saiki.request_snapshot(slot name, tbl regclass) RETURNS void
 LANGUAGE sql VOLATILE AS $fn$
     INSERT INTO saiki.snapshots AS s (slot_name, table_name, rows_estimated)
@@ -294,7 +299,9 @@ LANGUAGE sql VOLATILE AS $fn$
     ON CONFLICT (slot_name, table_name) DO UPDATE
     SET state = 'requested', after_key = NULL, chunks_done = 0, rows_done = 0, error = NULL,
         rows_estimated = excluded.rows_estimated, requested_at = now(),
-        started_at = NULL, finished_at = NULL;
+        started_at = NULL, finished_at = NULL,
+        -- A resync's sweep still to come stays with the table (issue #14).
+        sweep_before = CASE WHEN s.state <> 'done' THEN s.sweep_before END;
 $fn$;
 
 -- Progress of every snapshot, for DBAs and `saiki-relay status`.
@@ -305,6 +312,40 @@ SELECT slot_name, table_name, state, rows_done, rows_estimated,
        END AS percent,
        chunks_done, error, requested_at, started_at, finished_at
 FROM saiki.snapshots ORDER BY slot_name, table_name;
+
+-- Where each relay's slot was created: the server (system identifier, timeline) and the
+-- slot's starting point, written by the relay. A standby has these rows from its primary, so
+-- a relay that finds its slot missing after a promotion knows that it streamed from it
+-- before, and that the changes between its last confirmed position and the new slot were
+-- never decoded: it resyncs (docs/operations.md, "A primary failover"), and records here
+-- when, why, and from which position its sweep deletes. Delete a slot's row to have a
+-- deliberately dropped slot created anew without a resync.
+CREATE TABLE saiki.slot_origins (
+    slot_name         name        PRIMARY KEY,
+    system_identifier text        NOT NULL,
+    timeline          int         NOT NULL,
+    created_lsn       pg_lsn,
+    recorded_at       timestamptz NOT NULL DEFAULT now(),
+    resync_at         timestamptz,
+    resync_reason     text,
+    resync_before     pg_lsn
+);
+SELECT pg_catalog.pg_extension_config_dump('saiki.slot_origins', '');
+
+-- The last resync of each slot, for DBAs and `saiki-relay status`: why, and how far its
+-- snapshots are (the tables requested with it and not asked for again since).
+CREATE VIEW saiki.resyncs AS
+SELECT o.slot_name, o.resync_at, o.resync_reason, o.resync_before,
+       CASE WHEN count(*) FILTER (WHERE s.state IN ('requested', 'running')) > 0
+            THEN 'running' ELSE 'done' END AS state,
+       count(s.table_name) AS tables,
+       count(*) FILTER (WHERE s.state = 'done') AS tables_done,
+       count(*) FILTER (WHERE s.state = 'failed') AS tables_failed
+FROM saiki.slot_origins o
+LEFT JOIN saiki.snapshots s ON s.slot_name = o.slot_name AND s.requested_at = o.resync_at
+WHERE o.resync_at IS NOT NULL
+GROUP BY o.slot_name, o.resync_at, o.resync_reason, o.resync_before
+ORDER BY o.slot_name;
 
 -- Watermarks are the relay's: a role that could write them could confuse a running snapshot.
 REVOKE EXECUTE ON FUNCTION saiki.snapshot_watermark(text) FROM PUBLIC;

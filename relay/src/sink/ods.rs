@@ -29,7 +29,8 @@ use crate::pg::quote::{ident, literal};
 use crate::sink::evolve::{SchemaLog, Step};
 use crate::sink::plan::{self, ColumnKind, NetRow, Op, SchemaChange, TablePlan};
 use crate::sink::statements::{
-    delete_truncated, TableStatements, RAISE_WATERMARK, READ_WATERMARKS, RECORD_TRUNCATION,
+    delete_truncated, TableStatements, RAISE_WATERMARK, READ_WATERMARKS, RECORD_SWEEP,
+    RECORD_TRUNCATION, SWEPT,
 };
 use saiki_core::Lsn;
 
@@ -38,7 +39,7 @@ pub(crate) use crate::sink::statements::{APPLIED_COL, LSN_COL, SEQ_COL, SOURCE_C
 
 /// The bookkeeping tables with rows per ODS table and source that go with the table (renamed
 /// with it, dropped with it); `saiki_sink.schema_changes` is renamed too, but kept on a drop.
-const PER_TABLE_BOOKKEEPING: [&str; 3] = ["watermarks", "truncations", "tombstones"];
+const PER_TABLE_BOOKKEEPING: [&str; 4] = ["watermarks", "truncations", "tombstones", "sweeps"];
 
 /// An ODS table as the catalog has it.
 #[derive(Debug, Clone)]
@@ -187,6 +188,7 @@ impl Ods {
                     AND to_regclass('saiki_sink.streams') IS NOT NULL
                     AND to_regclass('saiki_sink.stream_aborts') IS NOT NULL
                     AND to_regclass('saiki_sink.stream_ends') IS NOT NULL
+                    AND to_regclass('saiki_sink.sweeps') IS NOT NULL
                     AND to_regnamespace($1) IS NOT NULL",
                 &[&ident(&self.schema)],
             )
@@ -233,6 +235,17 @@ impl Ods {
                  seq int NOT NULL,
                  PRIMARY KEY (ods_table, source));
              COMMENT ON TABLE saiki_sink.watermarks IS 'saiki-relay sink: the greatest (commit_lsn, seq) applied per table and source; only changes at or below it can be replays';
+             CREATE TABLE IF NOT EXISTS saiki_sink.sweeps (
+                 ods_table text NOT NULL,
+                 source text NOT NULL,
+                 before pg_lsn NOT NULL,
+                 topic text NOT NULL,
+                 partitions int NOT NULL,
+                 done int[] NOT NULL,
+                 swept_at timestamptz,
+                 rows bigint,
+                 PRIMARY KEY (ods_table, source, before, topic));
+             COMMENT ON TABLE saiki_sink.sweeps IS 'saiki-relay sink: the ends of resyncs after a failover (W records) per partition; once all partitions brought theirs, the rows of the source last changed before `before` were deleted (docs/sink.md, After a failover)';
              COMMENT ON TABLE saiki_sink.truncations IS 'saiki-relay sink: the last truncate per table and source; older changes are not applied';
              CREATE TABLE IF NOT EXISTS saiki_sink.schema_changes (
                  ods_table text NOT NULL,
@@ -459,6 +472,9 @@ impl Ods {
             if !table.columns.is_empty() {
                 self.raise_watermarks(plan).await?;
             }
+            written += self
+                .apply_sweeps(plan, &qualified, !table.columns.is_empty())
+                .await?;
             return Ok(written);
         }
         self.check_key(plan, &table, &qualified)?;
@@ -511,6 +527,66 @@ impl Ods {
                 .map_err(|e| self.classify(&e))?;
         }
         self.raise_watermarks(plan).await?;
+        written += self.apply_sweeps(plan, &qualified, true).await?;
+        Ok(written)
+    }
+
+    /// The ends of resyncs in this plan (after its rows): each partition's is recorded, and the
+    /// one that completes a resync deletes the rows of its source last changed before the
+    /// resync started. Every row the source still has was read again by the resync (or changed
+    /// since) and is newer; the others were deleted while the slot was lost. The sweep is then
+    /// recorded as a truncation at that position, so no replay brings such a row back.
+    async fn apply_sweeps(
+        &self,
+        plan: &TablePlan<'_>,
+        qualified: &str,
+        exists: bool,
+    ) -> Result<u64, ApplyError> {
+        let mut written = 0;
+        for w in &plan.sweeps {
+            let before = w.before.to_string();
+            let complete: bool = self
+                .client
+                .query_one(
+                    RECORD_SWEEP,
+                    &[
+                        &plan.name,
+                        &w.source,
+                        &before,
+                        &w.partitions,
+                        &w.partition,
+                        &w.topic,
+                    ],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?
+                .get(0);
+            if !complete {
+                debug!(table = %qualified, source = %w.source, %before, partition = w.partition, "end of a resync in this partition; the sweep waits for the others");
+                continue;
+            }
+            let n = if exists {
+                self.client
+                    .execute(&delete_truncated(qualified), &[&w.source, &before, &0i32])
+                    .await
+                    .map_err(|e| self.classify(&e))?
+            } else {
+                0
+            };
+            self.client
+                .execute(RECORD_TRUNCATION, &[&plan.name, &w.source, &before, &0i32])
+                .await
+                .map_err(|e| self.classify(&e))?;
+            self.client
+                .execute(
+                    SWEPT,
+                    &[&plan.name, &w.source, &before, &(n as i64), &w.topic],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            info!(table = %qualified, source = %w.source, %before, rows = n, "resync swept: rows deleted at the source while its slot was lost are deleted here");
+            written += n;
+        }
         Ok(written)
     }
 

@@ -128,6 +128,22 @@ pub(crate) struct TablePlan<'a> {
     pub(crate) rows: IndexMap<(String, String), NetRow<'a>>,
     /// Per source: delete the rows written before `(lsn, seq)`.
     pub(crate) truncates: IndexMap<String, (Lsn, i64, Vec<usize>)>,
+    /// The ends of resyncs (`W` records) in this batch, applied after the rows.
+    pub(crate) sweeps: Vec<SweepMark>,
+}
+
+/// One partition's `W` record: the resync of `source` that started at `before` reached the
+/// end of the table in this partition. Once all `partitions` have brought theirs, the rows of
+/// that source last changed before `before` are gone at the source (docs/sink.md, "After a
+/// failover").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SweepMark {
+    pub(crate) source: String,
+    pub(crate) before: Lsn,
+    pub(crate) partitions: i32,
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) msg: usize,
 }
 
 impl<'a> TablePlan<'a> {
@@ -140,6 +156,7 @@ impl<'a> TablePlan<'a> {
             columns: IndexMap::new(),
             rows: IndexMap::new(),
             truncates: IndexMap::new(),
+            sweeps: Vec::new(),
         }
     }
 
@@ -186,7 +203,11 @@ impl<'a> TablePlan<'a> {
     pub(crate) fn sources(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
         let rows = self.rows.values().map(|r| r.source.as_ref());
-        for s in rows.chain(self.truncates.keys().map(String::as_str)) {
+        let sweeps = self.sweeps.iter().map(|w| w.source.as_str());
+        for s in rows
+            .chain(self.truncates.keys().map(String::as_str))
+            .chain(sweeps)
+        {
             if !out.contains(&s) {
                 out.push(s);
             }
@@ -201,6 +222,7 @@ impl<'a> TablePlan<'a> {
             .values()
             .flat_map(|r| r.msgs.iter().copied())
             .chain(self.truncates.values().flat_map(|t| t.2.iter().copied()))
+            .chain(self.sweeps.iter().map(|w| w.msg))
             .collect();
         v.sort_unstable();
         v.dedup();
@@ -329,7 +351,12 @@ impl<'a> Planner<'a> {
             };
         }
         match rec.action {
-            Action::Insert | Action::Update | Action::Delete | Action::Read | Action::Truncate => {}
+            Action::Insert
+            | Action::Update
+            | Action::Delete
+            | Action::Read
+            | Action::Truncate
+            | Action::Sweep => {}
             Action::SchemaChange => {
                 return match self.schema_change(msg.topic, payload, &rec) {
                     Ok(()) => Outcome::Planned,
@@ -416,6 +443,22 @@ impl<'a> Planner<'a> {
                 e.1 = seq;
             }
             e.2.push(idx);
+            return Ok(Outcome::Planned);
+        }
+        if rec.action == Action::Sweep {
+            let sweep = rec.sweep.ok_or_else(|| missing("sweep"))?;
+            if sweep.partitions < 1 {
+                return Err("malformed record: sweep.partitions must be at least 1".into());
+            }
+            let i = plan_index(&mut self.tables, &Vec::new);
+            self.tables[i].sweeps.push(SweepMark {
+                source: source.to_string(),
+                before: sweep.before,
+                partitions: sweep.partitions,
+                topic: msg.topic.to_string(),
+                partition: msg.partition,
+                msg: idx,
+            });
             return Ok(Outcome::Planned);
         }
 
@@ -1090,6 +1133,43 @@ mod tests {
             ]
         );
         assert_eq!(tp.truncates["a"].0, Lsn(0x30));
+    }
+
+    #[test]
+    fn the_end_of_a_resync_is_planned_after_the_rows_and_a_malformed_one_is_a_dead_letter() {
+        let w = rec(
+            r#"{"action":"W","xid":1,"lsn":"0/50","commit_lsn":"0/50","seq":2,"schema":"public","table":"t","sweep":{"before":"0/30","partitions":2},"source":"a"}"#,
+        );
+        let bad = rec(
+            r#"{"action":"W","xid":1,"lsn":"0/50","commit_lsn":"0/50","seq":2,"schema":"public","table":"t","sweep":{"before":"0/30","partitions":0},"source":"a"}"#,
+        );
+        let none = rec(
+            r#"{"action":"W","xid":1,"lsn":"0/50","commit_lsn":"0/50","seq":2,"schema":"public","table":"t","source":"a"}"#,
+        );
+        let msgs = vec![ins("a", 0x50, 1, 1, "\"x\""), w, bad, none];
+        let (p, outs) = plan_of(&msgs, true);
+        assert_eq!(outs[1], Outcome::Planned);
+        assert!(
+            matches!(&outs[2], Outcome::DeadLetter(r) if r.contains("partitions")),
+            "{:?}",
+            outs[2]
+        );
+        assert!(
+            matches!(&outs[3], Outcome::DeadLetter(r) if r.contains("no sweep")),
+            "{:?}",
+            outs[3]
+        );
+        let tp = &p.tables["t"];
+        assert_eq!(
+            tp.rows.len(),
+            1,
+            "the row stays: the sweep is the ODS's to apply"
+        );
+        assert_eq!(tp.sweeps.len(), 1);
+        assert_eq!(tp.sweeps[0].before, Lsn(0x30));
+        assert_eq!(tp.sweeps[0].partitions, 2);
+        assert_eq!(tp.sources(), vec!["a"]);
+        assert_eq!(tp.message_indexes(), vec![0, 1]);
     }
 
     #[test]

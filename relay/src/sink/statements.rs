@@ -56,6 +56,22 @@ pub(crate) const RECORD_TRUNCATION: &str = "INSERT INTO saiki_sink.truncations A
                      ON CONFLICT (ods_table, source) DO UPDATE SET lsn = EXCLUDED.lsn, seq = EXCLUDED.seq
                      WHERE (x.lsn, x.seq) < (EXCLUDED.lsn, EXCLUDED.seq)";
 
+/// One partition's end of a resync (`$1` ODS table, `$2` source, `$3` LSN text where the
+/// resync started, `$4` the topic's partitions, `$5` this partition, `$6` topic): recorded,
+/// returning whether every partition of the topic has now brought its end and the sweep is
+/// still to do.
+pub(crate) const RECORD_SWEEP: &str = "INSERT INTO saiki_sink.sweeps AS w (ods_table, source, before, topic, partitions, done)
+                     VALUES ($1, $2, $3::text::pg_lsn, $6, $4, ARRAY[$5::int])
+                     ON CONFLICT (ods_table, source, before, topic) DO UPDATE
+                     SET done = ARRAY(SELECT DISTINCT p FROM unnest(w.done || $5::int) p ORDER BY p),
+                         partitions = EXCLUDED.partitions
+                     RETURNING cardinality(done) >= partitions AND swept_at IS NULL";
+
+/// A finished sweep (`$1` ODS table, `$2` source, `$3` LSN text, `$4` rows deleted, `$5`
+/// topic).
+pub(crate) const SWEPT: &str = "UPDATE saiki_sink.sweeps SET swept_at = now(), rows = $4
+                     WHERE ods_table = $1 AND source = $2 AND before = $3::text::pg_lsn AND topic = $5";
+
 /// A source's greatest applied change of a table (`$1` ODS table, `$2` source, `$3` LSN text,
 /// `$4` seq): changes at or below it may be replays.
 pub(crate) const RAISE_WATERMARK: &str = "INSERT INTO saiki_sink.watermarks AS x (ods_table, source, lsn, seq)

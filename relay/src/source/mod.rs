@@ -151,55 +151,149 @@ pub(crate) async fn run(
     .await
 }
 
-/// What earlier sessions of this process saw of the slot: whether they streamed from it, and
-/// the server (system identifier, timeline) they streamed from.
+/// What earlier sessions of this process saw of the slot: the server (system identifier,
+/// timeline) they streamed from, if any did.
 #[derive(Debug, Default)]
 struct SlotMemory {
-    streamed: bool,
-    system: Option<(String, String)>,
+    system: Option<Server>,
 }
 
-/// Why the slot no longer holds every change since the position this process confirmed
+/// A server as `IDENTIFY_SYSTEM` names it: (system identifier, timeline).
+pub(crate) type Server = (String, String);
+
+/// Why the slot no longer holds every change since the position it was confirmed at, and
+/// whether a sweep may follow the resync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Gap {
+    pub(crate) why: String,
+    /// Where the new slot starts: the ODS rows of this source last changed before it that the
+    /// resync does not read again were deleted in the gap (issue #14). `None` when the server
+    /// is another one: its positions do not compare with the ODS's.
+    pub(crate) sweep_before: Option<Lsn>,
+}
+
+/// Why the slot no longer holds every change since the position it was confirmed at
 /// (issue #14): it was missing (a failover to a standby, which PostgreSQL 15 gives no logical
 /// slots, or a DBA dropped it), or it is another server's, or someone created it anew after
-/// this process last confirmed. `None`: the slot continues where this process left it.
+/// this process last confirmed. `before` is the server earlier sessions of this process
+/// streamed from; `origin` the server `saiki.slot_origins` says the slot was created on (a
+/// standby has that row from its primary, so a relay started after the promotion knows too).
+/// `None`: the slot continues where it was left, or nothing says otherwise (a first start).
 pub(crate) fn slot_gap(
-    streamed_before: bool,
-    before: Option<&(String, String)>,
-    now: &(String, String),
+    before: Option<&Server>,
+    origin: Option<&Server>,
+    now: &Server,
     created: bool,
     slot_confirmed: Lsn,
     last_confirmed: Lsn,
-) -> Option<String> {
-    if !streamed_before {
-        return None;
+) -> Option<Gap> {
+    let known = before.or(origin)?;
+    if known.0 != now.0 {
+        // A slot on another system that exists is not ours to judge; one we had to create is.
+        return (before.is_some() || created).then(|| Gap {
+            why: format!(
+                "the server is another one (system identifier {}, was {}): its slot is not the one this relay streamed from",
+                now.0, known.0
+            ),
+            sweep_before: None,
+        });
     }
-    if let Some(b) = before.filter(|b| b.0 != now.0) {
-        return Some(format!(
-            "the server is another one (system identifier {}, was {}): its slot is not the one this relay streamed from",
-            now.0, b.0
-        ));
-    }
-    let timeline = match before {
-        Some(b) if b.1 != now.1 => format!(" (timeline {} now, was {}: a promotion)", now.1, b.1),
-        _ => String::new(),
+    let timeline = if known.1 != now.1 {
+        format!(" (timeline {} now, was {}: a promotion)", now.1, known.1)
+    } else {
+        String::new()
     };
     if created {
-        return Some(format!(
-            "the slot was missing and has been created anew{timeline}"
-        ));
+        return Some(Gap {
+            why: format!("the slot was missing and has been created anew{timeline}"),
+            sweep_before: Some(slot_confirmed),
+        });
     }
-    if last_confirmed.0 > 0 && slot_confirmed > last_confirmed {
-        return Some(format!(
-            "the slot starts at {slot_confirmed}, past {last_confirmed}, where this relay confirmed it last{timeline}: it is not the slot this relay streamed from"
-        ));
+    if before.is_some() && last_confirmed.0 > 0 && slot_confirmed > last_confirmed {
+        return Some(Gap {
+            why: format!(
+                "the slot starts at {slot_confirmed}, past {last_confirmed}, where this relay confirmed it last{timeline}: it is not the slot this relay streamed from"
+            ),
+            sweep_before: Some(slot_confirmed),
+        });
     }
     None
 }
 
-/// Checks the slot, creating it with plugin saiki if it is missing (never dropping one).
-/// Returns whether it was created, and its confirmed position.
-async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<(bool, Lsn), RelayError> {
+/// The slot's row of `saiki.slot_origins`: the server it was created on. `None` without the
+/// row, or without the table (no extension, or one older than 0.3.0).
+async fn slot_origin(conn: &mut PgConn, slot: &str) -> Option<Server> {
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT system_identifier, timeline::text FROM saiki.slot_origins WHERE slot_name = {}",
+            quote::literal(slot)
+        ))
+        .await;
+    match rows {
+        Ok(rows) => rows.first().map(|r| {
+            let col = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+            (col(0), col(1))
+        }),
+        Err(RelayError::Server { error, .. }) if error.code == "42501" => {
+            warn!(error = %error.message, "the relay's role may not read saiki.slot_origins: a relay started after a failover cannot tell the gap; GRANT SELECT, INSERT, UPDATE ON saiki.slot_origins TO it (docs/operations.md, Security)");
+            None
+        }
+        Err(e) => {
+            debug!(error = %e, "no saiki.slot_origins (the extension is missing or older than 0.3.0): a relay started after a failover cannot tell the gap");
+            None
+        }
+    }
+}
+
+/// Records the server the slot is on (and, for a slot just created, where it starts) in
+/// `saiki.slot_origins`. Logged, never fatal: without it only a restart after a failover
+/// misses the gap.
+async fn record_origin(conn: &mut PgConn, slot: &str, now: &Server, created: Option<Lsn>) {
+    if let Err(e) = conn.simple_query(&origin_sql(slot, now, created)).await {
+        debug!(error = %e, "could not record the slot's origin in saiki.slot_origins");
+    }
+}
+
+/// The statement that records the slot's origin with the resync asked for in the same
+/// transaction: when, why, and where its sweep starts (`saiki.resyncs` shows it).
+fn resync_origin_sql(slot: &str, now: &Server, gap: &Gap) -> String {
+    let before = match gap.sweep_before {
+        Some(l) => format!("{}::pg_lsn", quote::literal(&l.to_string())),
+        None => "NULL".into(),
+    };
+    format!(
+        "INSERT INTO saiki.slot_origins AS o (slot_name, system_identifier, timeline, resync_at, resync_reason, resync_before) \
+         VALUES ({}, {}, {}, now(), {}, {before}) ON CONFLICT (slot_name) DO UPDATE \
+         SET system_identifier = excluded.system_identifier, timeline = excluded.timeline, \
+             created_lsn = NULL, recorded_at = now(), resync_at = now(), \
+             resync_reason = excluded.resync_reason, resync_before = excluded.resync_before",
+        quote::literal(slot),
+        quote::literal(&now.0),
+        now.1.parse::<i64>().unwrap_or(0),
+        quote::literal(&gap.why),
+    )
+}
+
+/// The statement that records the slot's origin (see [`record_origin`]).
+fn origin_sql(slot: &str, now: &Server, created: Option<Lsn>) -> String {
+    let created_lsn = match created {
+        Some(l) => format!("{}::pg_lsn", quote::literal(&l.to_string())),
+        None => "NULL".into(),
+    };
+    format!(
+        "INSERT INTO saiki.slot_origins AS o (slot_name, system_identifier, timeline, created_lsn) \
+         VALUES ({}, {}, {}, {created_lsn}) ON CONFLICT (slot_name) DO UPDATE \
+         SET system_identifier = excluded.system_identifier, timeline = excluded.timeline, \
+             created_lsn = coalesce(excluded.created_lsn, o.created_lsn), recorded_at = now()",
+        quote::literal(slot),
+        quote::literal(&now.0),
+        now.1.parse::<i64>().unwrap_or(0),
+    )
+}
+
+/// Checks the slot: `Some(confirmed position)` if it exists (with plugin saiki, in the
+/// relay's database), `None` if it is missing.
+async fn find_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<Option<Lsn>, RelayError> {
     let rows = conn
         .simple_query(&format!(
             "SELECT plugin, database, confirmed_flush_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
@@ -232,8 +326,13 @@ async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<(bool, Lsn
             .flatten()
             .and_then(|l| l.parse().ok())
             .unwrap_or(Lsn(0));
-        return Ok((false, confirmed));
+        return Ok(Some(confirmed));
     }
+    Ok(None)
+}
+
+/// Creates the slot with plugin saiki; returns its starting point.
+async fn create_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<Lsn, RelayError> {
     info!(slot = %rt.slot, "creating replication slot with plugin saiki");
     let created = conn
         .simple_query(&format!(
@@ -244,13 +343,11 @@ async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<(bool, Lsn
     match created {
         // Its position: the first column of CREATE_REPLICATION_SLOT's row is the slot name,
         // the second the consistent point.
-        Ok(rows) => Ok((
-            true,
-            rows.first()
-                .and_then(|r| r.get(1).cloned().flatten())
-                .and_then(|l| l.parse().ok())
-                .unwrap_or(Lsn(0)),
-        )),
+        Ok(rows) => Ok(rows
+            .first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(Lsn(0))),
         Err(RelayError::Server { target, mut error }) => {
             if error
                 .message
@@ -264,8 +361,9 @@ async fn ensure_slot(conn: &mut PgConn, rt: &SourceRuntime) -> Result<(bool, Lsn
     }
 }
 
-/// `IDENTIFY_SYSTEM` on the replication connection: (system identifier, timeline).
-async fn identify_system(conn: &mut PgConn) -> Result<(String, String), RelayError> {
+/// `IDENTIFY_SYSTEM` on the replication connection: the server (system identifier, timeline)
+/// and its WAL flush position.
+async fn identify_system(conn: &mut PgConn) -> Result<(Server, Lsn), RelayError> {
     let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
     let row = rows.first().ok_or_else(|| {
         RelayError::Protocol(crate::pg::wire::ProtocolError(
@@ -273,26 +371,82 @@ async fn identify_system(conn: &mut PgConn) -> Result<(String, String), RelayErr
         ))
     })?;
     let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-    Ok((col(0), col(1)))
+    Ok(((col(0), col(1)), col(2).parse().unwrap_or(Lsn(0))))
 }
 
-/// The slot lost changes (`why`): a snapshot of every captured table brings the ODS back to
-/// the tables as they are (docs/operations.md, "A primary failover"). Without the extension,
-/// the relay streams on and says what a DBA must do.
-async fn resync(conn: &mut PgConn, rt: &SourceRuntime, metrics: &SourceMetrics, why: &str) {
+/// The slot lost changes (`gap`): a snapshot of every captured table brings the ODS back to
+/// the tables as they are (docs/operations.md, "A primary failover"), and, with extension
+/// 0.3.0, each ends with a sweep of the rows deleted in the gap. The requests and the slot's
+/// new origin are written in one transaction; an error is the session's (it is retried, and
+/// the slot is not created before the resync is asked for). Without the extension, the relay
+/// streams on and says what a DBA must do.
+async fn resync(
+    conn: &mut PgConn,
+    rt: &SourceRuntime,
+    metrics: &SourceMetrics,
+    gap: &Gap,
+    now: &Server,
+) -> Result<(), RelayError> {
+    let why = &gap.why;
+    let present = conn
+        .simple_query(
+            "SELECT to_regclass('saiki.snapshots') IS NOT NULL, to_regclass('saiki.slot_origins') IS NOT NULL",
+        )
+        .await?;
+    let flag = |i: usize| {
+        present
+            .first()
+            .and_then(|r| r.get(i).cloned().flatten())
+            .as_deref()
+            == Some("t")
+    };
+    let (extension, current) = (flag(0), flag(1));
+    if !extension {
+        // Nothing to ask: streaming on is all this relay can do.
+        metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+        *metrics
+            .resync_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
+        error!(reason = %why, "resync needed, and the source database has no saiki extension: changes between the last confirmed position and now may be missing; CREATE EXTENSION saiki there, then run saiki-relay snapshot --table for every captured table");
+        return Ok(());
+    }
+    let tables = captured_tables(conn, rt).await?;
+    let mut sql: Vec<String> = tables
+        .iter()
+        .map(|t| snapshot::request_if_there_sql(&rt.slot, t))
+        .collect();
+    if let Some(before) = gap.sweep_before.filter(|_| current) {
+        sql.push(snapshot::sweep_sql(&rt.slot, before));
+    }
+    if current {
+        sql.push(resync_origin_sql(&rt.slot, now, gap));
+    }
+    // One simple query: one transaction.
+    match conn.simple_query(&sql.join("; ")).await {
+        Err(RelayError::Server { error, .. }) if current && error.code == "42501" => {
+            // A role granted what 0.2.0 needed, not saiki.slot_origins: resync without
+            // recording it (a relay restarted after a failover would not know the gap).
+            warn!(error = %error.message, "the relay's role may not write saiki.slot_origins: GRANT SELECT, INSERT, UPDATE ON saiki.slot_origins TO it (docs/operations.md, Security)");
+            sql.pop();
+            conn.simple_query(&sql.join("; ")).await?;
+        }
+        r => {
+            r?;
+        }
+    }
     metrics.resyncs.fetch_add(1, Ordering::Relaxed);
     *metrics
         .resync_reason
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
-    match request_snapshots(conn, rt).await {
-        Ok(n) => {
-            warn!(reason = %why, tables = n, "resync: changes between the last confirmed position and now may be missing from Kafka; a snapshot of every captured table was requested (progress: saiki-relay status)")
-        }
-        Err(e) => {
-            error!(reason = %why, error = %e, "resync needed, and the snapshots could not be requested: changes between the last confirmed position and now may be missing; run saiki-relay snapshot --table for every captured table (needs CREATE EXTENSION saiki)")
-        }
-    }
+    let sweep = match (gap.sweep_before, current) {
+        (Some(lsn), true) => format!("; at each table's end the sink deletes the rows of this source last changed before {lsn} that the snapshot did not read (deleted in the gap)"),
+        (Some(_), false) => "; rows deleted in the gap stay in the ODS: the extension is older than 0.3.0 (ALTER EXTENSION saiki UPDATE)".into(),
+        (None, _) => "; rows deleted in the gap stay in the ODS: positions on another server do not compare with the ODS's".into(),
+    };
+    warn!(reason = %why, tables = tables.len(), "resync: changes between the last confirmed position and now may be missing from Kafka; a snapshot of every captured table was requested (progress: saiki-relay status){sweep}");
+    Ok(())
 }
 
 /// `snapshot = "initial"`: on a new slot (or a slot that never had a snapshot, e.g. when a
@@ -330,7 +484,17 @@ async fn request_initial_snapshots(
 }
 
 /// Asks for a snapshot of every table the relay captures; returns how many.
+/// Asks for a snapshot of every captured table. Returns how many.
 async fn request_snapshots(conn: &mut PgConn, rt: &SourceRuntime) -> Result<usize, RelayError> {
+    let tables = captured_tables(conn, rt).await?;
+    for t in &tables {
+        snapshot::request(conn, &rt.slot, t).await?;
+    }
+    Ok(tables.len())
+}
+
+/// The tables `source.tables` captures, as quoted `schema.table`.
+async fn captured_tables(conn: &mut PgConn, rt: &SourceRuntime) -> Result<Vec<String>, RelayError> {
     let patterns = (!rt.source.tables.is_empty()).then(|| rt.source.tables.join(","));
     let opts =
         saiki_core::options::Options::parse(patterns.as_deref().map(|p| ("add-tables", Some(p))))
@@ -342,21 +506,14 @@ async fn request_snapshots(conn: &mut PgConn, rt: &SourceRuntime) -> Result<usiz
              AND n.nspname NOT LIKE 'pg\\_%' ORDER BY 1, 2",
         )
         .await?;
-    let mut n = 0;
-    for r in rows {
-        let (Some(schema), Some(table)) =
-            (r.first().cloned().flatten(), r.get(1).cloned().flatten())
-        else {
-            continue;
-        };
-        if !opts.table_included(&schema, &table) {
-            continue;
-        }
-        let qualified = format!("{}.{}", quote::ident(&schema), quote::ident(&table));
-        snapshot::request(conn, &rt.slot, &qualified).await?;
-        n += 1;
-    }
-    Ok(n)
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let (schema, table) = (r.first().cloned().flatten()?, r.get(1).cloned().flatten()?);
+            opts.table_included(&schema, &table)
+                .then(|| format!("{}.{}", quote::ident(&schema), quote::ident(&table)))
+        })
+        .collect())
 }
 
 struct Session<'a> {
@@ -399,34 +556,58 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
     let mut conn = PgConn::connect(&rt.dsn, true, SESSION_OPTIONS).await?;
-    let system = identify_system(&mut conn).await?;
-    let (created, slot_confirmed) = ensure_slot(&mut conn, rt).await?;
-    let (streamed_before, before) = {
-        let m = memory.lock().unwrap_or_else(|p| p.into_inner());
-        (m.streamed, m.system.clone())
-    };
+    let (system, flushed) = identify_system(&mut conn).await?;
+    let origin = slot_origin(&mut conn, &rt.slot).await;
+    let slot = find_slot(&mut conn, rt).await?;
+    let created = slot.is_none();
+    let before = memory
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .system
+        .clone();
     let last_confirmed = Lsn(metrics.confirmed_lsn.load(Ordering::Relaxed));
+    // A missing slot will start at or after the position flushed now: the rows last changed
+    // before it that a resync does not read again are gone.
     let gap = slot_gap(
-        streamed_before,
         before.as_ref(),
+        origin.as_ref(),
         &system,
         created,
-        slot_confirmed,
+        slot.unwrap_or(flushed),
         last_confirmed,
     );
-    if let Some(why) = &gap {
-        resync(&mut conn, rt, metrics, why).await;
-    } else if rt.source.snapshot == SnapshotMode::Initial {
+    // The resync is asked for, with the slot's origin recorded, in one transaction and before
+    // the slot is created: a relay killed in between finds the slot missing again (and asks
+    // again), or finds it with the resync under way; never the slot without the resync.
+    // A resync that could not be asked for (with the extension there) fails the session
+    // before the slot is created: the next one finds the slot missing and asks again.
+    if let Some(gap) = &gap {
+        resync(&mut conn, rt, metrics, gap, &system).await?;
+    } else if !created && origin.as_ref() != Some(&system) {
+        // A slot that was there before this relay recorded it, or that survived a promotion.
+        record_origin(&mut conn, &rt.slot, &system, None).await;
+    }
+    let start = match slot {
+        Some(confirmed) => confirmed,
+        None => {
+            let start = create_slot(&mut conn, rt).await?;
+            record_origin(&mut conn, &rt.slot, &system, Some(start)).await;
+            start
+        }
+    };
+    if gap.is_some() || created {
+        // What this process knows from now on: this server, and a slot that starts here (so
+        // that a session failing before it streams does not take the slot for a stranger).
+        memory.lock().unwrap_or_else(|p| p.into_inner()).system = Some(system.clone());
+        metrics.confirmed_lsn.store(start.0, Ordering::Relaxed);
+    }
+    if gap.is_none() && rt.source.snapshot == SnapshotMode::Initial {
         request_initial_snapshots(&mut conn, rt, created).await?;
     }
     let tls = conn.is_tls();
     let mut stream = conn.start_replication(&rt.start_command()).await?;
     info!(dsn = %rt.dsn, tls, system = %system.0, timeline = %system.1, "streaming from the slot");
-    {
-        let mut m = memory.lock().unwrap_or_else(|p| p.into_inner());
-        m.streamed = true;
-        m.system = Some(system);
-    }
+    memory.lock().unwrap_or_else(|p| p.into_inner()).system = Some(system);
     metrics.ready.store(true, Ordering::Relaxed);
 
     let mut source_json = Vec::new();
@@ -999,6 +1180,25 @@ impl Session<'_> {
             .await?;
             kept += 1;
         }
+        if let Some(before) = chunk.sweep_before.filter(|_| chunk.last) {
+            // The resync's end of this table: every partition learns it, after its rows.
+            let partitions = self.kafka.ensure_topic(&topic).await?;
+            let rec = snapshot::w_record(
+                view.xid,
+                &view.lsn.to_string(),
+                &commit_lsn.to_string(),
+                seq + 1,
+                (schema, table),
+                before,
+                partitions,
+            );
+            let value = route::value_with_source(&rec, &self.source_json);
+            let headers = self.headers(view);
+            let headers = headers.as_ref().map_or(&[][..], |h| &h[..]);
+            self.produce_to_all(ticket, &topic, partitions, &value, headers)
+                .await?;
+            info!(table = %chunk.table, %before, partitions, "resync of the table done: the sink sweeps the rows deleted in the gap");
+        }
         self.metrics
             .snapshot_rows
             .fetch_add(kept as u64, Ordering::Relaxed);
@@ -1150,28 +1350,57 @@ mod tests {
     #[test]
     fn a_slot_that_lost_changes_is_told_from_one_that_continues() {
         let a1 = sys("7300", "1");
-        // A first session, or a restart at the position confirmed: nothing lost.
-        assert_eq!(slot_gap(false, None, &a1, true, Lsn(50), Lsn(0)), None);
+        let a2 = sys("7300", "2");
+        // A first start, or a restart at the position confirmed: nothing lost.
+        assert_eq!(slot_gap(None, None, &a1, true, Lsn(50), Lsn(0)), None);
         assert_eq!(
-            slot_gap(true, Some(&a1), &a1, false, Lsn(100), Lsn(100)),
+            slot_gap(Some(&a1), Some(&a1), &a1, false, Lsn(100), Lsn(100)),
             None
         );
         // A slot that lags what was confirmed (a synced failover slot) replays: no gap.
         assert_eq!(
-            slot_gap(true, Some(&a1), &sys("7300", "2"), false, Lsn(90), Lsn(100)),
+            slot_gap(Some(&a1), Some(&a1), &a2, false, Lsn(90), Lsn(100)),
             None
         );
-        // Missing after a promotion.
-        let why = slot_gap(true, Some(&a1), &sys("7300", "2"), true, Lsn(500), Lsn(100)).unwrap();
+        // Missing after a promotion: the resync sweeps what the new slot never saw.
+        let gap = slot_gap(Some(&a1), None, &a2, true, Lsn(500), Lsn(100)).unwrap();
         assert!(
-            why.contains("missing") && why.contains("timeline 2"),
-            "{why}"
+            gap.why.contains("missing") && gap.why.contains("timeline 2"),
+            "{gap:?}"
         );
+        assert_eq!(gap.sweep_before, Some(Lsn(500)));
         // Created anew by someone past the confirmed position.
-        let why = slot_gap(true, Some(&a1), &a1, false, Lsn(500), Lsn(100)).unwrap();
-        assert!(why.contains("past 0/64"), "{why}");
-        // Another server altogether.
-        let why = slot_gap(true, Some(&a1), &sys("9999", "1"), false, Lsn(1), Lsn(100)).unwrap();
-        assert!(why.contains("another one"), "{why}");
+        let gap = slot_gap(Some(&a1), Some(&a1), &a1, false, Lsn(500), Lsn(100)).unwrap();
+        assert!(gap.why.contains("past 0/64"), "{gap:?}");
+        // Another server altogether: resync, but its positions do not compare: no sweep.
+        let gap = slot_gap(Some(&a1), None, &sys("9999", "1"), false, Lsn(1), Lsn(100)).unwrap();
+        assert!(gap.why.contains("another one"), "{gap:?}");
+        assert_eq!(gap.sweep_before, None);
+    }
+
+    #[test]
+    fn a_relay_started_after_the_promotion_knows_the_gap_from_the_slots_recorded_origin() {
+        let a1 = sys("7300", "1");
+        let a2 = sys("7300", "2");
+        // No earlier session in this process; saiki.slot_origins (replicated to the standby)
+        // says the slot was on timeline 1, and it is missing now.
+        let gap = slot_gap(None, Some(&a1), &a2, true, Lsn(900), Lsn(0)).unwrap();
+        assert!(gap.why.contains("was 1: a promotion"), "{gap:?}");
+        assert_eq!(gap.sweep_before, Some(Lsn(900)));
+        // A dropped slot created anew on the same server: resync too.
+        assert!(slot_gap(None, Some(&a1), &a1, true, Lsn(900), Lsn(0)).is_some());
+        // The slot survived (failover slots): streaming on, whatever the timeline.
+        assert_eq!(
+            slot_gap(None, Some(&a1), &a2, false, Lsn(900), Lsn(0)),
+            None
+        );
+        // A database restored elsewhere (its rows came along): only a slot we had to create
+        // resyncs, without a sweep.
+        let b = sys("8800", "1");
+        assert_eq!(slot_gap(None, Some(&a1), &b, false, Lsn(9), Lsn(0)), None);
+        assert_eq!(
+            slot_gap(None, Some(&a1), &b, true, Lsn(9), Lsn(0)).map(|g| g.sweep_before),
+            Some(None)
+        );
     }
 }

@@ -29,6 +29,8 @@ use std::collections::HashSet;
 
 use serde::Deserialize;
 
+use saiki_core::Lsn;
+
 use crate::error::RelayError;
 use crate::pg::quote::literal as quote_literal;
 use crate::pg::PgConn;
@@ -74,6 +76,9 @@ pub(crate) struct Chunk {
     pub(crate) rows: Vec<ChunkRow>,
     /// Fewer rows than asked: the table is done after this chunk.
     pub(crate) last: bool,
+    /// A resync's snapshot: after its last chunk, a `W` record in every partition of the
+    /// table's topic (see [`w_record`]).
+    pub(crate) sweep_before: Option<Lsn>,
 }
 
 /// The chunk window of one watermark pair: what changed between the low and the high
@@ -143,34 +148,97 @@ pub(crate) fn r_record(body: &str, xid: u64, lsn: &str, commit_lsn: &str, seq: u
     .into_bytes()
 }
 
+/// A `W` record: the end of a resync's snapshot of `schema.table`, which started at `before`;
+/// the topic has `partitions` partitions and each gets it. It follows the last chunk's `R`
+/// records at the high watermark's position (`seq` after theirs). The sink deletes the rows
+/// of this source last changed before `before` once every partition has brought it
+/// (docs/sink.md, "After a failover").
+pub(crate) fn w_record(
+    xid: u64,
+    lsn: &str,
+    commit_lsn: &str,
+    seq: u64,
+    (schema, table): (&str, &str),
+    before: Lsn,
+    partitions: i32,
+) -> Vec<u8> {
+    serde_json::json!({
+        "action": "W",
+        "xid": xid,
+        "lsn": lsn,
+        "commit_lsn": commit_lsn,
+        "seq": seq,
+        "schema": schema,
+        "table": table,
+        "sweep": {"before": before.to_string(), "partitions": partitions},
+    })
+    .to_string()
+    .into_bytes()
+}
+
 /// Asks for a snapshot of `table` (any text `regclass` accepts) by the relay of `slot`.
 pub(crate) async fn request(conn: &mut PgConn, slot: &str, table: &str) -> Result<(), RelayError> {
-    conn.simple_query(&format!(
-        "SELECT saiki.request_snapshot({}, {}::regclass)",
-        quote_literal(slot),
-        quote_literal(table)
-    ))
-    .await?;
+    conn.simple_query(&request_sql(slot, table)).await?;
     Ok(())
 }
 
-/// The next table to snapshot for `slot`, and where to continue: `(table, after_key)`.
+/// The statement of [`request`].
+pub(crate) fn request_sql(slot: &str, table: &str) -> String {
+    format!(
+        "SELECT saiki.request_snapshot({}, {}::regclass)",
+        quote_literal(slot),
+        quote_literal(table)
+    )
+}
+
+/// As [`request_sql`], but a table dropped meanwhile is skipped rather than an error (the
+/// tables a resync asks for were listed a moment before).
+pub(crate) fn request_if_there_sql(slot: &str, table: &str) -> String {
+    format!(
+        "SELECT saiki.request_snapshot({}, r) FROM to_regclass({}) r WHERE r IS NOT NULL",
+        quote_literal(slot),
+        quote_literal(table)
+    )
+}
+
+/// Makes the snapshots of `slot` requested in the current transaction a resync's that sweeps
+/// the rows last changed before `before` (extension 0.3.0).
+pub(crate) fn sweep_sql(slot: &str, before: Lsn) -> String {
+    format!(
+        "UPDATE saiki.snapshots SET sweep_before = {}::pg_lsn WHERE slot_name = {} AND requested_at = now()",
+        quote_literal(&before.to_string()),
+        quote_literal(slot)
+    )
+}
+
+/// The next table to snapshot for `slot`: the table, where to continue, and, for a resync,
+/// where it started.
+pub(crate) struct NextTable {
+    pub(crate) table: String,
+    pub(crate) after: Option<Vec<Option<String>>>,
+    pub(crate) sweep_before: Option<Lsn>,
+}
+
+/// The next table to snapshot for `slot`. (`sweep_before` is read through `to_jsonb`, so that
+/// an extension older than 0.3.0, which has no such column, reads as no sweep.)
 pub(crate) async fn next_table(
     conn: &mut PgConn,
     slot: &str,
-) -> Result<Option<(String, Option<Vec<Option<String>>>)>, RelayError> {
+) -> Result<Option<NextTable>, RelayError> {
     let rows = conn
         .simple_query(&format!(
-            "SELECT table_name, after_key::text FROM saiki.snapshots WHERE slot_name = {} AND state IN ('requested', 'running') ORDER BY requested_at, table_name LIMIT 1",
+            "SELECT table_name, after_key::text, to_jsonb(s) ->> 'sweep_before' FROM saiki.snapshots s WHERE slot_name = {} AND state IN ('requested', 'running') ORDER BY requested_at, table_name LIMIT 1",
             quote_literal(slot)
         ))
         .await?;
     let Some(row) = rows.into_iter().next() else {
         return Ok(None);
     };
-    let table = row.first().cloned().flatten().unwrap_or_default();
-    let after = row.get(1).cloned().flatten().map(|a| parse_text_array(&a));
-    Ok(Some((table, after)))
+    Ok(Some(NextTable {
+        table: row.first().cloned().flatten().unwrap_or_default(),
+        after: row.get(1).cloned().flatten().map(|a| parse_text_array(&a)),
+        sweep_before: row.get(2).cloned().flatten().and_then(|l| l.parse().ok()),
+    }))
 }
 
 /// Reads one chunk of `table` after `after`, between a low and a high watermark with `id`.
@@ -180,10 +248,10 @@ pub(crate) async fn read_chunk(
     conn: &mut PgConn,
     slot: &str,
     id: &str,
-    table: &str,
-    after: Option<&[Option<String>]>,
+    next: &NextTable,
     max_rows: usize,
 ) -> Result<Option<Chunk>, RelayError> {
+    let (table, after) = (next.table.as_str(), next.after.as_deref());
     let emit = |mark| {
         format!(
             "SELECT saiki.snapshot_watermark({})",
@@ -251,6 +319,7 @@ pub(crate) async fn read_chunk(
         table: table.to_string(),
         last: rows.len() < max_rows,
         rows,
+        sweep_before: next.sweep_before,
     }))
 }
 
@@ -397,6 +466,23 @@ mod tests {
                 r#"{"action":"R","xid":7,"lsn":"0/10","commit_lsn":"0/20","seq":3,"schema""#
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_w_record_reads_back_as_a_sweep_of_its_table() {
+        let w = w_record(7, "0/10", "0/20", 4, ("public", "orders"), Lsn(0x3000), 3);
+        let r: saiki_core::record::Record = serde_json::from_slice(&w).unwrap();
+        assert_eq!(r.action, saiki_core::record::Action::Sweep);
+        assert_eq!(r.commit_lsn, Some(Lsn(0x20)));
+        assert_eq!(r.seq, Some(4));
+        assert_eq!(r.table.as_deref(), Some("orders"));
+        assert_eq!(
+            r.sweep,
+            Some(saiki_core::record::Sweep {
+                before: Lsn(0x3000),
+                partitions: 3
+            })
         );
     }
 

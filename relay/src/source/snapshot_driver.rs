@@ -132,18 +132,10 @@ impl SnapshotDriver {
                 },
             };
             let r = async {
-                let Some((table, after)) = snapshot::next_table(&mut conn, &slot).await? else {
+                let Some(next) = snapshot::next_table(&mut conn, &slot).await? else {
                     return Ok(None);
                 };
-                snapshot::read_chunk(
-                    &mut conn,
-                    &slot,
-                    &task_id,
-                    &table,
-                    after.as_deref(),
-                    max_rows,
-                )
-                .await
+                snapshot::read_chunk(&mut conn, &slot, &task_id, &next, max_rows).await
             }
             .await;
             match r {

@@ -21,6 +21,37 @@ fn objects(db: &mut saiki_tests::postgres::Client) -> Vec<String> {
     .unwrap()
     .iter()
     .map(|r| r.get(0))
+    .chain(
+        // The columns of its tables, in order: an added column is part of the update.
+        db.query(
+            "SELECT a.attrelid::regclass::text || '.' || a.attname || ' '
+                    || format_type(a.atttypid, a.atttypmod) || ' ' || a.attnum
+             FROM pg_attribute a
+             JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = a.attrelid
+             JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'saiki'
+             WHERE d.deptype = 'e' AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0)),
+    )
+    .chain(
+        // The definitions of its views.
+        db.query(
+            "SELECT c.oid::regclass::text || ' = ' || md5(pg_get_viewdef(c.oid))
+             FROM pg_class c
+             JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid
+             JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'saiki'
+             WHERE d.deptype = 'e' AND c.relkind = 'v'
+             ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0)),
+    )
     .collect()
 }
 
@@ -35,8 +66,11 @@ fn an_earlier_version_updates_to_exactly_what_a_new_install_has() {
     let ext =
         std::path::PathBuf::from(String::from_utf8_lossy(&share.stdout).trim()).join("extension");
     let sql = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../saiki_pg/sql");
-    std::fs::copy(sql.join("saiki--0.1.0.sql"), ext.join("saiki--0.1.0.sql"))
-        .expect("install saiki--0.1.0.sql (the tests run as root)");
+    for v in ["0.1.0", "0.2.0"] {
+        let f = format!("saiki--{v}.sql");
+        std::fs::copy(sql.join(&f), ext.join(&f))
+            .unwrap_or_else(|e| panic!("install {f} (the tests run as root): {e}"));
+    }
 
     let pg = PgCluster::start(&[]);
     let mut old = pg.create_db("old");
@@ -48,6 +82,25 @@ fn an_earlier_version_updates_to_exactly_what_a_new_install_has() {
         ],
     );
     exec(&mut old, &["ALTER EXTENSION saiki UPDATE"]);
+    // 0.2.0 with a snapshot requested: the update keeps its row.
+    let mut mid = pg.create_db("mid");
+    exec(
+        &mut mid,
+        &[
+            "CREATE EXTENSION saiki VERSION '0.2.0'",
+            "CREATE TABLE items (id int PRIMARY KEY)",
+            "SELECT saiki.request_snapshot('s', 'items')",
+            "ALTER EXTENSION saiki UPDATE",
+        ],
+    );
+    let kept = mid
+        .query_one(
+            "SELECT table_name || ' ' || state || ' ' || (sweep_before IS NULL) FROM saiki.snapshots",
+            &[],
+        )
+        .unwrap()
+        .get::<_, String>(0);
+    assert_eq!(kept, "public.items requested true");
     let mut new = pg.create_db("new");
     exec(&mut new, &["CREATE EXTENSION saiki"]);
     let version = |db: &mut saiki_tests::postgres::Client| -> String {
@@ -59,13 +112,17 @@ fn an_earlier_version_updates_to_exactly_what_a_new_install_has() {
         .get(0)
     };
     assert_eq!(version(&mut old), version(&mut new));
-    let (o, n) = (objects(&mut old), objects(&mut new));
-    assert!(
-        n.iter()
-            .any(|x| x.contains("event trigger saiki_ddl_command_end")),
-        "{n:#?}"
-    );
-    assert_eq!(o, n, "an updated install differs from a new one");
+    assert_eq!(version(&mut mid), version(&mut new));
+    let (o, m, n) = (objects(&mut old), objects(&mut mid), objects(&mut new));
+    for object in [
+        "event trigger saiki_ddl_command_end",
+        "table saiki.slot_origins",
+        "saiki.snapshots.sweep_before pg_lsn",
+    ] {
+        assert!(n.iter().any(|x| x.contains(object)), "{object}: {n:#?}");
+    }
+    assert_eq!(o, n, "an install updated from 0.1.0 differs from a new one");
+    assert_eq!(m, n, "an install updated from 0.2.0 differs from a new one");
 
     // The update took the tables already there as the baseline: a rename is a rename.
     exec(
