@@ -527,9 +527,13 @@ impl Session<'_> {
             if let Some(values) = values {
                 for (col, raw) in &values.0 {
                     let pg = || types.0.iter().find(|(c, _)| c == col).map(|(_, t)| &**t);
-                    let (idx, ty) = t.column(col, pg);
-                    let cell =
-                        columns::cell(raw.get(), ty).map_err(|e| format!("{name}.{col}: {e}"))?;
+                    let (idx, ty, json) = t.column(col, pg);
+                    let cell = if json {
+                        // JSON stays JSON: a document that is a string keeps its quotes.
+                        columns::json_cell(raw.get())
+                    } else {
+                        columns::cell(raw.get(), ty).map_err(|e| format!("{name}.{col}: {e}"))?
+                    };
                     row.cells.push((idx, cell));
                 }
             }
@@ -629,7 +633,7 @@ impl Session<'_> {
                 None if col == "schema_version" => version.as_str(),
                 None => "null",
             };
-            let (idx, ty) = t.column(col, || Some(columns::event_pg_type(pg)));
+            let (idx, ty, _) = t.column(col, || Some(columns::event_pg_type(pg)));
             let cell = if pg == "jsonb" {
                 // JSON stays JSON: a string keeps its quotes ("5" is not 5).
                 columns::json_cell(raw)

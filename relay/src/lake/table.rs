@@ -362,6 +362,9 @@ pub(crate) struct ChangeTable {
     columns: Vec<(String, PrimitiveType)>,
     /// Name → index into `columns` (kept by `set_columns` and `column`).
     index: HashMap<String, usize>,
+    /// Per column: whether its source type is `json`/`jsonb` (its values stay JSON text), as
+    /// far as a record has said this session (Iceberg's schema has only `string`).
+    json: Vec<Option<bool>>,
     in_iceberg: Option<usize>,
     pub(crate) rows: Vec<Row>,
     /// When this relay last looked for snapshots to expire.
@@ -374,32 +377,50 @@ impl ChangeTable {
             ident: TableIdent::new(NamespaceIdent::new(namespace.to_string()), name.to_string()),
             columns: Vec::new(),
             index: HashMap::new(),
+            json: Vec::new(),
             in_iceberg: None,
             rows: Vec::new(),
             expired_at: None,
         }
     }
 
-    /// The index and type of a column; the first time the column is met, its type is
-    /// learned from the record's (`pg`, asked only then; text if it has none).
+    /// The index and type of a column, and whether its values are JSON documents. The first
+    /// time the column is met, its type is learned from the record's (`pg`, asked only then;
+    /// text if it has none); whether it is JSON, the first time this session a record names
+    /// its type.
     pub(crate) fn column<'p>(
         &mut self,
         name: &str,
         pg: impl FnOnce() -> Option<&'p str>,
-    ) -> (usize, &PrimitiveType) {
+    ) -> (usize, &PrimitiveType, bool) {
+        let is_json = |t: &str| matches!(t, "json" | "jsonb");
         let i = match self.index.get(name) {
-            Some(i) => *i,
+            Some(i) => {
+                let i = *i;
+                if self.json[i].is_none() {
+                    self.json[i] = pg().map(is_json);
+                }
+                i
+            }
             None => {
-                let ty = pg().map_or(PrimitiveType::String, columns::iceberg_type);
+                let t = pg();
+                let ty = t.map_or(PrimitiveType::String, columns::iceberg_type);
                 self.columns.push((name.to_string(), ty));
+                self.json.push(t.map(is_json));
                 self.index.insert(name.to_string(), self.columns.len() - 1);
                 self.columns.len() - 1
             }
         };
-        (i, &self.columns[i].1)
+        (i, &self.columns[i].1, self.json[i] == Some(true))
     }
 
     fn set_columns(&mut self, cols: Vec<(String, PrimitiveType)>) {
+        // What is known of a column's JSON-ness goes with its name; the rest is learned from
+        // the next record.
+        self.json = cols
+            .iter()
+            .map(|(c, _)| self.index.get(c).and_then(|&i| self.json[i]))
+            .collect();
         self.index = cols
             .iter()
             .enumerate()
@@ -927,6 +948,27 @@ mod tests {
         let h = log(&[(1, 10), (2, 20)]);
         assert_eq!(replaced_before(&h, 15), Vec::<i64>::new());
         assert!(replaced_before(&log(&[(1, 10)]), 1_000).is_empty());
+    }
+
+    #[test]
+    fn a_json_column_is_known_as_such_once_a_record_names_its_type_and_keeps_it_by_name() {
+        let mut t = ChangeTable::new("saiki", "t_changes");
+        assert!(!t.column("doc", || None).2, "no types: not known");
+        assert!(
+            t.column("doc", || Some("jsonb")).2,
+            "learned from the next record"
+        );
+        assert!(t.column("doc", || panic!("asked once")).2);
+        assert!(!t.column("name", || Some("text")).2);
+        // The table's order differs (another relay added a column first): flags follow names.
+        t.set_columns(vec![
+            ("other".into(), PrimitiveType::Int),
+            ("name".into(), PrimitiveType::String),
+            ("doc".into(), PrimitiveType::String),
+        ]);
+        assert!(t.column("doc", || panic!("known")).2);
+        assert!(!t.column("name", || panic!("known")).2);
+        assert!(!t.column("other", || Some("integer")).2);
     }
 
     #[test]

@@ -68,6 +68,33 @@ fn workload(dsn: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> 
     })
 }
 
+/// The failover: once the standby has replayed what `db`'s primary has written so far (the
+/// gap's changes must survive the promotion), the primary stops with `-m immediate` and the
+/// standby is promoted. Returns a connection to the new primary.
+fn fail_over(
+    mut db: saiki_tests::postgres::Client,
+    primary: &PgCluster,
+    standby: &PgCluster,
+    relay: &Relay,
+) -> saiki_tests::postgres::Client {
+    let end = ordered_rows(&mut db, "SELECT pg_current_wal_lsn()::text").unwrap()[0][0]
+        .clone()
+        .unwrap();
+    let mut replica = standby.connect("shop");
+    wait_until(Duration::from_secs(60), relay, || {
+        let r = ordered_rows(
+            &mut replica,
+            &format!("SELECT pg_last_wal_replay_lsn() >= '{end}'::pg_lsn"),
+        );
+        (r.as_ref().and_then(|r| r[0][0].as_deref()) != Some("t"))
+            .then(|| format!("standby behind {end}: {r:?}"))
+    });
+    drop(db);
+    primary.stop_immediately();
+    standby.promote();
+    standby.connect("shop")
+}
+
 /// `saiki-relay status --dsn` of a database, as text.
 fn status_of(dsn: &str) -> String {
     let out = Command::new(BIN)
@@ -135,26 +162,11 @@ fn the_relay_follows_a_promotion_through_a_multi_host_dsn_and_resyncs_what_the_l
             "DELETE FROM orders WHERE id IN (120, 121)",
         ],
     );
-    let end = ordered_rows(&mut db, "SELECT pg_current_wal_lsn()::text").unwrap()[0][0]
-        .clone()
-        .unwrap();
-    let mut replica = standby.connect("shop");
-    wait_until(Duration::from_secs(60), &source, || {
-        let r = ordered_rows(
-            &mut replica,
-            &format!("SELECT pg_last_wal_replay_lsn() >= '{end}'::pg_lsn"),
-        );
-        (r.as_ref().and_then(|r| r[0][0].as_deref()) != Some("t"))
-            .then(|| format!("standby behind {end}: {r:?}"))
-    });
-    drop(db);
-    primary.stop_immediately();
-    standby.promote();
+    let mut db = fail_over(db, &primary, &standby, &source);
     signal(&source, "-CONT");
 
     // The new primary: the relay finds no slot there, creates it, and resyncs. A delete
     // committed now may come before the new slot or after it: either way it is gone.
-    let mut db = standby.connect("shop");
     exec(&mut db, &["DELETE FROM orders WHERE id = 95"]);
     wait_slot_active(&mut db, &source);
     exec(
@@ -284,24 +296,9 @@ fn a_relay_killed_in_the_gap_and_during_the_resync_and_a_sink_killed_during_the_
             "DELETE FROM orders WHERE id % 97 = 0",
         ],
     );
-    let end = ordered_rows(&mut db, "SELECT pg_current_wal_lsn()::text").unwrap()[0][0]
-        .clone()
-        .unwrap();
-    let mut replica = standby.connect("shop");
-    wait_until(Duration::from_secs(60), &sink, || {
-        let r = ordered_rows(
-            &mut replica,
-            &format!("SELECT pg_last_wal_replay_lsn() >= '{end}'::pg_lsn"),
-        );
-        (r.as_ref().and_then(|r| r[0][0].as_deref()) != Some("t"))
-            .then(|| format!("standby behind {end}: {r:?}"))
-    });
-    drop(db);
-    primary.stop_immediately();
-    standby.promote();
+    let mut db = fail_over(db, &primary, &standby, &sink);
 
     // A new relay process: nothing in memory, only the recorded origin tells the gap.
-    let mut db = standby.connect("shop");
     exec(
         &mut db,
         &["DELETE FROM orders WHERE id BETWEEN 2000 AND 2010"],
