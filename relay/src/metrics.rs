@@ -601,6 +601,12 @@ pub struct SourceMetrics {
 }
 
 impl SourceMetrics {
+    /// A resync after the slot lost changes: counted, and why kept for `/metrics`' readers.
+    pub(crate) fn note_resync(&self, why: &str) {
+        self.resyncs.fetch_add(1, Ordering::Relaxed);
+        *self.resync_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
+    }
+
     pub fn snapshot_progress(&self, table: &str, done: u64, estimated: u64) {
         let mut t = self
             .snapshot_tables

@@ -248,43 +248,53 @@ async fn slot_origin(conn: &mut PgConn, slot: &str) -> Option<Server> {
 /// Records the server the slot is on (and, for a slot just created, where it starts) in
 /// `saiki.slot_origins`. Logged, never fatal: without it only a restart after a failover
 /// misses the gap.
-async fn record_origin(conn: &mut PgConn, slot: &str, now: &Server, created: Option<Lsn>) {
-    if let Err(e) = conn.simple_query(&origin_sql(slot, now, created)).await {
+async fn record_origin(conn: &mut PgConn, slot: &str, now: &Server, what: Origin<'_>) {
+    if let Err(e) = conn.simple_query(&origin_sql(slot, now, what)).await {
         debug!(error = %e, "could not record the slot's origin in saiki.slot_origins");
     }
 }
 
-/// The statement that records the slot's origin with the resync asked for in the same
-/// transaction: when, why, and where its sweep starts (`saiki.resyncs` shows it).
-fn resync_origin_sql(slot: &str, now: &Server, gap: &Gap) -> String {
-    let before = match gap.sweep_before {
-        Some(l) => format!("{}::pg_lsn", quote::literal(&l.to_string())),
-        None => "NULL".into(),
-    };
-    format!(
-        "INSERT INTO saiki.slot_origins AS o (slot_name, system_identifier, timeline, resync_at, resync_reason, resync_before) \
-         VALUES ({}, {}, {}, now(), {}, {before}) ON CONFLICT (slot_name) DO UPDATE \
-         SET system_identifier = excluded.system_identifier, timeline = excluded.timeline, \
-             created_lsn = NULL, recorded_at = now(), resync_at = now(), \
-             resync_reason = excluded.resync_reason, resync_before = excluded.resync_before",
-        quote::literal(slot),
-        quote::literal(&now.0),
-        now.1.parse::<i64>().unwrap_or(0),
-        quote::literal(&gap.why),
-    )
+/// What a row of `saiki.slot_origins` records besides the server.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    /// The slot is on this server (it was there before, or survived a promotion).
+    Seen,
+    /// The slot was just created, starting here.
+    Created(Lsn),
+    /// A resync was asked for in the same transaction: when, why, and where its sweep
+    /// starts (`saiki.resyncs` shows it); the slot is created next.
+    Resync(&'a Gap),
 }
 
-/// The statement that records the slot's origin (see [`record_origin`]).
-fn origin_sql(slot: &str, now: &Server, created: Option<Lsn>) -> String {
-    let created_lsn = match created {
+/// The statement that records the slot's origin (see [`record_origin`], [`Origin`]).
+fn origin_sql(slot: &str, now: &Server, what: Origin<'_>) -> String {
+    let lsn = |l: Option<Lsn>| match l {
         Some(l) => format!("{}::pg_lsn", quote::literal(&l.to_string())),
         None => "NULL".into(),
     };
+    let (columns, values, set) = match what {
+        Origin::Seen => ("", String::new(), ""),
+        Origin::Created(start) => (
+            ", created_lsn",
+            format!(", {}", lsn(Some(start))),
+            ", created_lsn = excluded.created_lsn",
+        ),
+        Origin::Resync(gap) => (
+            ", created_lsn, resync_at, resync_reason, resync_before",
+            format!(
+                ", NULL, now(), {}, {}",
+                quote::literal(&gap.why),
+                lsn(gap.sweep_before)
+            ),
+            ", created_lsn = NULL, resync_at = now(), resync_reason = excluded.resync_reason, \
+             resync_before = excluded.resync_before",
+        ),
+    };
     format!(
-        "INSERT INTO saiki.slot_origins AS o (slot_name, system_identifier, timeline, created_lsn) \
-         VALUES ({}, {}, {}, {created_lsn}) ON CONFLICT (slot_name) DO UPDATE \
+        "INSERT INTO saiki.slot_origins AS o (slot_name, system_identifier, timeline{columns}) \
+         VALUES ({}, {}, {}{values}) ON CONFLICT (slot_name) DO UPDATE \
          SET system_identifier = excluded.system_identifier, timeline = excluded.timeline, \
-             created_lsn = coalesce(excluded.created_lsn, o.created_lsn), recorded_at = now()",
+             recorded_at = now(){set}",
         quote::literal(slot),
         quote::literal(&now.0),
         now.1.parse::<i64>().unwrap_or(0),
@@ -403,11 +413,7 @@ async fn resync(
     let (extension, current) = (flag(0), flag(1));
     if !extension {
         // Nothing to ask: streaming on is all this relay can do.
-        metrics.resyncs.fetch_add(1, Ordering::Relaxed);
-        *metrics
-            .resync_reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
+        metrics.note_resync(why);
         error!(reason = %why, "resync needed, and the source database has no saiki extension: changes between the last confirmed position and now may be missing; CREATE EXTENSION saiki there, then run saiki-relay snapshot --table for every captured table");
         return Ok(());
     }
@@ -420,7 +426,7 @@ async fn resync(
         sql.push(snapshot::sweep_sql(&rt.slot, before));
     }
     if current {
-        sql.push(resync_origin_sql(&rt.slot, now, gap));
+        sql.push(origin_sql(&rt.slot, now, Origin::Resync(gap)));
     }
     // One simple query: one transaction.
     match conn.simple_query(&sql.join("; ")).await {
@@ -435,11 +441,7 @@ async fn resync(
             r?;
         }
     }
-    metrics.resyncs.fetch_add(1, Ordering::Relaxed);
-    *metrics
-        .resync_reason
-        .lock()
-        .unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
+    metrics.note_resync(why);
     let sweep = match (gap.sweep_before, current) {
         (Some(lsn), true) => format!("; at each table's end the sink deletes the rows of this source last changed before {lsn} that the snapshot did not read (deleted in the gap)"),
         (Some(_), false) => "; rows deleted in the gap stay in the ODS: the extension is older than 0.3.0 (ALTER EXTENSION saiki UPDATE)".into(),
@@ -585,13 +587,13 @@ async fn session(
         resync(&mut conn, rt, metrics, gap, &system).await?;
     } else if !created && origin.as_ref() != Some(&system) {
         // A slot that was there before this relay recorded it, or that survived a promotion.
-        record_origin(&mut conn, &rt.slot, &system, None).await;
+        record_origin(&mut conn, &rt.slot, &system, Origin::Seen).await;
     }
     let start = match slot {
         Some(confirmed) => confirmed,
         None => {
             let start = create_slot(&mut conn, rt).await?;
-            record_origin(&mut conn, &rt.slot, &system, Some(start)).await;
+            record_origin(&mut conn, &rt.slot, &system, Origin::Created(start)).await;
             start
         }
     };
