@@ -25,6 +25,7 @@ pub(crate) mod config;
 pub(crate) mod error;
 pub(crate) mod event_registry;
 pub(crate) mod event_table;
+pub(crate) mod evolve;
 pub(crate) mod http;
 pub(crate) mod ingest;
 pub(crate) mod kafka;

@@ -113,6 +113,16 @@ pub(crate) fn json_cell(raw: &str) -> Cell {
     }
 }
 
+/// A value read as its column's former type, as the wider type the column took
+/// (`schema::widens`); other values stay.
+pub(crate) fn widen(cell: &mut Cell, to: &PrimitiveType) {
+    match (&*cell, to) {
+        (Cell::Int(v), PrimitiveType::Long) => *cell = Cell::Long(i64::from(*v)),
+        (Cell::Float(v), PrimitiveType::Double) => *cell = Cell::Double(f64::from(*v)),
+        _ => {}
+    }
+}
+
 /// Reads a record's raw JSON value as the column's type; `Err` says why it cannot be.
 pub(crate) fn cell(raw: &str, ty: &PrimitiveType) -> Result<Cell, String> {
     let raw = raw.trim();

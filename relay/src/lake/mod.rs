@@ -11,6 +11,7 @@
 mod columns;
 mod held;
 mod ledger;
+mod schema;
 mod table;
 
 use std::collections::HashMap;
@@ -21,8 +22,10 @@ use std::time::Duration;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use saiki_core::ddl::SchemaChangeFields;
 use saiki_core::record::Action;
 use saiki_core::view::{Fields, RecordView, Types};
+use saiki_core::Lsn;
 use tokio::sync::watch;
 use tracing::{debug, info, info_span, warn};
 
@@ -373,7 +376,7 @@ impl Session<'_> {
             let written = match tables_of(&rec) {
                 Ok(names) => {
                     self.prepare(&names).await?;
-                    self.write(&origin, &rec, &names, m.offset(), None)
+                    self.write(&origin, &rec, payload, &names, m.offset(), None)
                 }
                 Err(reason) => Err(reason),
             };
@@ -431,8 +434,15 @@ impl Session<'_> {
                         Ok(hr) => match tables_of(&hr) {
                             Ok(names) => {
                                 self.prepare(&names).await?;
-                                self.write(&held_origin, &hr, &names, m.offset(), Some(commit))
-                                    .err()
+                                self.write(
+                                    &held_origin,
+                                    &hr,
+                                    &r.payload,
+                                    &names,
+                                    m.offset(),
+                                    Some(commit),
+                                )
+                                .err()
                             }
                             Err(reason) => Some(reason),
                         },
@@ -443,7 +453,11 @@ impl Session<'_> {
                     }
                 }
             }
-            Action::Insert | Action::Update | Action::Delete | Action::Truncate => {
+            Action::Insert
+            | Action::Update
+            | Action::Delete
+            | Action::Truncate
+            | Action::SchemaChange => {
                 self.held.hold(
                     &tp,
                     key,
@@ -479,12 +493,14 @@ impl Session<'_> {
     }
 
     /// A record's rows into the round, admitted at `at` (its own offset, or its streamed
-    /// transaction's end copy's), with the commit position and time of `commit` if given.
-    /// `Err`: why it cannot be written (a dead letter).
+    /// transaction's end copy's), with the commit position and time of `commit` if given;
+    /// an `L` record (`payload`) into its table's schema. `Err`: why it cannot be written (a
+    /// dead letter).
     fn write(
         &mut self,
         origin: &Origin,
         rec: &RecordView<'_, Fields<'_>>,
+        payload: &[u8],
         names: &[String],
         at: i64,
         commit: Option<(i64, Option<i64>)>,
@@ -500,6 +516,26 @@ impl Session<'_> {
                 rec.commit_ts.as_deref().and_then(columns::commit_micros),
             )
         });
+        let source = rec.source.as_deref().unwrap_or("");
+        let pos = (Lsn(commit_lsn as u64), rec.seq.unwrap_or(0));
+        if rec.action == Action::SchemaChange {
+            let l: SchemaChangeFields = serde_json::from_slice(payload)
+                .map_err(|e| format!("malformed schema change record: {e}"))?;
+            if rec.source.is_none() || rec.seq.is_none() {
+                return Err("a schema change record without source or seq: only saiki-relay source produces the L records the lake follows".into());
+            }
+            for name in names {
+                let Some(t) = self.tables.get_mut(name) else {
+                    return Err(format!("internal: {name} was not loaded (`prepare`)"));
+                };
+                if self.ledger.admit(name, &origin.tp, at)
+                    && t.schema_change(source, pos, l.changes.clone())
+                {
+                    debug!(table = %name, statement = %l.statement, "schema change taken");
+                }
+            }
+            return Ok(());
+        }
         for name in names {
             let Some(t) = self.tables.get_mut(name) else {
                 return Err(format!("internal: {name} was not loaded (`prepare`)"));
@@ -527,7 +563,7 @@ impl Session<'_> {
             if let Some(values) = values {
                 for (col, raw) in &values.0 {
                     let pg = || types.0.iter().find(|(c, _)| c == col).map(|(_, t)| &**t);
-                    let (idx, ty, json) = t.column(col, pg);
+                    let (idx, ty, json) = t.column(col, (source, pos), pg);
                     let cell = if json {
                         // JSON stays JSON: a document that is a string keeps its quotes.
                         columns::json_cell(raw.get())
@@ -633,7 +669,9 @@ impl Session<'_> {
                 None if col == "schema_version" => version.as_str(),
                 None => "null",
             };
-            let (idx, ty, _) = t.column(col, || Some(columns::event_pg_type(pg)));
+            // An event table follows no `L` record: no rename to read through.
+            let no_renames = ("", (Lsn(0), 0));
+            let (idx, ty, _) = t.column(col, no_renames, || Some(columns::event_pg_type(pg)));
             let cell = if pg == "jsonb" {
                 // JSON stays JSON: a string keeps its quotes ("5" is not 5).
                 columns::json_cell(raw)
@@ -682,6 +720,11 @@ impl Session<'_> {
                 continue;
             };
             if t.rows.is_empty() {
+                // A round with a schema change of the table but no rows: the change is
+                // committed now, since the group's offsets move past its record.
+                if t.has_schema_work() {
+                    self.catalog.follow_schema(t).await?;
+                }
                 continue;
             }
             let rows = t.rows.len();
@@ -773,11 +816,11 @@ struct Origin {
     key: Option<Vec<u8>>,
 }
 
-/// The change-log tables a record writes rows to; none for transaction bounds, messages and
-/// schema changes.
+/// The change-log tables a record writes rows (or, `L`, a schema change) to; none for
+/// transaction bounds and messages.
 fn tables_of(rec: &RecordView<'_, Fields<'_>>) -> Result<Vec<String>, String> {
     Ok(match rec.action {
-        Action::Insert | Action::Update | Action::Delete | Action::Read => {
+        Action::Insert | Action::Update | Action::Delete | Action::Read | Action::SchemaChange => {
             match (&rec.schema, &rec.table) {
                 (Some(s), Some(t)) => vec![changes_table(s, t)],
                 _ => return Err("a row change without schema or table".into()),

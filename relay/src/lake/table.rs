@@ -3,6 +3,7 @@
 //! append whose snapshot summary holds the table's marks).
 
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,9 +33,11 @@ use tracing::{info, warn};
 
 use super::columns::{self, Row};
 use super::ledger::{decode_marks, encode_marks, Ledger, Marks, SUMMARY_KEY};
+use super::schema::{self, LoggedChange, LOG_PROPERTY};
 use super::LakeRuntime;
-use crate::config::LakeConfig;
+use crate::config::{LakeConfig, OnDrop};
 use crate::error::RelayError;
+use crate::evolve::{Pos, SchemaLog, Step};
 use crate::pg::dsn::Dsn;
 
 /// Commit attempts of one table before the round fails (and is read again).
@@ -369,6 +372,12 @@ pub(crate) struct ChangeTable {
     pub(crate) rows: Vec<Row>,
     /// When this relay last looked for snapshots to expire.
     expired_at: Option<Instant>,
+    /// The `L` records the table followed (its `saiki.schema-changes` property and this
+    /// round's): how a row of a source that has not renamed a column yet is read.
+    log: SchemaLog,
+    /// This round's column renames and `L` records, for the next commit.
+    renames: Vec<(String, String)>,
+    logged: Vec<LoggedChange>,
 }
 
 impl ChangeTable {
@@ -381,19 +390,119 @@ impl ChangeTable {
             in_iceberg: None,
             rows: Vec::new(),
             expired_at: None,
+            log: SchemaLog::new(OnDrop::Keep),
+            renames: Vec::new(),
+            logged: Vec::new(),
         }
     }
 
-    /// The index and type of a column, and whether its values are JSON documents. The first
+    /// The name the table's [`SchemaLog`] knows it by (each table has a log of its own).
+    const LOG_TABLE: &'static str = "changes";
+
+    /// An `L` record of `source` at `at` for this table: a column rename renames the
+    /// column (its field keeps its id), a type change that Iceberg can widen to widens it,
+    /// from this record on; both reach the Iceberg table at the next commit, with the
+    /// record in the table's properties. False if the table followed the record already.
+    pub(crate) fn schema_change(
+        &mut self,
+        source: &str,
+        at: Pos,
+        changes: Vec<saiki_core::ddl::Change>,
+    ) -> bool {
+        let Some(steps) = self.log.record(Self::LOG_TABLE, source, at, &changes) else {
+            return false;
+        };
+        for step in steps {
+            match step {
+                Step::RenameColumn { from, to } => {
+                    if !self.index.contains_key(&to) {
+                        if let Some(i) = self.index.remove(&from) {
+                            self.columns[i].0.clone_from(&to);
+                            self.index.insert(to.clone(), i);
+                        }
+                    }
+                    self.renames.push((from, to));
+                }
+                Step::AlterType { column, type_name } => {
+                    let Some(&i) = self.index.get(&column) else {
+                        continue; // met first in a later row, with its new type
+                    };
+                    let to = columns::iceberg_type(&type_name);
+                    if schema::widens(&self.columns[i].1, &to) {
+                        self.retype(i, to);
+                    } else if self.columns[i].1 != to {
+                        warn!(
+                            table = %self.ident,
+                            column,
+                            from = %self.columns[i].1,
+                            to = %to,
+                            "a type change Iceberg cannot follow (only int → long, float → double and a decimal's precision widen): the column keeps its type, and a value that does not fit it goes to the dead-letter topic"
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.logged.push(LoggedChange {
+            source: source.to_string(),
+            lsn: at.0,
+            seq: at.1,
+            changes,
+        });
+        true
+    }
+
+    /// Whether an `L` record of the round is not in the Iceberg table yet (a table the lake
+    /// has not created has no history to keep: its `L` records wait for its first rows).
+    pub(crate) fn has_schema_work(&self) -> bool {
+        self.in_iceberg.is_some() && !self.logged.is_empty()
+    }
+
+    /// Column `i` takes a wider type; the round's values in it are converted.
+    fn retype(&mut self, i: usize, to: PrimitiveType) {
+        for r in &mut self.rows {
+            for (c, cell) in &mut r.cells {
+                if *c == i {
+                    columns::widen(cell, &to);
+                }
+            }
+        }
+        self.columns[i].1 = to;
+    }
+
+    /// The followed `L` records of the table's property, into its log.
+    fn read_log(&mut self, property: Option<&String>) -> Result<(), String> {
+        for l in schema::read_log(property.map(String::as_str))? {
+            self.log
+                .record(Self::LOG_TABLE, &l.source, (l.lsn, l.seq), &l.changes);
+        }
+        Ok(())
+    }
+
+    /// The index and type of a column of a row of `source` at position `at` (a rename that
+    /// source has not made yet applies), and whether its values are JSON documents. The first
     /// time the column is met, its type is learned from the record's (`pg`, asked only then;
     /// text if it has none); whether it is JSON, the first time this session a record names
     /// its type.
     pub(crate) fn column<'p>(
         &mut self,
         name: &str,
+        (source, at): (&str, Pos),
         pg: impl FnOnce() -> Option<&'p str>,
     ) -> (usize, &PrimitiveType, bool) {
         let is_json = |t: &str| matches!(t, "json" | "jsonb");
+        // A source that has not renamed a column yet still names it the old way.
+        let mapped;
+        let name = match self.log.affects(Self::LOG_TABLE) {
+            true => match self.log.column(Self::LOG_TABLE, source, at, name) {
+                Some(n) if n != name => {
+                    mapped = n.to_string();
+                    mapped.as_str()
+                }
+                _ => name,
+            },
+            false => name,
+        };
         let i = match self.index.get(name) {
             Some(i) => {
                 let i = *i;
@@ -462,6 +571,10 @@ impl ChangeTable {
 pub(crate) struct Catalog {
     catalog: SqlCatalog,
     namespace: NamespaceIdent,
+    /// The catalog's database, for the commits iceberg has no action for
+    /// ([`Catalog::commit_metadata`]), and the catalog's name there.
+    sql: sqlx::PgPool,
+    name: String,
 }
 
 impl Catalog {
@@ -494,7 +607,72 @@ impl Catalog {
                 Err(e) => return Err(lake_err("creating the namespace", e)),
             }
         }
-        Ok(Catalog { catalog, namespace })
+        let sql = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy(&rt.catalog_url)
+            .map_err(|e| RelayError::Config(format!("lake.catalog_dsn: {e}")))?;
+        Ok(Catalog {
+            catalog,
+            namespace,
+            sql,
+            name: rt.lake.catalog_name.clone(),
+        })
+    }
+
+    /// Commits new metadata of `table`, as `edit` makes it from the current one, the way
+    /// iceberg's SQL catalog commits (`iceberg-catalog-sql` 0.10.1, `update_table`): iceberg
+    /// builds the metadata and writes its file, and the catalog row moves from the current
+    /// metadata file to the new one only if it still names the current one. False: another
+    /// writer committed first (nothing changed; load the table and try again).
+    ///
+    /// Why by hand: iceberg-rust 0.10.1 has the builder (`TableMetadataBuilder`) but no
+    /// public way to commit what it builds: its `TableCommit` can only come from its own
+    /// actions, whose schema update adds and deletes columns and cannot rename or widen one.
+    async fn commit_metadata(
+        &self,
+        table: &iceberg::table::Table,
+        edit: impl FnOnce(
+            iceberg::spec::TableMetadataBuilder,
+        ) -> iceberg::Result<iceberg::spec::TableMetadataBuilder>,
+    ) -> Result<bool, RelayError> {
+        let ident = table.identifier();
+        let what = |e| lake_err(&format!("committing the schema of {ident}"), e);
+        let current = table.metadata_location_result().map_err(what)?.to_string();
+        let builder = table.metadata().clone().into_builder(Some(current.clone()));
+        let metadata = edit(builder)
+            .and_then(|b| b.build())
+            .map_err(what)?
+            .metadata;
+        let location = iceberg::MetadataLocation::from_str(&current)
+            .map_err(what)?
+            .with_next_version()
+            .with_new_metadata(&metadata);
+        metadata
+            .write_to(table.file_io(), &location)
+            .await
+            .map_err(what)?;
+        let moved = sqlx::query(
+            "UPDATE iceberg_tables SET metadata_location = $1, previous_metadata_location = $2
+             WHERE catalog_name = $3 AND table_namespace = $4 AND table_name = $5
+               AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL) AND metadata_location = $2",
+        )
+        .bind(location.to_string())
+        .bind(&current)
+        .bind(&self.name)
+        .bind(ident.namespace().join("."))
+        .bind(ident.name())
+        .execute(&self.sql)
+        .await
+        .map_err(|e| RelayError::Lake {
+            message: format!("committing the schema of {ident} in the catalog database: {e}"),
+            transient: true,
+        })?;
+        if moved.rows_affected() == 0 {
+            // The file no row names is never read; delete it (a failure leaves it, unread).
+            let _ = table.file_io().delete(location.to_string()).await;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// The table and its marks as its current snapshot has them, or `None` if it does not
@@ -521,6 +699,11 @@ impl Catalog {
         t.ident = ident;
         t.set_columns(columns_of(table.metadata().current_schema()));
         t.in_iceberg = Some(t.columns.len());
+        t.read_log(table.metadata().properties().get(LOG_PROPERTY))
+            .map_err(|e| RelayError::Lake {
+                message: format!("{}: {e}", t.ident),
+                transient: false,
+            })?;
         Ok(Some((t, current_marks(&table)?)))
     }
 
@@ -704,24 +887,35 @@ impl Catalog {
         }
     }
 
-    /// The Iceberg table, created (partitioned by day of `_saiki_commit_ts`) or evolved
-    /// (columns added) to hold every column the lake knows.
+    /// A round's schema changes of a table without rows in the round.
+    pub(crate) async fn follow_schema(&self, t: &mut ChangeTable) -> Result<(), RelayError> {
+        self.ensure(t).await.map(|_| ())
+    }
+
+    /// The Iceberg table, created (partitioned by day of `_saiki_commit_ts`) or evolved to
+    /// hold every column the lake knows (`schema::evolve`: columns added, renamed, widened),
+    /// with the round's `L` records in its `saiki.schema-changes` property.
     async fn ensure(&self, t: &mut ChangeTable) -> Result<iceberg::table::Table, RelayError> {
-        let Some(have) = t.in_iceberg else {
+        let Some(_) = t.in_iceberg else {
             let schema = t.schema().map_err(|e| lake_err("schema", e))?;
             let spec = UnboundPartitionSpec::builder()
                 .add_partition_field(5, format!("{}_day", columns::COMMIT_TS), Transform::Day)
                 .map_err(|e| lake_err("partition spec", e))?
                 .build();
+            let mut properties = HashMap::from([
+                ("write.format.default".to_string(), "parquet".to_string()),
+                // Conflicts are retried here, with the marks read again (`commit`).
+                ("commit.retry.num-retries".to_string(), "0".to_string()),
+            ]);
+            if !t.logged.is_empty() {
+                let log = schema::log_with(None, &t.logged).map_err(RelayError::Internal)?;
+                properties.insert(LOG_PROPERTY.to_string(), log);
+            }
             let creation = TableCreation::builder()
                 .name(t.ident.name().to_string())
                 .schema(schema)
                 .partition_spec(spec)
-                .properties(HashMap::from([
-                    ("write.format.default".to_string(), "parquet".to_string()),
-                    // Conflicts are retried here, with the marks read again (`commit`).
-                    ("commit.retry.num-retries".to_string(), "0".to_string()),
-                ]))
+                .properties(properties)
                 .build();
             let table = match self.catalog.create_table(&self.namespace, creation).await {
                 Ok(table) => table,
@@ -734,51 +928,78 @@ impl Catalog {
             };
             info!(table = %t.ident, columns = t.columns.len(), "table created");
             t.in_iceberg = Some(t.columns.len());
+            t.renames.clear();
+            t.logged.clear();
             return Ok(table);
         };
-        let table = self
-            .catalog
-            .load_table(&t.ident)
-            .await
-            .map_err(|e| lake_err(&format!("loading {}", t.ident), e))?;
-        let existing: Vec<String> = table
-            .metadata()
-            .current_schema()
-            .as_struct()
-            .fields()
-            .iter()
-            .map(|f| f.name.clone())
-            .collect();
-        let missing: Vec<&(String, PrimitiveType)> = t
-            .columns
-            .iter()
-            .filter(|(c, _)| !existing.contains(c))
-            .collect();
-        if missing.is_empty() && have == t.columns.len() {
-            return Ok(table);
-        }
-        let mut table = table;
-        if !missing.is_empty() {
-            let tx = Transaction::new(&table);
-            let mut action = tx.update_schema();
-            for (c, ty) in &missing {
-                action = action.add_column(iceberg::transaction::AddColumn::optional(
-                    c,
-                    Type::Primitive(ty.clone()),
-                ));
-            }
-            let tx = action.apply(tx).map_err(|e| lake_err("schema", e))?;
-            table = tx
-                .commit(&self.catalog)
+        let mut attempt = 0;
+        let table = loop {
+            attempt += 1;
+            let table = self
+                .catalog
+                .load_table(&t.ident)
                 .await
-                .map_err(|e| lake_err(&format!("adding columns to {}", t.ident), e))?;
-            info!(table = %t.ident, added = missing.len(), "columns added");
-        }
-        // The lake's column order is the table's (a column another relay added first may
-        // sit before ours): take the table's order and types.
+                .map_err(|e| lake_err(&format!("loading {}", t.ident), e))?;
+            let meta = table.metadata();
+            let next = schema::evolve(
+                meta.current_schema(),
+                meta.last_column_id(),
+                &t.columns,
+                &t.renames,
+            )
+            .map_err(|e| RelayError::Internal(format!("{}: schema: {e}", t.ident)))?;
+            let have_log = meta.properties().get(LOG_PROPERTY);
+            let log = match t.logged.is_empty() {
+                true => None,
+                false => Some(
+                    schema::log_with(have_log.map(String::as_str), &t.logged).map_err(|e| {
+                        RelayError::Lake {
+                            message: format!("{}: {e}", t.ident),
+                            transient: false,
+                        }
+                    })?,
+                ),
+            }
+            .filter(|l| Some(l) != have_log);
+            if next.is_none() && log.is_none() {
+                break table;
+            }
+            let fields = next.as_ref().map(|s| s.as_struct().fields().len());
+            let committed = self
+                .commit_metadata(&table, |mut b| {
+                    if let Some(schema) = next {
+                        b = b.add_current_schema(schema)?;
+                    }
+                    if let Some(log) = log {
+                        b = b.set_properties(HashMap::from([(LOG_PROPERTY.to_string(), log)]))?;
+                    }
+                    Ok(b)
+                })
+                .await?;
+            if committed {
+                info!(table = %t.ident, ?fields, renames = ?t.renames, "schema committed");
+                continue; // and load the table as committed
+            }
+            if attempt >= COMMIT_ATTEMPTS {
+                return Err(RelayError::Lake {
+                    message: format!(
+                        "{}: the schema commit lost to other writers {attempt} times",
+                        t.ident
+                    ),
+                    transient: true,
+                });
+            }
+            info!(
+                attempt,
+                "schema commit conflict (another writer committed): again on the new metadata"
+            );
+        };
+        t.renames.clear();
+        t.logged.clear();
+        // The lake's columns are the table's, in its order and with its types (another
+        // relay may have added a column first, or widened one): the round's cells follow.
         let ordered = columns_of(table.metadata().current_schema());
         if ordered != t.columns {
-            // Cells of the round refer to the lake's old order: map them.
             let map: Vec<usize> = t
                 .columns
                 .iter()
@@ -790,8 +1011,11 @@ impl Catalog {
                 })
                 .collect();
             for r in &mut t.rows {
-                for (i, _) in &mut r.cells {
+                for (i, cell) in &mut r.cells {
                     *i = map[*i];
+                    if let Some((_, ty)) = ordered.get(*i) {
+                        columns::widen(cell, ty);
+                    }
                 }
             }
             t.set_columns(ordered);
@@ -950,32 +1174,113 @@ mod tests {
         assert!(replaced_before(&log(&[(1, 10)]), 1_000).is_empty());
     }
 
+    /// A row of source s1 at an early position.
+    const AT: (&str, Pos) = ("s1", (saiki_core::Lsn(1), 0));
+
+    fn cells(t: &ChangeTable) -> Vec<Vec<(usize, columns::Cell)>> {
+        t.rows.iter().map(|r| r.cells.clone()).collect()
+    }
+
+    fn row(cells: Vec<(usize, columns::Cell)>) -> Row {
+        Row {
+            action: 'I',
+            source: "s1".into(),
+            commit_lsn: 1,
+            seq: 0,
+            commit_ts: None,
+            unchanged: None,
+            cells,
+        }
+    }
+
+    #[test]
+    fn a_renamed_column_is_the_same_column_for_a_source_that_has_not_renamed_it_yet() {
+        use saiki_core::ddl::Change;
+        use saiki_core::Lsn;
+        let mut t = ChangeTable::new("saiki", "items_changes");
+        let (note, _, _) = t.column("note", AT, || Some("text"));
+        let rename = vec![Change::RenameColumn {
+            from: "note".into(),
+            to: "remark".into(),
+        }];
+        assert!(t.schema_change("s1", (Lsn(0x100), 2), rename.clone()));
+        assert!(
+            !t.schema_change("s1", (Lsn(0x100), 2), rename.clone()),
+            "taken once"
+        );
+        assert_eq!(t.column("remark", ("s1", (Lsn(0x101), 0)), || None).0, note);
+        // Source s2 migrates later: its rows still say note, which is the renamed column.
+        assert_eq!(t.column("note", ("s2", (Lsn(0x500), 0)), || None).0, note);
+        // s1 renamed at 0x100: its rows before that say note and mean it too.
+        assert_eq!(t.column("note", ("s1", (Lsn(0x99), 0)), || None).0, note);
+        assert!(t.schema_change("s2", (Lsn(0x600), 1), rename));
+        // After its own rename, a source naming note again means a new column.
+        let (new, _, _) = t.column("note", ("s2", (Lsn(0x601), 0)), || Some("text"));
+        assert_ne!(new, note);
+        assert_eq!(t.renames, vec![("note".to_string(), "remark".to_string())]);
+        assert_eq!(t.logged.len(), 2);
+    }
+
+    #[test]
+    fn a_type_change_iceberg_can_widen_converts_the_rounds_values_and_another_does_not() {
+        use columns::Cell;
+        use saiki_core::ddl::Change;
+        use saiki_core::Lsn;
+        let alter = |c: &str, to: &str| {
+            vec![Change::AlterType {
+                column: c.into(),
+                from: String::new(),
+                to: to.into(),
+            }]
+        };
+        let mut t = ChangeTable::new("saiki", "items_changes");
+        let (n, _, _) = t.column("n", AT, || Some("integer"));
+        let (price, _, _) = t.column("price", AT, || Some("numeric(10,2)"));
+        t.rows
+            .push(row(vec![(n, Cell::Int(7)), (price, Cell::Decimal(150))]));
+        assert!(t.schema_change("s1", (Lsn(0x100), 1), alter("n", "bigint")));
+        assert!(t.schema_change("s1", (Lsn(0x100), 2), alter("price", "text")));
+        assert_eq!(t.column("n", AT, || None).1, &PrimitiveType::Long);
+        assert_eq!(
+            t.column("price", AT, || None).1,
+            &PrimitiveType::Decimal {
+                precision: 10,
+                scale: 2
+            },
+            "decimal → string is no Iceberg promotion"
+        );
+        assert_eq!(
+            cells(&t),
+            vec![vec![(n, Cell::Long(7)), (price, Cell::Decimal(150))]]
+        );
+    }
+
     #[test]
     fn a_json_column_is_known_as_such_once_a_record_names_its_type_and_keeps_it_by_name() {
         let mut t = ChangeTable::new("saiki", "t_changes");
-        assert!(!t.column("doc", || None).2, "no types: not known");
+        assert!(!t.column("doc", AT, || None).2, "no types: not known");
         assert!(
-            t.column("doc", || Some("jsonb")).2,
+            t.column("doc", AT, || Some("jsonb")).2,
             "learned from the next record"
         );
-        assert!(t.column("doc", || panic!("asked once")).2);
-        assert!(!t.column("name", || Some("text")).2);
+        assert!(t.column("doc", AT, || panic!("asked once")).2);
+        assert!(!t.column("name", AT, || Some("text")).2);
         // The table's order differs (another relay added a column first): flags follow names.
         t.set_columns(vec![
             ("other".into(), PrimitiveType::Int),
             ("name".into(), PrimitiveType::String),
             ("doc".into(), PrimitiveType::String),
         ]);
-        assert!(t.column("doc", || panic!("known")).2);
-        assert!(!t.column("name", || panic!("known")).2);
-        assert!(!t.column("other", || Some("integer")).2);
+        assert!(t.column("doc", AT, || panic!("known")).2);
+        assert!(!t.column("name", AT, || panic!("known")).2);
+        assert!(!t.column("other", AT, || Some("integer")).2);
     }
 
     #[test]
     fn the_schema_puts_the_saiki_columns_first_with_unique_ids() {
         let mut t = ChangeTable::new("saiki", "orders_changes");
-        t.column("id", || Some("bigint"));
-        t.column("price", || Some("numeric(10,2)"));
+        t.column("id", AT, || Some("bigint"));
+        t.column("price", AT, || Some("numeric(10,2)"));
         let s = t.schema().unwrap();
         let names: Vec<_> = s
             .as_struct()

@@ -21,8 +21,8 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::error::RelayError;
+use crate::evolve::SchemaLog;
 use crate::kafka::Kafka;
-use crate::sink::evolve::SchemaLog;
 use crate::sink::ods::{ApplyError, Ods, PartitionOffsets};
 use crate::sink::plan::{EventTables, Msg, Outcome, Planner};
 use crate::sink::staging::{self, Ended};

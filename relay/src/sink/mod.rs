@@ -18,7 +18,6 @@
 //!   read); librdkafka's prefetch queue is bounded by its settings.
 
 pub(crate) mod batch;
-pub(crate) mod evolve;
 pub(crate) mod group;
 pub(crate) mod ods;
 pub(crate) mod offsets;
@@ -42,11 +41,11 @@ use tracing::{debug, error, info, info_span, warn};
 use crate::config::{KafkaConfig, SinkConfig};
 use crate::error::RelayError;
 use crate::event_registry::EventCatalog;
+use crate::evolve::SchemaLog;
 use crate::kafka::{Kafka, TopicFilter};
 use crate::metrics::SinkMetrics;
 use crate::retry::{supervise, Supervised};
 use crate::sink::batch::{Applied, Applier, Done};
-use crate::sink::evolve::SchemaLog;
 use crate::sink::group::GroupWatch;
 use crate::sink::ods::{ApplyError, Ods};
 use crate::sink::offsets::{Accept, Ledger, Tp};
@@ -423,7 +422,7 @@ async fn session(
                         s.handle_events();
                         s.accept(m).await?;
                         // A batch ends after a schema change, so that what follows it is
-                        // planned knowing it (sink/evolve.rs).
+                        // planned knowing it (evolve.rs).
                         let last = s.batch.last().and_then(|m| m.payload());
                         let schema_change = last.is_some_and(|p| p.starts_with(SCHEMA_CHANGE_PREFIX));
                         // A batch ends after a streamed transaction's end copy too, and is

@@ -24,9 +24,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::OnDrop;
 use crate::error::RelayError;
+use crate::evolve::{SchemaLog, Step};
 use crate::pg::client::pg_error;
 use crate::pg::quote::{ident, literal};
-use crate::sink::evolve::{SchemaLog, Step};
 use crate::sink::plan::{self, ColumnKind, NetRow, Op, SchemaChange, TablePlan};
 use crate::sink::statements::{
     delete_truncated, TableStatements, RAISE_WATERMARK, READ_WATERMARKS, RECORD_SWEEP,

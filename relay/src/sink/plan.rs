@@ -22,7 +22,7 @@ use serde_json::value::RawValue;
 
 pub(crate) use crate::event_table::EventTables;
 use crate::event_table::{event_parts, METADATA_COLUMNS};
-use crate::sink::evolve::SchemaLog;
+use crate::evolve::SchemaLog;
 use crate::sink::stream::{StreamOps, Taken};
 
 /// The dead-letter reason for records of tables without a key (docs/sink.md, "Dead letters").
@@ -284,7 +284,7 @@ pub(crate) struct SchemaChange {
     pub(crate) shape: Option<saiki_core::ddl::Shape>,
     /// What the ODS does for it, decided by the sink's [`SchemaLog`] when the batch is cut
     /// (empty for a copy already taken in).
-    pub(crate) steps: Vec<crate::sink::evolve::Step>,
+    pub(crate) steps: Vec<crate::evolve::Step>,
 }
 
 impl<'a> Planner<'a> {

@@ -127,7 +127,7 @@ fn source_rows(db: &mut saiki_tests::postgres::Client, cols: &str) -> Vec<Vec<Op
 
 /// Source databases `shop1`..`shop{n}` on `pg`, each with the extension and `schema`, and a
 /// source relay each (source `shard{i}`, slot `saiki_shard{i}`), once every slot is active.
-fn start_shards(
+pub(crate) fn start_shards(
     pg: &PgCluster,
     broker: &Broker,
     n: usize,

@@ -739,3 +739,289 @@ fn every_event_of_the_event_api_is_one_row_of_its_lake_table_though_the_lake_rel
         "schema_version 1: {rows:?}"
     );
 }
+
+/// Reads `items_changes` of two shards with PyIceberg: its rows, each shard's current state
+/// (replayed by key), the current schema's fields and the first schema's field ids.
+const READ_SHARDS: &str = r#"
+import json, sys
+from pyiceberg.catalog.sql import SqlCatalog
+cat = SqlCatalog("saiki", uri=sys.argv[1])
+try:
+    t = cat.load_table(sys.argv[2])
+except Exception as e:
+    print(json.dumps({"rows": -1, "error": str(e)})); sys.exit(0)
+rows = t.scan().to_arrow().to_pylist()
+state = {}
+for r in sorted(rows, key=lambda r: (r["_saiki_source"], r["_saiki_commit_lsn"], r["_saiki_seq"])):
+    k = (r["_saiki_source"], r["id"])
+    if r["_saiki_action"] == "D":
+        state.pop(k, None)
+    else:
+        state[k] = r
+cols = [f.name for f in t.schema().fields if not f.name.startswith("_saiki_")]
+# Sorted as text, as the test's rows of the source are.
+out = {s: sorted([None if r[c] is None else str(r[c]) for c in cols] for (src, _), r in state.items() if src == s)
+       for s in ("shard1", "shard2")}
+fields = {f.name: [f.field_id, str(f.field_type)] for f in t.schema().fields}
+schemas = t.schemas()
+first = {f.name: f.field_id for f in schemas[min(schemas)].fields}
+print(json.dumps({"rows": len(rows), "cols": cols, "state": out, "fields": fields, "first": first}))
+"#;
+
+#[test]
+fn a_migration_rolled_out_shard_by_shard_renames_and_widens_the_change_log_columns_and_keeps_their_history(
+) {
+    let pg = PgCluster::start(&[]);
+    let broker = Broker::start();
+    let _ods = pg.create_db("ods");
+    let (mut dbs, _relays) = crate::ddl::start_shards(
+        &pg,
+        &broker,
+        2,
+        &["CREATE TABLE items (id int PRIMARY KEY, n int, note text)"],
+    );
+    for db in dbs.iter_mut() {
+        exec(
+            db,
+            &["INSERT INTO items SELECT g, g, 'note ' || g FROM generate_series(1, 10) g"],
+        );
+    }
+    let warehouse = pg.dir.join("lake").to_str().unwrap().to_string();
+    let mut lake = start_lake(&pg, &broker, &warehouse);
+    let uri = format!("postgresql+psycopg2://postgres@127.0.0.1:{}/ods", pg.port);
+    let read = || {
+        let out = Command::new(python())
+            .args(["-c", READ_SHARDS, &uri, "saiki.items_changes"])
+            .output()
+            .expect("PyIceberg's Python");
+        assert!(
+            out.status.success(),
+            "PyIceberg: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("the reader's JSON")
+    };
+    let wait_rows = |lake: &Relay, rows: i64| {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let got = read();
+            if got["rows"].as_i64() == Some(rows) {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline && got["rows"].as_i64() < Some(rows),
+                "{got}: want {rows} rows; lake log:\n{}",
+                lake.log_text()
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    };
+    wait_rows(&lake, 20);
+
+    // Shard 1 renames a column; shard 2, not migrated yet, writes the old name.
+    exec(
+        &mut dbs[0],
+        &[
+            "ALTER TABLE items RENAME COLUMN note TO remark",
+            "INSERT INTO items (id, n, remark) VALUES (12, 12, 'after rename')",
+            "UPDATE items SET remark = 'renamed' WHERE id = 1",
+        ],
+    );
+    exec(
+        &mut dbs[1],
+        &[
+            "INSERT INTO items (id, n, note) VALUES (21, 21, 'old shape')",
+            "UPDATE items SET note = 'old shape update' WHERE id = 2",
+        ],
+    );
+    wait_rows(&lake, 24);
+    // A restarted relay knows the rename from the table alone (its property).
+    lake.kill9();
+    lake = start_lake(&pg, &broker, &warehouse);
+    exec(
+        &mut dbs[1],
+        &["INSERT INTO items (id, n, note) VALUES (23, 23, 'old shape, after the restart')"],
+    );
+    exec(
+        &mut dbs[0],
+        &[
+            "ALTER TABLE items ALTER COLUMN n TYPE bigint",
+            "INSERT INTO items (id, n, remark) VALUES (13, 3000000000, 'big')",
+        ],
+    );
+    exec(
+        &mut dbs[1],
+        &[
+            "ALTER TABLE items RENAME COLUMN note TO remark",
+            "INSERT INTO items (id, n, remark) VALUES (22, 22, 'after rename')",
+            "ALTER TABLE items ALTER COLUMN n TYPE bigint",
+            "UPDATE items SET n = 4000000000 WHERE id = 3",
+        ],
+    );
+    exec(
+        &mut dbs[0],
+        &[
+            "ALTER TABLE items ADD COLUMN price numeric(10,2)",
+            "INSERT INTO items (id, n, remark, price) VALUES (14, 14, 'priced', 2.50)",
+        ],
+    );
+    let got = wait_rows(&lake, 29);
+
+    // One column for the note, under its new name, with the field id it always had: the
+    // rows written before the rename read their values there.
+    assert_eq!(
+        got["cols"],
+        serde_json::json!(["id", "n", "remark", "price"]),
+        "{got}"
+    );
+    assert_eq!(got["fields"]["remark"][0], got["first"]["note"], "{got}");
+    assert_eq!(
+        got["fields"]["n"],
+        serde_json::json!([got["first"]["n"], "long"]),
+        "{got}"
+    );
+    assert_eq!(got["fields"]["price"][1], "decimal(10, 2)", "{got}");
+    // Each shard's current state in the lake is the shard's table.
+    for (i, db) in dbs.iter_mut().enumerate() {
+        let price = if i == 0 { "price::text" } else { "NULL::text" };
+        let want = text_rows(
+            db,
+            &format!("SELECT id::text, n::text, remark, {price} FROM items"),
+        );
+        assert_eq!(
+            got["state"][format!("shard{}", i + 1)],
+            serde_json::to_value(&want).unwrap(),
+            "shard{}",
+            i + 1
+        );
+    }
+    let m = lake.http_get("/metrics").unwrap_or_default();
+    assert_eq!(
+        metric(&m, "saiki_lake_dead_letters_total"),
+        Some(0.0),
+        "{m}"
+    );
+}
+
+/// A lake relay of group `saiki-lake` with an instance id of its own.
+fn start_lake_member(pg: &PgCluster, broker: &Broker, warehouse: &str, member: &str) -> Relay {
+    let port = loopback_port();
+    let cfg = lake_config(
+        pg,
+        broker,
+        &format!("warehouse = \"{warehouse}\""),
+        "saiki-lake",
+        port,
+    )
+    .replace(
+        "instance_id = \"test-lake\"",
+        &format!("instance_id = \"test-lake-{member}\""),
+    );
+    Relay::start_lake(&pg.dir, &cfg, port)
+}
+
+#[test]
+fn two_lake_relays_of_one_group_share_a_table_and_its_schema_changes_without_a_change_lost_or_twice(
+) {
+    let pg = PgCluster::start(&[]);
+    let broker = Broker::start();
+    let mut db = pg.create_db("shop");
+    let _ods = pg.create_db("ods");
+    exec(
+        &mut db,
+        &[
+            // The extension's event trigger sends the schema changes (L records).
+            "CREATE EXTENSION saiki",
+            "CREATE TABLE orders (id int PRIMARY KEY, article text, qty int)",
+        ],
+    );
+    // Four partitions: the group splits them between the two relays, and each commits its
+    // own to the one table (the optimistic commit retried with the other's marks merged).
+    create_topic(&broker.addr(), "saiki.public.orders", 4);
+    let (_source, warehouse) = start_source(&pg, &mut db, &broker, "stream_large = false");
+    let mut a = start_lake_member(&pg, &broker, &warehouse, "a");
+    let b = start_lake_member(&pg, &broker, &warehouse, "b");
+    let uri = format!("postgresql+psycopg2://postgres@127.0.0.1:{}/ods", pg.port);
+    // Each statement's row count is the number of changes it makes.
+    let mut changes = 0i64;
+    let mut run = |db: &mut saiki_tests::postgres::Client, sql: &str| {
+        let n = text_rows(
+            db,
+            &format!("WITH c AS ({sql} RETURNING 1) SELECT count(*)::text FROM c"),
+        );
+        changes += n[0][0].as_deref().unwrap().parse::<i64>().unwrap();
+    };
+    for round in 0..6 {
+        let base = round * 200;
+        run(
+            &mut db,
+            &format!(
+                "INSERT INTO orders SELECT g, 'article ' || g, g % 7 FROM generate_series({}, {}) g",
+                base + 1,
+                base + 200
+            ),
+        );
+        run(
+            &mut db,
+            &format!("UPDATE orders SET qty = qty + 1 WHERE id % 5 = {round}"),
+        );
+        run(
+            &mut db,
+            &format!("DELETE FROM orders WHERE id % 50 = {round}"),
+        );
+        match round {
+            // Both relays meet the schema change in their partitions (an L record reaches
+            // every partition) and commit it: one wins, the other finds it done.
+            1 => {
+                exec(
+                    &mut db,
+                    &[
+                        "ALTER TABLE orders RENAME COLUMN article TO item",
+                        "ALTER TABLE orders ADD COLUMN price numeric(10,2)",
+                    ],
+                );
+                run(
+                    &mut db,
+                    "UPDATE orders SET price = id * 0.5 WHERE id % 3 = 0",
+                );
+            }
+            // One relay dies with a round in hand; the other takes its partitions over, and
+            // the restarted one gets some back.
+            3 => {
+                wait_first_commit(&a);
+                a.kill9();
+                std::thread::sleep(Duration::from_secs(3));
+                a = start_lake_member(&pg, &broker, &warehouse, "a");
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let got = wait_rows_in(&uri, "saiki.orders_changes", "id", changes, &b);
+    assert_eq!(got["dup"], 0, "a change twice: {got}");
+    let mut have: Vec<Vec<Option<String>>> = serde_json::from_value(got["state"].clone()).unwrap();
+    have.sort();
+    assert_eq!(
+        have,
+        text_rows(
+            &mut db,
+            "SELECT id::text, item, qty::text, price::text FROM orders"
+        ),
+        "the orders rebuilt from the change log: {}; relay a:\n{}\nrelay b:\n{}",
+        got["types"],
+        a.log_text(),
+        b.log_text()
+    );
+    assert_eq!(got["types"]["item"], "string", "one renamed column: {got}");
+    assert!(got["types"].get("article").is_none(), "{got}");
+    // Both relays wrote (relay a before its kill): the table was shared.
+    wait_first_commit(&b);
+    for relay in [&a, &b] {
+        let m = relay.http_get("/metrics").unwrap_or_default();
+        assert_eq!(
+            metric(&m, "saiki_lake_dead_letters_total"),
+            Some(0.0),
+            "{m}"
+        );
+    }
+}

@@ -1,7 +1,10 @@
-//! Schema changes in the ODS (DESIGN.md §7, docs/sink.md "Schema changes"): what the sink
-//! does with the `L` records of its sources. Pure: the planner asks [`SchemaLog`] how to read
-//! a row record, [`SchemaLog::record`] decides what the ODS does for an `L` record, and the
-//! ODS connection runs those [`Step`]s.
+//! Schema changes of the sources as a table fed by several of them follows them (DESIGN.md
+//! §7, docs/sink.md "Schema changes", docs/lake.md "Schema changes"): what the sink does with
+//! the `L` records in the ODS, and the lake in a change-log table. Pure: the sink's planner
+//! and the lake ask [`SchemaLog`] how to read a row record, [`SchemaLog::record`] decides what
+//! an `L` record does to the table, and the ODS connection (or the lake's catalog) runs those
+//! [`Step`]s. The lake keeps every column (`OnDrop::Keep`: it is the history) and follows
+//! renames and type changes only.
 //!
 //! One ODS table holds the rows of every source (shard), and the shards migrate one after the
 //! other, so during a migration rows of both shapes arrive. The rules, per source and by
