@@ -545,14 +545,22 @@ impl Session<'_> {
             }
             let values = match rec.action {
                 Action::Delete => rec.identity.as_ref(),
-                Action::Truncate => None,
+                Action::Truncate | Action::Sweep => None,
                 _ => rec.columns.as_ref(),
+            };
+            // A resync's end, at the position where the resync started (seq -1: before any
+            // change there): the source's rows older than it and not read again by the
+            // resync were deleted while the slot was lost, as if truncated there.
+            let (commit_lsn, seq) = match (rec.action, &rec.sweep) {
+                (Action::Sweep, Some(w)) => (w.before.0 as i64, -1),
+                (Action::Sweep, None) => return Err("a W record without sweep".into()),
+                _ => (commit_lsn, rec.seq.unwrap_or(0)),
             };
             let mut row = Row {
                 action: rec.action.code() as char,
                 source: rec.source.as_deref().unwrap_or("").to_string(),
                 commit_lsn,
-                seq: rec.seq.unwrap_or(0),
+                seq,
                 commit_ts,
                 unchanged: rec
                     .unchanged_toast
@@ -817,15 +825,18 @@ struct Origin {
 }
 
 /// The change-log tables a record writes rows (or, `L`, a schema change) to; none for
-/// transaction bounds and messages.
+/// transaction bounds and messages. A `W` (a resync's end) is a row of its table too.
 fn tables_of(rec: &RecordView<'_, Fields<'_>>) -> Result<Vec<String>, String> {
     Ok(match rec.action {
-        Action::Insert | Action::Update | Action::Delete | Action::Read | Action::SchemaChange => {
-            match (&rec.schema, &rec.table) {
-                (Some(s), Some(t)) => vec![changes_table(s, t)],
-                _ => return Err("a row change without schema or table".into()),
-            }
-        }
+        Action::Insert
+        | Action::Update
+        | Action::Delete
+        | Action::Read
+        | Action::SchemaChange
+        | Action::Sweep => match (&rec.schema, &rec.table) {
+            (Some(s), Some(t)) => vec![changes_table(s, t)],
+            _ => return Err("a row change without schema or table".into()),
+        },
         Action::Truncate => rec
             .truncate
             .as_ref()
