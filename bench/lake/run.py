@@ -7,9 +7,13 @@ broker, then read by
    PostgreSQL), timed until its metric says every row is committed;
 3. the reference writer (reference.py: confluent-kafka + pyarrow, the same rows as zstd Parquet
    files, no table format).
+Then the engine-only figure, without the broker (which is the ceiling of all three above): the
+same records from memory through the lake's write path (sink_bench lake: `LakeEngine`, the
+relay's own round and commit) and through the reference writer (from a file read into memory
+before its clock starts).
 Prints records/s, the ratios lake/bare (goal >= 0.9) and lake/reference (goal >= 1.5), CPU
 seconds and peak RSS of each process, and the lake's file count and sizes. PyIceberg then
-counts the table's rows: every record once.
+counts the tables' rows: every record once.
 
 Run through bench/lake/run.sh (release builds, confluent-kafka into /opt/saiki-py)."""
 import argparse, glob, importlib.util, os, signal, subprocess, sys, time
@@ -112,9 +116,25 @@ listen = "127.0.0.1:{port}"
                                               "--fetch-wait-ms", args.fetch_wait_ms])
         ref = sink_bench.results(out)["reference"]
 
+        # Engine only: no broker. The lake's own clock starts after the records are generated
+        # in memory; the reference's after it read the same records from a file into memory.
+        dump = os.path.join(bdir, "records.jsonl")
+        subprocess.run([HELPER, "dump", "--rows", str(args.rows), "--out", dump], check=True,
+                       capture_output=True, text=True)
+        ecfg = os.path.join(bdir, "engine.toml")
+        with open(cfg) as f, open(ecfg, "w") as g:
+            g.write(f.read().replace("[lake]\n", "[lake]\nnamespace = \"engine\"\n"))
+        out, _, eng_cpu, eng_rss = timed([HELPER, "lake", "--rows", str(args.rows), "--config", ecfg])
+        eng = sink_bench.results(out)["lake"]
+        out, _, refe_cpu, refe_rss = timed([sys.executable, os.path.join(HERE, "reference.py"),
+                                            "--from-file", dump, "--rows", str(args.rows),
+                                            "--out", os.path.join(bdir, "reference-engine")])
+        refe = sink_bench.results(out)["reference"]
+
         from pyiceberg.catalog.sql import SqlCatalog
         cat = SqlCatalog("saiki", uri=f"postgresql+psycopg2://postgres@127.0.0.1:{c.port}/ods")
         rows = cat.load_table("saiki.accounts_changes").scan().to_arrow().num_rows
+        eng_rows = cat.load_table("engine.accounts_changes").scan().to_arrow().num_rows
 
         rate = lambda s: args.rows / s
         print(f"\n{'reader':<34}{'records':>10}{'seconds':>9}{'records/s':>11}{'CPU s':>8}{'peak RSS':>10}")
@@ -130,9 +150,19 @@ listen = "127.0.0.1:{port}"
               f"commit_interval {args.commit_interval}, target_file_size {args.target_file_size >> 20} MiB; "
               f"reference: {ref['files']} files, {int(ref['bytes']) / 2**20:.1f} MiB; "
               f"the records in Kafka: {bare_bytes / 2**20:.1f} MiB")
-        print(f"PyIceberg reads {rows:,} rows from the table "
-              f"({'every record once' if rows == args.rows else 'NOT every record once'})")
-        if rows != args.rows:
+        eng_s, refe_s = float(eng["seconds"]), float(refe["seconds"])
+        print(f"\nengine only (records from memory, no broker)")
+        print(f"{'writer':<34}{'records':>10}{'seconds':>9}{'records/s':>11}{'CPU s':>8}{'peak RSS':>10}")
+        print(f"{'saiki-relay lake (LakeEngine)':<34}{args.rows:>10,}{eng_s:>9.2f}{rate(eng_s):>11,.0f}"
+              f"{eng_cpu:>8.1f}{eng_rss / 1024:>8.0f} MiB")
+        print(f"{'reference (json + pyarrow)':<34}{args.rows:>10,}{refe_s:>9.2f}{rate(refe_s):>11,.0f}"
+              f"{refe_cpu:>8.1f}{refe_rss / 1024:>8.0f} MiB")
+        print(f"engine only: lake / reference = {refe_s / eng_s:.2f}x (goal >= 1.5); "
+              f"lake: {eng['files']} data files in {eng['commits']} commits")
+        print("(CPU s and peak RSS of the engine-only processes include generating or reading the records)")
+        print(f"PyIceberg reads {rows:,} rows from the table and {eng_rows:,} from the engine's "
+              f"({'every record once' if rows == eng_rows == args.rows else 'NOT every record once'})")
+        if rows != args.rows or eng_rows != args.rows:
             sys.exit(1)
     finally:
         if lake and lake.poll() is None:

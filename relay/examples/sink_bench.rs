@@ -4,7 +4,10 @@
 //!   the ceiling (COPY into a staging table + one INSERT … ON CONFLICT merge), and
 //!   one-row-at-a-time upserts (a sample, extrapolated);
 //! - `produce`: into a topic, for the end-to-end figure (and bench/lake's, `--commit-ts`);
-//! - `consume`: a bare consumer that only reads them (same librdkafka as the sink).
+//! - `consume`: a bare consumer that only reads them (same librdkafka as the sink);
+//! - `dump`: into a file, one record per line (bench/lake's reference writer reads it);
+//! - `lake`: from memory through the lake's write path (`LakeEngine`) into an Iceberg
+//!   change-log table: bench/lake's engine-only figure.
 //!
 //! Prints one `result name=value …` line per figure.
 
@@ -108,8 +111,11 @@ async fn main() {
         Some("apply") => apply(&args, &changes).await,
         Some("produce") => produce(&args, &changes).await,
         Some("consume") => consume(&args, rows).await,
+        Some("dump") => dump(&args, &changes),
+        #[cfg(feature = "lake")]
+        Some("lake") => lake(&args, &changes).await,
         _ => {
-            eprintln!("usage: sink_bench apply|produce|consume [--dsn D] [--brokers B] [--rows N] [--commit-ts] [--fetch-wait-ms N]")
+            eprintln!("usage: sink_bench apply|produce|consume|dump|lake [--dsn D] [--brokers B] [--rows N] [--commit-ts] [--fetch-wait-ms N] [--out FILE] [--config FILE]")
         }
     }
 }
@@ -430,4 +436,50 @@ async fn consume(args: &[String], rows: usize) {
     }
     let s = started.elapsed().as_secs_f64();
     println!("result engine=bare_consumer rows={n} seconds={s:.3} bytes={bytes}");
+}
+
+/// The records with their commit time, one per line, for bench/lake's reference writer.
+fn dump(args: &[String], changes: &[Change]) {
+    use std::io::Write;
+    let out = arg(args, "--out", "records.jsonl");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&out).expect("--out"));
+    for (i, c) in changes.iter().enumerate() {
+        f.write_all(&record(c, i, true)).unwrap();
+        f.write_all(b"\n").unwrap();
+    }
+    f.flush().unwrap();
+    println!("result dumped={} file={out}", changes.len());
+}
+
+/// The lake's engine-only figure: the records, generated in memory before the clock starts,
+/// through `LakeEngine` (the relay's own round and commit) into the change-log table of
+/// `--config`'s `[lake]`; a round ends at `lake.target_file_size`, as in the relay.
+#[cfg(feature = "lake")]
+async fn lake(args: &[String], changes: &[Change]) {
+    let config = std::fs::read_to_string(arg(args, "--config", "lake.toml")).expect("--config");
+    let records: Vec<Vec<u8>> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| record(c, i, true))
+        .collect();
+    let mut engine = saiki_relay::LakeEngine::open(&config).await.unwrap();
+    let started = Instant::now();
+    let (mut files, mut commits) = (0, 0);
+    for (i, r) in records.iter().enumerate() {
+        engine
+            .write("saiki.public.accounts", i as i64, r)
+            .await
+            .unwrap();
+        if engine.round_full() {
+            files += engine.commit().await.unwrap();
+            commits += 1;
+        }
+    }
+    files += engine.commit().await.unwrap();
+    commits += 1;
+    let s = started.elapsed().as_secs_f64();
+    println!(
+        "result engine=lake rows={} seconds={s:.3} files={files} commits={commits}",
+        records.len()
+    );
 }

@@ -43,6 +43,11 @@ pub(crate) mod status;
 pub use sink::batch::{plan as plan_batch, Applier, Done};
 pub use sink::ods::{ApplyError, Ods, PartitionOffsets};
 
+/// The lake's write path without Kafka, driven by `examples/sink_bench.rs` (bench/lake's
+/// engine-only figure).
+#[cfg(feature = "lake")]
+pub use lake::engine::LakeEngine;
+
 /// The metrics, checked against the docs and the dashboard by `tests/it/docs.rs`.
 pub use metrics::{
     Exporter, IngestMetrics, LakeMetrics, SinkMetrics, SourceMetrics, ALL as METRIC_NAMES,

@@ -9,12 +9,13 @@
 //! writers, its partition splitter): nothing of the table format is written by hand here.
 
 mod columns;
+pub(crate) mod engine;
 mod held;
 mod ledger;
+mod round;
 mod schema;
 mod table;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,9 +23,8 @@ use std::time::Duration;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
-use saiki_core::ddl::SchemaChangeFields;
 use saiki_core::record::Action;
-use saiki_core::view::{Fields, RecordView, Types};
+use saiki_core::view::{Fields, RecordView};
 use saiki_core::Lsn;
 use tokio::sync::watch;
 use tracing::{debug, info, info_span, warn};
@@ -38,8 +38,9 @@ use crate::metrics::LakeMetrics;
 use crate::retry::{supervise, Supervised};
 use columns::{changes_table, Row};
 use held::{Held, StreamKey};
-use ledger::{Ledger, Tp};
-use table::{Catalog, ChangeTable};
+use ledger::Tp;
+use round::Round;
+use table::Catalog;
 
 /// The header the event API puts on every event.
 const EVENT_TYPE_HEADER: &str = "saiki.event_type";
@@ -201,13 +202,10 @@ struct Session<'a> {
     metrics: &'a LakeMetrics,
     consumer: ClosedApart<StreamConsumer<LakeContext>>,
     catalog: Catalog,
-    ledger: Ledger,
+    /// The tables met in this session, their rows of the round and the ledger.
+    round: Round,
     /// Records of streamed transactions not yet ended.
     held: Held,
-    /// Tables met in this session, by their change-log table name.
-    tables: HashMap<String, ChangeTable>,
-    round_rows: usize,
-    round_bytes: usize,
     round_started: Option<tokio::time::Instant>,
     subscribed: Vec<String>,
     dead_letters: Kafka,
@@ -251,11 +249,8 @@ async fn session(
         metrics: metrics.as_ref(),
         consumer: ClosedApart(Some(consumer)),
         catalog,
-        ledger: Ledger::default(),
+        round: Round::default(),
         held: Held::default(),
-        tables: HashMap::new(),
-        round_rows: 0,
-        round_bytes: 0,
         round_started: None,
         subscribed: Vec::new(),
         dead_letters: Kafka::new(&rt.kafka, DEAD_LETTER_QUEUE_CAPACITY)?,
@@ -273,7 +268,7 @@ async fn session(
             biased;
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
-                    info!(rows = s.round_rows, "shutdown: committing the round in hand");
+                    info!(rows = s.round.rows, "shutdown: committing the round in hand");
                     let grace = rt.lake.shutdown_grace;
                     match tokio::time::timeout(grace, s.end_round()).await {
                         Ok(r) => r?,
@@ -292,7 +287,7 @@ async fn session(
                         s.after_rebalance();
                         s.accept(m).await?;
                         metrics.held_bytes.store(s.held.bytes() as u64, Ordering::Relaxed);
-                        if s.round_bytes >= rt.lake.target_file_size {
+                        if s.round.bytes >= rt.lake.target_file_size {
                             s.end_round().await?;
                         }
                     }
@@ -324,19 +319,19 @@ impl Session<'_> {
             .rebalanced
             .swap(false, Ordering::SeqCst)
         {
-            if self.round_rows > 0 {
+            if self.round.rows > 0 {
                 info!(
-                    rows = self.round_rows,
+                    rows = self.round.rows,
                     "rebalance: the round in hand is read again"
                 );
             }
-            self.ledger.reset();
+            self.round.ledger.reset();
             self.held.clear();
-            for t in self.tables.values_mut() {
+            for t in self.round.tables.values_mut() {
                 t.rows.clear();
             }
-            self.round_rows = 0;
-            self.round_bytes = 0;
+            self.round.rows = 0;
+            self.round.bytes = 0;
             self.round_started = None;
         }
     }
@@ -344,7 +339,7 @@ impl Session<'_> {
     /// One delivered message into the round.
     async fn accept(&mut self, m: OwnedMessage) -> Result<(), RelayError> {
         let tp: Tp = (m.topic().to_string(), m.partition());
-        if !self.ledger.take(&tp, m.offset()) {
+        if !self.round.ledger.take(&tp, m.offset()) {
             return Ok(());
         }
         // Every message read moves the group's offsets on at the round's end.
@@ -471,31 +466,14 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Reads the marks and columns of these change-log tables from the catalog, the first
-    /// time the session meets them.
+    /// Reads the marks and columns of these change-log tables (`Round::prepare`).
     async fn prepare(&mut self, names: &[String]) -> Result<(), RelayError> {
-        for name in names {
-            if self.ledger.knows(name) {
-                continue;
-            }
-            let (t, marks) = match self.catalog.load(name).await? {
-                Some((t, marks)) => (Some(t), marks),
-                None => (None, Default::default()),
-            };
-            self.ledger.load(name, marks);
-            // A table met before keeps the columns it learned (its rows were dropped).
-            if !self.tables.contains_key(name) {
-                let t = t.unwrap_or_else(|| ChangeTable::new(&self.rt.lake.namespace, name));
-                self.tables.insert(name.clone(), t);
-            }
-        }
-        Ok(())
+        self.round
+            .prepare(&self.catalog, &self.rt.lake.namespace, names)
+            .await
     }
 
-    /// A record's rows into the round, admitted at `at` (its own offset, or its streamed
-    /// transaction's end copy's), with the commit position and time of `commit` if given;
-    /// an `L` record (`payload`) into its table's schema. `Err`: why it cannot be written (a
-    /// dead letter).
+    /// A record's rows into the round (`Round::write`).
     fn write(
         &mut self,
         origin: &Origin,
@@ -505,87 +483,8 @@ impl Session<'_> {
         at: i64,
         commit: Option<(i64, Option<i64>)>,
     ) -> Result<(), String> {
-        let types: Types<'_> = match rec.types.map(|t| serde_json::from_str(t.get())) {
-            Some(Ok(t)) => t,
-            Some(Err(e)) => return Err(format!("types: {e}")),
-            None => Types::default(),
-        };
-        let (commit_lsn, commit_ts) = commit.unwrap_or_else(|| {
-            (
-                rec.commit_lsn.unwrap_or(rec.lsn).0 as i64,
-                rec.commit_ts.as_deref().and_then(columns::commit_micros),
-            )
-        });
-        let source = rec.source.as_deref().unwrap_or("");
-        let pos = (Lsn(commit_lsn as u64), rec.seq.unwrap_or(0));
-        if rec.action == Action::SchemaChange {
-            let l: SchemaChangeFields = serde_json::from_slice(payload)
-                .map_err(|e| format!("malformed schema change record: {e}"))?;
-            if rec.source.is_none() || rec.seq.is_none() {
-                return Err("a schema change record without source or seq: only saiki-relay source produces the L records the lake follows".into());
-            }
-            for name in names {
-                let Some(t) = self.tables.get_mut(name) else {
-                    return Err(format!("internal: {name} was not loaded (`prepare`)"));
-                };
-                if self.ledger.admit(name, &origin.tp, at)
-                    && t.schema_change(source, pos, l.changes.clone())
-                {
-                    debug!(table = %name, statement = %l.statement, "schema change taken");
-                }
-            }
-            return Ok(());
-        }
-        for name in names {
-            let Some(t) = self.tables.get_mut(name) else {
-                return Err(format!("internal: {name} was not loaded (`prepare`)"));
-            };
-            if !self.ledger.admit(name, &origin.tp, at) {
-                continue;
-            }
-            let values = match rec.action {
-                Action::Delete => rec.identity.as_ref(),
-                Action::Truncate | Action::Sweep => None,
-                _ => rec.columns.as_ref(),
-            };
-            // A resync's end, at the position where the resync started (seq -1: before any
-            // change there): the source's rows older than it and not read again by the
-            // resync were deleted while the slot was lost, as if truncated there.
-            let (commit_lsn, seq) = match (rec.action, &rec.sweep) {
-                (Action::Sweep, Some(w)) => (w.before.0 as i64, -1),
-                (Action::Sweep, None) => return Err("a W record without sweep".into()),
-                _ => (commit_lsn, rec.seq.unwrap_or(0)),
-            };
-            let mut row = Row {
-                action: rec.action.code() as char,
-                source: rec.source.as_deref().unwrap_or("").to_string(),
-                commit_lsn,
-                seq,
-                commit_ts,
-                unchanged: rec
-                    .unchanged_toast
-                    .as_ref()
-                    .map(|u| u.iter().map(|c| c.to_string()).collect()),
-                cells: Vec::new(),
-            };
-            if let Some(values) = values {
-                for (col, raw) in &values.0 {
-                    let pg = || types.0.iter().find(|(c, _)| c == col).map(|(_, t)| &**t);
-                    let (idx, ty, json) = t.column(col, (source, pos), pg);
-                    let cell = if json {
-                        // JSON stays JSON: a document that is a string keeps its quotes.
-                        columns::json_cell(raw.get())
-                    } else {
-                        columns::cell(raw.get(), ty).map_err(|e| format!("{name}.{col}: {e}"))?
-                    };
-                    row.cells.push((idx, cell));
-                }
-            }
-            self.round_bytes += row.size();
-            self.round_rows += 1;
-            t.rows.push(row);
-        }
-        Ok(())
+        self.round
+            .write(&origin.tp, rec, payload, names, at, commit)
     }
 
     /// An event of the event API into the round: one row of `{namespace}.ev_{type}` per
@@ -639,10 +538,10 @@ impl Session<'_> {
         md: &Fields<'_>,
     ) -> Result<(), String> {
         let name = &layout.table;
-        let Some(t) = self.tables.get_mut(name) else {
+        let Some(t) = self.round.tables.get_mut(name) else {
             return Err(format!("internal: {name} was not loaded (`prepare`)"));
         };
-        if !self.ledger.admit(name, &origin.tp, origin.offset) {
+        if !self.round.ledger.admit(name, &origin.tp, origin.offset) {
             return Ok(());
         }
         let received = md
@@ -688,8 +587,8 @@ impl Session<'_> {
             };
             row.cells.push((idx, cell));
         }
-        self.round_bytes += row.size();
-        self.round_rows += 1;
+        self.round.bytes += row.size();
+        self.round.rows += 1;
         t.rows.push(row);
         Ok(())
     }
@@ -722,47 +621,22 @@ impl Session<'_> {
 
     /// Commits every table with rows in the round, then the group's offsets.
     async fn end_round(&mut self) -> Result<(), RelayError> {
-        let names: Vec<String> = self.ledger.round_tables().map(str::to_string).collect();
-        for name in &names {
-            let Some(t) = self.tables.get_mut(name) else {
-                continue;
-            };
-            if t.rows.is_empty() {
-                // A round with a schema change of the table but no rows: the change is
-                // committed now, since the group's offsets move past its record.
-                if t.has_schema_work() {
-                    self.catalog.follow_schema(t).await?;
-                }
-                continue;
-            }
-            let rows = t.rows.len();
-            let span = info_span!("commit", table = %name);
-            let _e = span.enter();
-            let started = std::time::Instant::now();
-            let files = self
-                .catalog
-                .commit(
-                    t,
-                    &mut self.ledger,
-                    self.rt.lake.target_file_size,
-                    self.rt.lake.snapshot_retention,
-                )
-                .await?;
-            t.rows.clear();
-            self.metrics.rows.fetch_add(rows as u64, Ordering::Relaxed);
-            self.metrics.commits.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .files
-                .fetch_add(files as u64, Ordering::Relaxed);
-            debug!(
-                rows,
-                files,
-                ms = started.elapsed().as_millis() as u64,
-                "committed"
-            );
-        }
+        let metrics = self.metrics;
+        let tables = self
+            .round
+            .commit(
+                &self.catalog,
+                self.rt.lake.target_file_size,
+                self.rt.lake.snapshot_retention,
+                |c| {
+                    metrics.rows.fetch_add(c.rows as u64, Ordering::Relaxed);
+                    metrics.commits.fetch_add(1, Ordering::Relaxed);
+                    metrics.files.fetch_add(c.files as u64, Ordering::Relaxed);
+                },
+            )
+            .await?;
         let held = &self.held;
-        let offsets = self.ledger.group_offsets(|tp| held.first_offset(tp));
+        let offsets = self.round.ledger.group_offsets(|tp| held.first_offset(tp));
         if !offsets.is_empty() {
             let mut tpl = TopicPartitionList::new();
             for ((topic, p), o) in &offsets {
@@ -776,19 +650,15 @@ impl Session<'_> {
                 .commit(&tpl, CommitMode::Async)
                 .map_err(|e| RelayError::Kafka(format!("committing the group's offsets: {e}")))?;
         }
-        if self.round_rows > 0 {
-            info!(
-                rows = self.round_rows,
-                tables = names.len(),
-                "round committed"
-            );
+        if self.round.rows > 0 {
+            info!(rows = self.round.rows, tables, "round committed");
             self.metrics.last_commit.store(
                 saiki_core::time::unix_micros_now() as u64,
                 Ordering::Relaxed,
             );
         }
-        self.round_rows = 0;
-        self.round_bytes = 0;
+        self.round.rows = 0;
+        self.round.bytes = 0;
         self.round_started = None;
         Ok(())
     }

@@ -396,8 +396,9 @@ impl ChangeTable {
         }
     }
 
-    /// The name the table's [`SchemaLog`] knows it by (each table has a log of its own).
-    const LOG_TABLE: &'static str = "changes";
+    /// The name the table's [`SchemaLog`] knows it by (each table has a log of its own; no
+    /// source table is named "", so a table rename in the log never moves it).
+    const LOG_TABLE: &'static str = "";
 
     /// An `L` record of `source` at `at` for this table: a column rename renames the
     /// column (its field keeps its id), a type change that Iceberg can widen to widens it,
@@ -424,6 +425,12 @@ impl ChangeTable {
                     self.renames.push((from, to));
                 }
                 Step::AlterType { column, type_name } => {
+                    // A source that has not renamed the column yet says its old name.
+                    let column = self
+                        .log
+                        .column(Self::LOG_TABLE, source, at, &column)
+                        .unwrap_or(&column)
+                        .to_string();
                     let Some(&i) = self.index.get(&column) else {
                         continue; // met first in a later row, with its new type
                     };
@@ -452,10 +459,20 @@ impl ChangeTable {
         true
     }
 
+    /// The `L` records the Iceberg table followed (its property), followed here too: another
+    /// relay of the group may have renamed a column that this relay's round still has under
+    /// its old name (rows of a partition it reads behind the other). The round's cells stay
+    /// with their column, under its new name.
+    fn follow(&mut self, followed: Vec<LoggedChange>) {
+        for l in followed {
+            self.schema_change(&l.source, (l.lsn, l.seq), l.changes);
+        }
+    }
+
     /// Whether an `L` record of the round is not in the Iceberg table yet (a table the lake
-    /// has not created has no history to keep: its `L` records wait for its first rows).
+    /// has not created yet is created with it, so that the record is kept).
     pub(crate) fn has_schema_work(&self) -> bool {
-        self.in_iceberg.is_some() && !self.logged.is_empty()
+        !self.logged.is_empty()
     }
 
     /// Column `i` takes a wider type; the round's values in it are converted.
@@ -933,6 +950,7 @@ impl Catalog {
             return Ok(table);
         };
         let mut attempt = 0;
+        let mut committed_on: Option<iceberg::table::Table> = None;
         let table = loop {
             attempt += 1;
             let table = self
@@ -940,7 +958,26 @@ impl Catalog {
                 .load_table(&t.ident)
                 .await
                 .map_err(|e| lake_err(&format!("loading {}", t.ident), e))?;
+            if let Some(before) = committed_on.take() {
+                // Metadata files our schema commit pushed out of the table's log.
+                for f in dropped_metadata(&before, &table) {
+                    if let Err(e) = table.file_io().delete(&f).await {
+                        warn!(file = %f, error = %e, "a file the table no longer needs was not deleted");
+                    }
+                }
+            }
             let meta = table.metadata();
+            // The `L` records another relay of the group followed first (the table's
+            // property) are followed here too before this round's rows are written: rows of
+            // a partition this relay reads behind the other still say a column's old name.
+            let followed = schema::read_log(
+                meta.properties().get(LOG_PROPERTY).map(String::as_str),
+            )
+            .map_err(|e| RelayError::Lake {
+                message: format!("{}: {e}", t.ident),
+                transient: false,
+            })?;
+            t.follow(followed);
             let next = schema::evolve(
                 meta.current_schema(),
                 meta.last_column_id(),
@@ -978,6 +1015,7 @@ impl Catalog {
                 .await?;
             if committed {
                 info!(table = %t.ident, ?fields, renames = ?t.renames, "schema committed");
+                committed_on = Some(table);
                 continue; // and load the table as committed
             }
             if attempt >= COMMIT_ATTEMPTS {
@@ -1219,6 +1257,44 @@ mod tests {
         assert_ne!(new, note);
         assert_eq!(t.renames, vec![("note".to_string(), "remark".to_string())]);
         assert_eq!(t.logged.len(), 2);
+    }
+
+    #[test]
+    fn a_rename_another_relay_committed_first_moves_this_rounds_cells_under_the_new_name() {
+        use columns::Cell;
+        use saiki_core::ddl::Change;
+        use saiki_core::Lsn;
+        let mut t = ChangeTable::new("saiki", "orders_changes");
+        let (article, _, _) = t.column("article", AT, || Some("text"));
+        t.rows.push(row(vec![(article, Cell::Str("a".into()))]));
+        // The table as the other relay left it: the field renamed, the record in its log.
+        let followed = vec![LoggedChange {
+            source: "s1".into(),
+            lsn: Lsn(0x100),
+            seq: 1,
+            changes: vec![Change::RenameColumn {
+                from: "article".into(),
+                to: "item".into(),
+            }],
+        }];
+        t.follow(followed.clone());
+        assert_eq!(t.columns, vec![("item".to_string(), PrimitiveType::String)]);
+        assert_eq!(cells(&t), vec![vec![(article, Cell::Str("a".into()))]]);
+        let iceberg = Schema::builder()
+            .with_fields(vec![Arc::new(NestedField::optional(
+                8,
+                "item",
+                Type::Primitive(PrimitiveType::String),
+            ))])
+            .build()
+            .unwrap();
+        assert_eq!(
+            schema::evolve(&iceberg, 8, &t.columns, &t.renames).unwrap(),
+            None,
+            "no second column under the old name"
+        );
+        // The record read later in this relay's own partition is followed already.
+        assert!(!t.schema_change("s1", (Lsn(0x100), 1), followed[0].changes.clone()));
     }
 
     #[test]
