@@ -39,6 +39,7 @@ use crate::config::{LakeConfig, OnDrop};
 use crate::error::RelayError;
 use crate::evolve::{Pos, SchemaLog, Step};
 use crate::pg::dsn::Dsn;
+use crate::pg::tls::SslMode;
 
 /// Commit attempts of one table before the round fails (and is read again).
 const COMMIT_ATTEMPTS: usize = 10;
@@ -52,7 +53,8 @@ fn lake_err(what: &str, e: iceberg::Error) -> RelayError {
     }
 }
 
-/// The catalog database as sqlx's URL.
+/// The catalog database as sqlx's URL, with the DSN's TLS settings (libpq's names, which
+/// sqlx reads with libpq's meaning).
 pub(crate) fn catalog_url(dsn: &str) -> Result<String, RelayError> {
     let d = Dsn::parse(dsn).map_err(|e| RelayError::Config(format!("lake.catalog_dsn: {e}")))?;
     let enc = |s: &str| -> String {
@@ -70,16 +72,45 @@ pub(crate) fn catalog_url(dsn: &str) -> Result<String, RelayError> {
         Some(p) => format!("{}:{}", enc(&d.user), enc(p)),
         None => enc(&d.user),
     };
-    Ok(if d.host.starts_with('/') {
-        format!(
-            "postgres://{auth}@localhost:{}/{}?host={}",
-            d.port,
-            enc(&d.dbname),
-            enc(&d.host)
-        )
+    let mut query = Vec::new();
+    if d.host.starts_with('/') {
+        query.push(format!("host={}", enc(&d.host)));
+    }
+    let tls = &d.tls;
+    let mode = match tls.mode {
+        SslMode::Disable => "disable",
+        SslMode::Allow => "allow",
+        SslMode::Prefer => "prefer",
+        SslMode::Require => "require",
+        SslMode::VerifyCa => "verify-ca",
+        SslMode::VerifyFull => "verify-full",
+    };
+    if tls.mode != SslMode::Prefer {
+        query.push(format!("sslmode={mode}"));
+    }
+    for (key, path) in [
+        ("sslrootcert", &tls.rootcert),
+        ("sslcert", &tls.cert),
+        ("sslkey", &tls.key),
+    ] {
+        if let Some(p) = path {
+            query.push(format!("{key}={}", enc(&p.to_string_lossy())));
+        }
+    }
+    let host = if d.host.starts_with('/') {
+        "localhost"
     } else {
-        format!("postgres://{auth}@{}:{}/{}", d.host, d.port, enc(&d.dbname))
-    })
+        &d.host
+    };
+    let query = match query.is_empty() {
+        true => String::new(),
+        false => format!("?{}", query.join("&")),
+    };
+    Ok(format!(
+        "postgres://{auth}@{host}:{}/{}{query}",
+        d.port,
+        enc(&d.dbname)
+    ))
 }
 
 /// Where the lake's data and metadata files go.
@@ -329,6 +360,26 @@ fn dropped_metadata(before: &iceberg::table::Table, after: &iceberg::table::Tabl
         .into_iter()
         .filter(|f| !now.contains(f))
         .collect()
+}
+
+/// The TLS failure under an error of the SQL catalog, if that is what it is: sqlx's `Tls`
+/// (a server without TLS under `sslmode=require`), or rustls refusing the handshake (a
+/// certificate not trusted, a name that does not match), which sqlx hands on as I/O.
+fn tls_refused(e: &iceberg::Error) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        match c.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Tls(tls)) => return Some(tls.to_string()),
+            Some(sqlx::Error::Io(io)) => {
+                if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    return Some(tls.to_string());
+                }
+            }
+            _ => {}
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Why the store refused a write, if it did (as opposed to not answering).
@@ -610,7 +661,14 @@ impl Catalog {
             .with_storage_factory(factory)
             .load(rt.lake.catalog_name.clone(), props)
             .await
-            .map_err(|e| lake_err("opening the SQL catalog (lake.catalog_dsn)", e))?;
+            .map_err(|e| match tls_refused(&e) {
+                // Retrying cannot make a certificate trusted.
+                Some(why) => RelayError::Lake {
+                    message: format!("TLS to the catalog database failed ({why}): check lake.catalog_dsn's sslmode and sslrootcert (the CA that signed the server's certificate)"),
+                    transient: false,
+                },
+                None => lake_err("opening the SQL catalog (lake.catalog_dsn)", e),
+            })?;
         let namespace = NamespaceIdent::new(rt.lake.namespace.clone());
         if !catalog
             .namespace_exists(&namespace)
@@ -1124,6 +1182,15 @@ mod tests {
         assert_eq!(
             catalog_url("postgres://a%20b:p%40ss@db:5432/ods").unwrap(),
             "postgres://a%20b:p%40ss@db:5432/ods"
+        );
+        assert_eq!(
+            catalog_url("host=db user=u dbname=ods sslmode=verify-full sslrootcert=/etc/ca.pem")
+                .unwrap(),
+            "postgres://u@db:5432/ods?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem"
+        );
+        assert_eq!(
+            catalog_url("host=/run/postgresql user=u dbname=ods sslmode=disable").unwrap(),
+            "postgres://u@localhost:5432/ods?host=%2Frun%2Fpostgresql&sslmode=disable"
         );
     }
 

@@ -508,3 +508,79 @@ fn a_wrong_kafka_password_or_an_untrusted_broker_certificate_stops_the_relays_wi
         "{log}"
     );
 }
+
+/// A lake relay whose SQL catalog is database `lakecat` with `tls` in its DSN.
+fn lake_with_catalog_tls(pg: &PgCluster, broker: &Broker, tls: &str) -> Relay {
+    let port = loopback_port();
+    let cfg = format!(
+        r#"[lake]
+warehouse = "{}"
+catalog_dsn = "host=127.0.0.1 port={} user=postgres dbname=lakecat {tls}"
+commit_interval = "1s"
+reconnect_backoff_max = "1s"
+
+[kafka]
+brokers = "{}"
+topic_prefix = "saiki"
+
+[http]
+listen = "127.0.0.1:{port}"
+"#,
+        pg.dir.join("lake").display(),
+        pg.port,
+        broker.addr()
+    );
+    Relay::start_lake(&pg.dir, &cfg, port)
+}
+
+#[test]
+fn the_lake_reaches_its_sql_catalog_over_verified_tls_and_stops_on_an_untrusted_certificate() {
+    let certs = Certs::make();
+    let pg = start_tls_cluster(&certs);
+    let broker = Broker::start();
+    let mut db = pg.create_db("shop");
+    let mut cat = pg.create_db("lakecat");
+    exec(
+        &mut db,
+        &["CREATE TABLE orders (id int PRIMARY KEY, qty int)"],
+    );
+    let port = loopback_port();
+    let source = Relay::start(&pg.dir, &relay_config(&pg, "shop", &broker, port, ""), port);
+    wait_slot_active(&mut db, &source);
+
+    // An untrusted certificate is definite: exit 6, the message says what to check.
+    let wrong = format!(
+        "sslmode=verify-full sslrootcert={}",
+        certs.path("other-ca.pem")
+    );
+    let (status, log) = exits_within(
+        lake_with_catalog_tls(&pg, &broker, &wrong),
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(6), "{log}");
+    assert!(
+        log.contains("TLS") && log.contains("lake.catalog_dsn"),
+        "{log}"
+    );
+
+    let good = format!("sslmode=verify-full sslrootcert={}", certs.path("ca.pem"));
+    let lake = lake_with_catalog_tls(&pg, &broker, &good);
+    exec(
+        &mut db,
+        &["INSERT INTO orders SELECT g, g FROM generate_series(1, 50) g"],
+    );
+    wait_until(Duration::from_secs(120), &lake, || {
+        let m = lake.http_get("/metrics").unwrap_or_default();
+        (metric(&m, "saiki_lake_rows_written_total").unwrap_or(0.0) < 50.0)
+            .then(|| format!("not all rows written: {m}"))
+    });
+    // Every connection of the catalog's pool is TLS.
+    assert_eq!(
+        first_row(
+            &mut cat,
+            "SELECT bool_and(s.ssl)::text, (count(*) > 0)::text FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.datname = 'lakecat' AND a.pid <> pg_backend_pid()"
+        ),
+        vec![Some("true".to_string()), Some("true".to_string())],
+        "the catalog's connections"
+    );
+}
