@@ -76,6 +76,7 @@ impl LakeRuntime {
             )
         })?;
         let catalog_url = table::catalog_url(dsn)?;
+        table::check_catalog_tls(dsn)?;
         let registry_dsn = lake.events.then(|| registry_dsn.unwrap_or(dsn).to_string());
         let warehouse = table::Warehouse::from_config(&lake)?;
         for (k, v) in [

@@ -46,15 +46,20 @@ impl Round {
             if self.ledger.knows(name) {
                 continue;
             }
-            let (t, marks) = match catalog.load(name).await? {
-                Some((t, marks)) => (Some(t), marks),
-                None => (None, Default::default()),
+            let (t, marks, followed) = match catalog.load(name).await? {
+                Some((t, marks, followed)) => (Some(t), marks, followed),
+                None => (None, Default::default(), Vec::new()),
             };
             self.ledger.load(name, marks);
-            // A table met before keeps the columns it learned (its rows were dropped).
-            if !self.tables.contains_key(name) {
-                let t = t.unwrap_or_else(|| ChangeTable::new(namespace, name));
-                self.tables.insert(name.clone(), t);
+            match self.tables.get_mut(name) {
+                // A table met before (a rebalance dropped its rows) keeps the columns it
+                // learned, and follows the schema changes another relay committed meanwhile
+                // (the partitions it takes over may be past their `L` records).
+                Some(known) => known.follow(followed),
+                None => {
+                    let t = t.unwrap_or_else(|| ChangeTable::new(namespace, name));
+                    self.tables.insert(name.clone(), t);
+                }
             }
         }
         Ok(())

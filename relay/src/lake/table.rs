@@ -2,7 +2,7 @@
 //! them, and one commit of a round's rows (Parquet files through iceberg's writers, a fast
 //! append whose snapshot summary holds the table's marks).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +53,24 @@ fn lake_err(what: &str, e: iceberg::Error) -> RelayError {
     }
 }
 
+/// The catalog DSN's TLS files, read once at start as the relay's other connections read
+/// them: a missing or unreadable file, or a certificate without its key, is a configuration
+/// error rather than a connection retried forever.
+pub(crate) fn check_catalog_tls(dsn: &str) -> Result<(), RelayError> {
+    let d = Dsn::parse(dsn).map_err(|e| RelayError::Config(format!("lake.catalog_dsn: {e}")))?;
+    if d.tls.mode.tries_tls()
+        && (d.tls.rootcert.is_some() || d.tls.cert.is_some() || d.tls.key.is_some())
+    {
+        d.tls
+            .client_config()
+            .map_err(|e| RelayError::Config(format!("lake.catalog_dsn: {e}")))?;
+    }
+    Ok(())
+}
+
+/// An `L` record: its source and position.
+type RecordKey = (String, saiki_core::Lsn, i64);
+
 /// The catalog database as sqlx's URL, with the DSN's TLS settings (libpq's names, which
 /// sqlx reads with libpq's meaning).
 pub(crate) fn catalog_url(dsn: &str) -> Result<String, RelayError> {
@@ -82,12 +100,14 @@ pub(crate) fn catalog_url(dsn: &str) -> Result<String, RelayError> {
         SslMode::Allow => "allow",
         SslMode::Prefer => "prefer",
         SslMode::Require => "require",
-        SslMode::VerifyCa => "verify-ca",
+        SslMode::VerifyCa => return Err(RelayError::Config(
+            "lake.catalog_dsn: sslmode=verify-ca is not offered for the catalog database: its connections (sqlx, under iceberg's SQL catalog) trust the system's CAs besides sslrootcert, so without the host-name check any publicly issued certificate would pass. Use sslmode=verify-full".into(),
+        )),
         SslMode::VerifyFull => "verify-full",
     };
-    if tls.mode != SslMode::Prefer {
-        query.push(format!("sslmode={mode}"));
-    }
+    // Always said, so that sqlx does not take it from PGSSLMODE (the relay reads no
+    // environment of libpq's).
+    query.push(format!("sslmode={mode}"));
     for (key, path) in [
         ("sslrootcert", &tls.rootcert),
         ("sslcert", &tls.cert),
@@ -426,8 +446,9 @@ pub(crate) struct ChangeTable {
     /// The `L` records the table followed (its `saiki.schema-changes` property and this
     /// round's): how a row of a source that has not renamed a column yet is read.
     log: SchemaLog,
-    /// This round's column renames and `L` records, for the next commit.
-    renames: Vec<(String, String)>,
+    /// This round's column renames (with the `L` record each came from) and `L` records,
+    /// for the next commit.
+    renames: Vec<(RecordKey, (String, String))>,
     logged: Vec<LoggedChange>,
 }
 
@@ -461,9 +482,23 @@ impl ChangeTable {
         at: Pos,
         changes: Vec<saiki_core::ddl::Change>,
     ) -> bool {
+        self.take_schema_change(source, at, changes, true)
+    }
+
+    /// `schema_change`, for a record the Iceberg table has already followed too
+    /// (`pending` false): the lake's names, types and log follow it, and the next commit
+    /// has nothing of it to do.
+    fn take_schema_change(
+        &mut self,
+        source: &str,
+        at: Pos,
+        changes: Vec<saiki_core::ddl::Change>,
+        pending: bool,
+    ) -> bool {
         let Some(steps) = self.log.record(Self::LOG_TABLE, source, at, &changes) else {
             return false;
         };
+        let key: RecordKey = (source.to_string(), at.0, at.1);
         for step in steps {
             match step {
                 Step::RenameColumn { from, to } => {
@@ -473,7 +508,9 @@ impl ChangeTable {
                             self.index.insert(to.clone(), i);
                         }
                     }
-                    self.renames.push((from, to));
+                    if pending {
+                        self.renames.push((key.clone(), (from, to)));
+                    }
                 }
                 Step::AlterType { column, type_name } => {
                     // A source that has not renamed the column yet says its old name.
@@ -501,12 +538,14 @@ impl ChangeTable {
                 _ => {}
             }
         }
-        self.logged.push(LoggedChange {
-            source: source.to_string(),
-            lsn: at.0,
-            seq: at.1,
-            changes,
-        });
+        if pending {
+            self.logged.push(LoggedChange {
+                source: source.to_string(),
+                lsn: at.0,
+                seq: at.1,
+                changes,
+            });
+        }
         true
     }
 
@@ -514,16 +553,28 @@ impl ChangeTable {
     /// relay of the group may have renamed a column that this relay's round still has under
     /// its old name (rows of a partition it reads behind the other). The round's cells stay
     /// with their column, under its new name.
-    fn follow(&mut self, followed: Vec<LoggedChange>) {
+    pub(crate) fn follow(&mut self, followed: Vec<LoggedChange>) {
         for l in followed {
-            self.schema_change(&l.source, (l.lsn, l.seq), l.changes);
+            self.take_schema_change(&l.source, (l.lsn, l.seq), l.changes, false);
         }
     }
 
-    /// Whether an `L` record of the round is not in the Iceberg table yet (a table the lake
-    /// has not created yet is created with it, so that the record is kept).
+    /// The round's renames whose `L` record the Iceberg table has not followed yet (one it
+    /// has is in the table already, and applying it again by name could undo a later one:
+    /// a swap of two names).
+    fn renames_to_commit(&self, followed: &HashSet<RecordKey>) -> Vec<(String, String)> {
+        self.renames
+            .iter()
+            .filter(|(k, _)| !followed.contains(k))
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    /// Whether an `L` record of the round is not in the Iceberg table yet. A table the lake
+    /// has not created yet is created for a column rename (so that the record is kept for
+    /// the sources that have not renamed yet), not for any other `L` record.
     pub(crate) fn has_schema_work(&self) -> bool {
-        !self.logged.is_empty()
+        !self.logged.is_empty() && (self.in_iceberg.is_some() || !self.renames.is_empty())
     }
 
     /// Column `i` takes a wider type; the round's values in it are converted.
@@ -539,12 +590,13 @@ impl ChangeTable {
     }
 
     /// The followed `L` records of the table's property, into its log.
-    fn read_log(&mut self, property: Option<&String>) -> Result<(), String> {
-        for l in schema::read_log(property.map(String::as_str))? {
+    fn read_log(&mut self, property: Option<&String>) -> Result<Vec<LoggedChange>, String> {
+        let followed = schema::read_log(property.map(String::as_str))?;
+        for l in &followed {
             self.log
                 .record(Self::LOG_TABLE, &l.source, (l.lsn, l.seq), &l.changes);
         }
-        Ok(())
+        Ok(followed)
     }
 
     /// The index and type of a column of a row of `source` at position `at` (a rename that
@@ -750,12 +802,12 @@ impl Catalog {
         Ok(true)
     }
 
-    /// The table and its marks as its current snapshot has them, or `None` if it does not
-    /// exist yet.
+    /// The table and its marks as its current snapshot has them, with the `L` records it
+    /// followed, or `None` if it does not exist yet.
     pub(crate) async fn load(
         &self,
         name: &str,
-    ) -> Result<Option<(ChangeTable, Marks)>, RelayError> {
+    ) -> Result<Option<(ChangeTable, Marks, Vec<LoggedChange>)>, RelayError> {
         let ident = TableIdent::new(self.namespace.clone(), name.to_string());
         if !self
             .catalog
@@ -774,12 +826,13 @@ impl Catalog {
         t.ident = ident;
         t.set_columns(columns_of(table.metadata().current_schema()));
         t.in_iceberg = Some(t.columns.len());
-        t.read_log(table.metadata().properties().get(LOG_PROPERTY))
+        let followed = t
+            .read_log(table.metadata().properties().get(LOG_PROPERTY))
             .map_err(|e| RelayError::Lake {
                 message: format!("{}: {e}", t.ident),
                 transient: false,
             })?;
-        Ok(Some((t, current_marks(&table)?)))
+        Ok(Some((t, current_marks(&table)?, followed)))
     }
 
     /// Writes the table's rows of the round and commits them with the table's marks.
@@ -1035,12 +1088,17 @@ impl Catalog {
                 message: format!("{}: {e}", t.ident),
                 transient: false,
             })?;
+            let keys: HashSet<RecordKey> = followed
+                .iter()
+                .map(|l| (l.source.clone(), l.lsn, l.seq))
+                .collect();
             t.follow(followed);
+            let renames = t.renames_to_commit(&keys);
             let next = schema::evolve(
                 meta.current_schema(),
                 meta.last_column_id(),
                 &t.columns,
-                &t.renames,
+                &renames,
             )
             .map_err(|e| RelayError::Internal(format!("{}: schema: {e}", t.ident)))?;
             let have_log = meta.properties().get(LOG_PROPERTY);
@@ -1072,7 +1130,7 @@ impl Catalog {
                 })
                 .await?;
             if committed {
-                info!(table = %t.ident, ?fields, renames = ?t.renames, "schema committed");
+                info!(table = %t.ident, ?fields, ?renames, "schema committed");
                 committed_on = Some(table);
                 continue; // and load the table as committed
             }
@@ -1177,11 +1235,17 @@ mod tests {
     fn the_catalog_dsn_becomes_a_url() {
         assert_eq!(
             catalog_url("host=127.0.0.1 port=5433 user=postgres dbname=ods").unwrap(),
-            "postgres://postgres@127.0.0.1:5433/ods"
+            "postgres://postgres@127.0.0.1:5433/ods?sslmode=prefer"
         );
         assert_eq!(
             catalog_url("postgres://a%20b:p%40ss@db:5432/ods").unwrap(),
-            "postgres://a%20b:p%40ss@db:5432/ods"
+            "postgres://a%20b:p%40ss@db:5432/ods?sslmode=prefer"
+        );
+        assert!(
+            catalog_url("host=db dbname=ods sslmode=verify-ca sslrootcert=/ca.pem")
+                .unwrap_err()
+                .to_string()
+                .contains("verify-full")
         );
         assert_eq!(
             catalog_url("host=db user=u dbname=ods sslmode=verify-full sslrootcert=/etc/ca.pem")
@@ -1322,7 +1386,10 @@ mod tests {
         // After its own rename, a source naming note again means a new column.
         let (new, _, _) = t.column("note", ("s2", (Lsn(0x601), 0)), || Some("text"));
         assert_ne!(new, note);
-        assert_eq!(t.renames, vec![("note".to_string(), "remark".to_string())]);
+        assert_eq!(
+            t.renames_to_commit(&HashSet::new()),
+            vec![("note".to_string(), "remark".to_string())]
+        );
         assert_eq!(t.logged.len(), 2);
     }
 
@@ -1356,12 +1423,86 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(
-            schema::evolve(&iceberg, 8, &t.columns, &t.renames).unwrap(),
+            schema::evolve(
+                &iceberg,
+                8,
+                &t.columns,
+                &t.renames_to_commit(&HashSet::new())
+            )
+            .unwrap(),
             None,
             "no second column under the old name"
         );
         // The record read later in this relay's own partition is followed already.
         assert!(!t.schema_change("s1", (Lsn(0x100), 1), followed[0].changes.clone()));
+    }
+
+    #[test]
+    fn a_swap_of_two_names_the_table_has_followed_already_is_not_applied_again() {
+        use columns::Cell;
+        use saiki_core::ddl::Change;
+        use saiki_core::Lsn;
+        let rename = |from: &str, to: &str| Change::RenameColumn {
+            from: from.into(),
+            to: to.into(),
+        };
+        let swap: Vec<LoggedChange> = [("a", "tmp"), ("b", "a"), ("tmp", "b")]
+            .iter()
+            .enumerate()
+            .map(|(i, (f, to))| LoggedChange {
+                source: "s1".into(),
+                lsn: Lsn(0x100),
+                seq: i as i64,
+                changes: vec![rename(f, to)],
+            })
+            .collect();
+        // This relay took the swap itself, and another relay committed it first.
+        let mut t = ChangeTable::new("saiki", "t_changes");
+        let (a, _, _) = t.column("a", AT, || Some("text"));
+        let (b, _, _) = t.column("b", AT, || Some("text"));
+        t.rows.push(row(vec![
+            (a, Cell::Str("was a".into())),
+            (b, Cell::Str("was b".into())),
+        ]));
+        for l in &swap {
+            assert!(t.schema_change(&l.source, (l.lsn, l.seq), l.changes.clone()));
+        }
+        let keys: HashSet<RecordKey> = swap
+            .iter()
+            .map(|l| (l.source.clone(), l.lsn, l.seq))
+            .collect();
+        t.follow(swap.clone());
+        assert!(t.renames_to_commit(&keys).is_empty());
+        // The Iceberg table as the other relay left it: field 8 (was a) is b, 9 is a.
+        let iceberg = Schema::builder()
+            .with_fields(vec![
+                Arc::new(NestedField::optional(
+                    8,
+                    "b",
+                    Type::Primitive(PrimitiveType::String),
+                )),
+                Arc::new(NestedField::optional(
+                    9,
+                    "a",
+                    Type::Primitive(PrimitiveType::String),
+                )),
+            ])
+            .build()
+            .unwrap();
+        assert_eq!(
+            schema::evolve(&iceberg, 9, &t.columns, &t.renames_to_commit(&keys)).unwrap(),
+            None
+        );
+        // The round's values stay with their fields: "was a" under b (field 8).
+        assert_eq!(t.columns[a].0, "b");
+        assert_eq!(t.columns[b].0, "a");
+        // A relay that only follows (it never read the records) gets the same names.
+        let mut u = ChangeTable::new("saiki", "t_changes");
+        u.column("a", AT, || Some("text"));
+        u.column("b", AT, || Some("text"));
+        u.follow(swap);
+        assert_eq!(u.columns, t.columns);
+        assert!(u.renames.is_empty() && u.logged.is_empty());
     }
 
     #[test]
