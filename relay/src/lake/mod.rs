@@ -372,7 +372,8 @@ impl Session<'_> {
             let written = match tables_of(&rec) {
                 Ok(names) => {
                     self.prepare(&names).await?;
-                    self.write(&origin, &rec, payload, &names, m.offset(), None)
+                    self.round
+                        .write(&origin.tp, &rec, payload, &names, m.offset(), None)
                 }
                 Err(reason) => Err(reason),
             };
@@ -430,15 +431,16 @@ impl Session<'_> {
                         Ok(hr) => match tables_of(&hr) {
                             Ok(names) => {
                                 self.prepare(&names).await?;
-                                self.write(
-                                    &held_origin,
-                                    &hr,
-                                    &r.payload,
-                                    &names,
-                                    m.offset(),
-                                    Some(commit),
-                                )
-                                .err()
+                                self.round
+                                    .write(
+                                        &held_origin.tp,
+                                        &hr,
+                                        &r.payload,
+                                        &names,
+                                        m.offset(),
+                                        Some(commit),
+                                    )
+                                    .err()
                             }
                             Err(reason) => Some(reason),
                         },
@@ -472,20 +474,6 @@ impl Session<'_> {
         self.round
             .prepare(&self.catalog, &self.rt.lake.namespace, names)
             .await
-    }
-
-    /// A record's rows into the round (`Round::write`).
-    fn write(
-        &mut self,
-        origin: &Origin,
-        rec: &RecordView<'_, Fields<'_>>,
-        payload: &[u8],
-        names: &[String],
-        at: i64,
-        commit: Option<(i64, Option<i64>)>,
-    ) -> Result<(), String> {
-        self.round
-            .write(&origin.tp, rec, payload, names, at, commit)
     }
 
     /// An event of the event API into the round: one row of `{namespace}.ev_{type}` per

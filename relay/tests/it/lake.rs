@@ -85,7 +85,13 @@ fn read_table_with(catalog_uri: &str, table: &str, key: &str, props: &str) -> se
 }
 
 /// `warehouse`: the `lake.warehouse` line and its companions.
-fn lake_config(pg: &PgCluster, broker: &Broker, warehouse: &str, group: &str, port: u16) -> String {
+pub(crate) fn lake_config(
+    pg: &PgCluster,
+    broker: &Broker,
+    warehouse: &str,
+    group: &str,
+    port: u16,
+) -> String {
     format!(
         r#"[lake]
 {warehouse}

@@ -512,24 +512,9 @@ fn a_wrong_kafka_password_or_an_untrusted_broker_certificate_stops_the_relays_wi
 /// A lake relay whose SQL catalog is database `lakecat` with `tls` in its DSN.
 fn lake_with_catalog_tls(pg: &PgCluster, broker: &Broker, tls: &str) -> Relay {
     let port = loopback_port();
-    let cfg = format!(
-        r#"[lake]
-warehouse = "{}"
-catalog_dsn = "host=127.0.0.1 port={} user=postgres dbname=lakecat {tls}"
-commit_interval = "1s"
-reconnect_backoff_max = "1s"
-
-[kafka]
-brokers = "{}"
-topic_prefix = "saiki"
-
-[http]
-listen = "127.0.0.1:{port}"
-"#,
-        pg.dir.join("lake").display(),
-        pg.port,
-        broker.addr()
-    );
+    let warehouse = format!("warehouse = \"{}\"", pg.dir.join("lake").display());
+    let cfg = crate::lake::lake_config(pg, broker, &warehouse, "saiki-lake", port)
+        .replace("dbname=ods\"", &format!("dbname=lakecat {tls}\""));
     Relay::start_lake(&pg.dir, &cfg, port)
 }
 
