@@ -95,19 +95,14 @@ pub(crate) fn catalog_url(dsn: &str) -> Result<String, RelayError> {
         query.push(format!("host={}", enc(&d.host)));
     }
     let tls = &d.tls;
-    let mode = match tls.mode {
-        SslMode::Disable => "disable",
-        SslMode::Allow => "allow",
-        SslMode::Prefer => "prefer",
-        SslMode::Require => "require",
-        SslMode::VerifyCa => return Err(RelayError::Config(
+    if tls.mode == SslMode::VerifyCa {
+        return Err(RelayError::Config(
             "lake.catalog_dsn: sslmode=verify-ca is not offered for the catalog database: its connections (sqlx, under iceberg's SQL catalog) trust the system's CAs besides sslrootcert, so without the host-name check any publicly issued certificate would pass. Use sslmode=verify-full".into(),
-        )),
-        SslMode::VerifyFull => "verify-full",
-    };
+        ));
+    }
     // Always said, so that sqlx does not take it from PGSSLMODE (the relay reads no
     // environment of libpq's).
-    query.push(format!("sslmode={mode}"));
+    query.push(format!("sslmode={}", tls.mode.as_str()));
     for (key, path) in [
         ("sslrootcert", &tls.rootcert),
         ("sslcert", &tls.cert),
@@ -439,7 +434,8 @@ pub(crate) struct ChangeTable {
     /// Per column: whether its source type is `json`/`jsonb` (its values stay JSON text), as
     /// far as a record has said this session (Iceberg's schema has only `string`).
     json: Vec<Option<bool>>,
-    in_iceberg: Option<usize>,
+    /// Whether the Iceberg table exists (the lake created or loaded it).
+    in_iceberg: bool,
     pub(crate) rows: Vec<Row>,
     /// When this relay last looked for snapshots to expire.
     expired_at: Option<Instant>,
@@ -459,7 +455,7 @@ impl ChangeTable {
             columns: Vec::new(),
             index: HashMap::new(),
             json: Vec::new(),
-            in_iceberg: None,
+            in_iceberg: false,
             rows: Vec::new(),
             expired_at: None,
             log: SchemaLog::new(OnDrop::Keep),
@@ -574,7 +570,7 @@ impl ChangeTable {
     /// has not created yet is created for a column rename (so that the record is kept for
     /// the sources that have not renamed yet), not for any other `L` record.
     pub(crate) fn has_schema_work(&self) -> bool {
-        !self.logged.is_empty() && (self.in_iceberg.is_some() || !self.renames.is_empty())
+        !self.logged.is_empty() && (self.in_iceberg || !self.renames.is_empty())
     }
 
     /// Column `i` takes a wider type; the round's values in it are converted.
@@ -825,7 +821,7 @@ impl Catalog {
         let mut t = ChangeTable::new(&self.namespace.to_url_string(), name);
         t.ident = ident;
         t.set_columns(columns_of(table.metadata().current_schema()));
-        t.in_iceberg = Some(t.columns.len());
+        t.in_iceberg = true;
         let followed = t
             .read_log(table.metadata().properties().get(LOG_PROPERTY))
             .map_err(|e| RelayError::Lake {
@@ -1024,7 +1020,7 @@ impl Catalog {
     /// hold every column the lake knows (`schema::evolve`: columns added, renamed, widened),
     /// with the round's `L` records in its `saiki.schema-changes` property.
     async fn ensure(&self, t: &mut ChangeTable) -> Result<iceberg::table::Table, RelayError> {
-        let Some(_) = t.in_iceberg else {
+        if !t.in_iceberg {
             let schema = t.schema().map_err(|e| lake_err("schema", e))?;
             let spec = UnboundPartitionSpec::builder()
                 .add_partition_field(5, format!("{}_day", columns::COMMIT_TS), Transform::Day)
@@ -1049,13 +1045,13 @@ impl Catalog {
                 Ok(table) => table,
                 // Another lake relay of the group created it meanwhile: evolve it instead.
                 Err(e) if e.kind() == ErrorKind::TableAlreadyExists => {
-                    t.in_iceberg = Some(0);
+                    t.in_iceberg = true;
                     return Box::pin(self.ensure(t)).await;
                 }
                 Err(e) => return Err(lake_err(&format!("creating {}", t.ident), e)),
             };
             info!(table = %t.ident, columns = t.columns.len(), "table created");
-            t.in_iceberg = Some(t.columns.len());
+            t.in_iceberg = true;
             t.renames.clear();
             t.logged.clear();
             return Ok(table);
@@ -1174,7 +1170,7 @@ impl Catalog {
             }
             t.set_columns(ordered);
         }
-        t.in_iceberg = Some(t.columns.len());
+        t.in_iceberg = true;
         Ok(table)
     }
 }

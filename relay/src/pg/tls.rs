@@ -59,6 +59,18 @@ impl SslMode {
         })
     }
 
+    /// The mode as libpq (and sqlx) spell it: `parse`'s inverse.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
     /// Whether the connection asks the server for TLS.
     pub(crate) fn tries_tls(self) -> bool {
         !matches!(self, SslMode::Disable | SslMode::Allow)
